@@ -1,0 +1,44 @@
+"""How fastmae's Triton kernels become ``torch.library`` ops.
+
+On a GPU each op is a ``torch.library.triton_op`` whose kernels are launched through
+``wrap_triton``: ``torch.compile(fullgraph=True)`` then sees the Triton kernels themselves
+and schedules them with the rest of the graph. Under the Triton interpreter
+(``TRITON_INTERPRET=1``, used to test on CPU) kernels are plain Python that touch the
+tensors' data, which a traced ``triton_op`` cannot do; there the same host wrapper is
+registered as an opaque ``torch.library.custom_op`` instead, so opcheck, autograd and
+``torch.compile`` are still exercised end to end.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["interpreting", "kernel_op", "launch", "register_cpu_fallback"]
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_op(name: str, mutates_args=()):
+    """Decorator registering a Triton host wrapper as the op ``name`` (``"fastmae::x"``)."""
+    if interpreting():
+        return torch.library.custom_op(name, mutates_args=mutates_args)
+    return torch.library.triton_op(name, mutates_args=mutates_args)
+
+
+def launch(kernel):
+    """``kernel`` ready to be launched from a :func:`kernel_op` host wrapper (``launch(k)[grid](...)``)."""
+    if interpreting():
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
+def register_cpu_fallback(op, fn) -> None:
+    """Run ``fn`` (the plain-PyTorch reference) for CPU tensors, except under the interpreter,
+    where CPU tensors are exactly what the Triton kernels are tested on."""
+    if not interpreting():
+        op.register_kernel("cpu")(fn)

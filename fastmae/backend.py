@@ -1,0 +1,186 @@
+"""Backend selection for fastmae's ops.
+
+Every op in :mod:`fastmae.ops` takes ``backend=``:
+
+========== ==================================================================
+``auto``    the fastest implementation available for the tensors' device:
+            Triton on CUDA tensors when Triton imports, else the reference
+            (SDPA for attention); the plain-PyTorch reference on CPU
+``torch``   the plain-PyTorch reference (:mod:`fastmae.reference`)
+``triton``  fastmae's Triton kernels (CUDA tensors, or CPU tensors under
+            ``TRITON_INTERPRET=1``)
+``cuda``    fastmae's compiled CUDA extension (``fastmae._C``)
+``sdpa``    attention only: ``torch.nn.functional.scaled_dot_product_attention``
+``xformers`` attention only: ``xformers.ops.memory_efficient_attention``
+========== ==================================================================
+
+The process-wide default is ``"auto"``, overridden by the ``FASTMAE_BACKEND``
+environment variable and by :func:`set_backend`. A backend asked for by name that
+cannot run raises :class:`BackendUnavailableError` saying what is missing; fastmae
+never falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+
+import torch
+
+from ._library import interpreting
+
+__all__ = [
+    "BACKENDS",
+    "ATTENTION_BACKENDS",
+    "BackendUnavailableError",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "available_backends",
+    "resolve",
+]
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+ATTENTION_BACKENDS = BACKENDS + ("sdpa", "xformers")
+
+_default: str | None = None  # set_backend(); None means FASTMAE_BACKEND or "auto"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run here; the message says what is missing."""
+
+
+def _check_name(name, attention: bool = False) -> str:
+    allowed = ATTENTION_BACKENDS if attention else BACKENDS
+    if not isinstance(name, str) or name not in allowed:
+        raise ValueError(f"backend must be one of {allowed}, got {name!r}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide default backend (``None`` restores ``FASTMAE_BACKEND`` / ``"auto"``).
+
+    ``"sdpa"`` and ``"xformers"`` are accepted too: attention uses them, the other ops
+    then use ``"auto"``.
+    """
+    global _default
+    _default = None if name is None else _check_name(name, attention=True)
+
+
+def get_backend() -> str:
+    """The process-wide default backend."""
+    if _default is not None:
+        return _default
+    env = os.environ.get("FASTMAE_BACKEND", "").strip()
+    if env:
+        if env not in ATTENTION_BACKENDS:
+            raise ValueError(f"FASTMAE_BACKEND must be one of {ATTENTION_BACKENDS}, got {env!r}")
+        return env
+    return "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Context manager form of :func:`set_backend`."""
+    global _default
+    old = _default
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _default = old
+
+
+# ----------------------------------------------------------------- availability
+@functools.lru_cache(maxsize=None)
+def _import_error(module: str) -> str | None:
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # ImportError, or a broken install raising anything else
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _triton_problem(device: torch.device) -> str | None:
+    err = _import_error("triton")
+    if err is not None:
+        return f"the Triton backend needs the 'triton' package, which does not import ({err})"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpreting():
+        return None
+    return (
+        f"the Triton backend runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1, "
+        f"set before triton is imported); got a tensor on {device}"
+    )
+
+
+def _cuda_problem(device: torch.device) -> str | None:
+    err = _import_error("fastmae._C")
+    if err is not None:
+        return (
+            "the CUDA backend needs fastmae's compiled extension fastmae._C, which is not built "
+            "(build it on a machine with CUDA: FASTMAE_BUILD_CUDA=1 pip install -e .)"
+        )
+    if device.type != "cuda":
+        return f"the CUDA backend runs on CUDA tensors; got a tensor on {device}"
+    return None
+
+
+def _xformers_problem(device: torch.device) -> str | None:
+    err = _import_error("xformers.ops")
+    if err is not None:
+        return f"the xformers backend needs the 'xformers' package, which does not import ({err})"
+    if device.type != "cuda":
+        return f"the xformers backend runs on CUDA tensors only; got a tensor on {device}"
+    return None
+
+
+def _problem(backend: str, device: torch.device) -> str | None:
+    if backend == "triton":
+        return _triton_problem(device)
+    if backend == "cuda":
+        return _cuda_problem(device)
+    if backend == "xformers":
+        return _xformers_problem(device)
+    return None  # torch, sdpa: always available
+
+
+def available_backends(device="cpu", attention: bool = False) -> list[str]:
+    """The named backends that can run on ``device`` (``auto`` excluded)."""
+    device = torch.device(device)
+    names = ATTENTION_BACKENDS if attention else BACKENDS
+    return [b for b in names if b != "auto" and _problem(b, device) is None]
+
+
+def resolve(requested: str | None, device: torch.device, attention: bool = False, implemented=None) -> str:
+    """The concrete backend an op runs with.
+
+    ``requested`` is the op's ``backend=`` argument (``None`` means the process default);
+    ``implemented`` is the set of backends the op has (default: all). Raises
+    :class:`BackendUnavailableError` when a named backend cannot run, ``ValueError`` for
+    an unknown name.
+    """
+    name = get_backend() if requested is None else requested
+    name = _check_name(name, attention=True)
+    if name in ("sdpa", "xformers") and not attention:
+        if requested is None:  # process default set for attention: the other ops use auto
+            name = "auto"
+        else:
+            raise ValueError(f"backend={name!r} is for attention only; use one of {BACKENDS}")
+    implemented = set(ATTENTION_BACKENDS if attention else BACKENDS) if implemented is None else set(implemented)
+    if name == "auto":
+        if device.type == "cuda":
+            for cand in ("triton", "cuda"):
+                if cand in implemented and _problem(cand, device) is None:
+                    return cand
+            return "sdpa" if attention else "torch"
+        return "torch"
+    if name not in implemented:
+        raise BackendUnavailableError(f"backend={name!r} has no implementation of this op yet")
+    problem = _problem(name, device)
+    if problem is not None:
+        raise BackendUnavailableError(problem)
+    return name

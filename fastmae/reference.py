@@ -1,0 +1,318 @@
+"""Plain-PyTorch reference ops: the oracle every fastmae kernel is tested against.
+
+Each function reproduces the semantics of the official MAE code
+(facebookresearch/mae, ``models_mae.py`` and ``util/pos_embed.py``) exactly,
+written as directly as possible so that it can be read against the paper.
+Nothing here is fast; everything here is the definition.
+
+Conventions shared by all ops:
+
+* images are ``(N, C, H, W)``; tokens are ``(N, L, D)`` with ``L = (H/p)(W/p)``
+  patches in row-major grid order;
+* a patch is flattened in (row, column, channel) order, channel innermost
+  (the official ``einsum('nchpwq->nhwpqc')``);
+* ``mask`` is float32, 0 for kept (visible) tokens and 1 for removed ones,
+  in the original token order; ``ids_restore`` is int64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "patchify",
+    "unpatchify",
+    "random_masking",
+    "encoder_input",
+    "decoder_unshuffle",
+    "mae_loss",
+    "attention",
+    "attention_qkvpacked",
+    "get_2d_sincos_pos_embed",
+    "num_kept",
+]
+
+
+# --------------------------------------------------------------------------- checks
+def _check_tensor(name: str, t, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise TypeError(
+            f"{name} must be a floating-point tensor, got {t.dtype}"
+            + (" (convert integer images with .float() / 255 first)" if name == "imgs" else "")
+        )
+
+
+def _check_patch_size(patch_size) -> None:
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+
+
+def num_kept(L: int, mask_ratio: float) -> int:
+    """Number of visible tokens, ``int(L * (1 - mask_ratio))`` as in the official code.
+
+    Raises ``ValueError`` naming ``mask_ratio`` when it is outside [0, 1) or leaves
+    no visible token.
+    """
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
+        raise TypeError(f"mask_ratio must be a float, got {type(mask_ratio).__name__}")
+    if not (0.0 <= mask_ratio < 1.0) or math.isnan(mask_ratio):
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    len_keep = int(L * (1 - mask_ratio))
+    if len_keep < 1:
+        raise ValueError(
+            f"mask_ratio={mask_ratio} leaves no visible token out of L={L} "
+            f"(int(L * (1 - mask_ratio)) = {len_keep})"
+        )
+    return len_keep
+
+
+def check_noise(noise, N: int, L: int, device: torch.device) -> None:
+    """Validate a user-supplied masking noise tensor against the tokens' (N, L)."""
+    _check_tensor("noise", noise)
+    if tuple(noise.shape) != (N, L):
+        raise ValueError(f"noise must have shape (N, L) = ({N}, {L}), got {tuple(noise.shape)}")
+    if not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
+    if noise.device != device:
+        raise ValueError(f"noise is on {noise.device} but the tokens are on {device}")
+
+
+# --------------------------------------------------------------------------- patchify
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, L, p*p*C), patches row-major, (row, col, channel) inside."""
+    _check_tensor("imgs", imgs, 4)
+    _check_patch_size(patch_size)
+    p = patch_size
+    N, C, H, W = imgs.shape
+    if H % p or W % p:
+        raise ValueError(f"image size {H}x{W} is not divisible by patch_size={p}")
+    h, w = H // p, W // p
+    x = imgs.reshape(N, C, h, p, w, p)
+    x = torch.einsum("nchpwq->nhwpqc", x)
+    return x.reshape(N, h * w, p * p * C)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """(N, L, p*p*C) -> (N, C, H, W); the inverse of :func:`patchify`.
+
+    ``grid_size=(h, w)`` gives the patch grid; by default it is square, ``h = w = sqrt(L)``.
+    """
+    _check_tensor("x", x, 3)
+    _check_patch_size(patch_size)
+    p = patch_size
+    N, L, D = x.shape
+    if D % (p * p):
+        raise ValueError(f"x's last dim {D} is not a multiple of patch_size**2 = {p * p}")
+    C = D // (p * p)
+    if grid_size is None:
+        h = w = math.isqrt(L)
+        if h * w != L:
+            raise ValueError(f"x has L={L} tokens, not a square grid; pass grid_size=(h, w)")
+    else:
+        h, w = grid_size
+        if h * w != L:
+            raise ValueError(f"grid_size={grid_size} does not match L={L}")
+    x = x.reshape(N, h, w, p, p, C)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(N, C, h * p, w * p)
+
+
+# --------------------------------------------------------------------------- masking
+def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
+    """Per-sample random masking by sorting noise (the official ``random_masking``).
+
+    Returns ``(x_masked, mask, ids_restore)``: the ``len_keep = int(L*(1-mask_ratio))``
+    tokens with the smallest noise, in ascending-noise order; the float32 binary mask
+    (0 keep, 1 remove) in the original order; and ``ids_restore = argsort(ids_shuffle)``.
+    Ties in ``noise`` are broken by token index (a stable argsort).
+    """
+    _check_tensor("x", x, 3)
+    N, L, D = x.shape
+    len_keep = num_kept(L, mask_ratio)
+    if noise is None:
+        noise = torch.rand(N, L, device=x.device)
+    else:
+        check_noise(noise, N, L, x.device)
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)  # ascend: small is keep
+    ids_restore = torch.argsort(ids_shuffle, dim=1, stable=True)
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
+    mask = torch.ones([N, L], device=x.device)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+    return x_masked, mask, ids_restore
+
+
+def encoder_input(
+    x: torch.Tensor,
+    pos_embed: torch.Tensor,
+    cls_token: torch.Tensor,
+    mask_ratio: float,
+    noise: torch.Tensor | None = None,
+):
+    """The encoder's input as in ``forward_encoder``, from patch embeddings to tokens.
+
+    ``x`` (N, L, D) patch embeddings; ``pos_embed`` (1, 1+L, D) with the cls row first;
+    ``cls_token`` (1, 1, D). Adds ``pos_embed[:, 1:]``, masks, and prepends
+    ``cls_token + pos_embed[:, :1]``. Returns ``(tokens (N, 1+len_keep, D), mask,
+    ids_restore)``; the tokens' dtype is the promotion of the three inputs' dtypes.
+    """
+    _check_tensor("x", x, 3)
+    _check_tensor("pos_embed", pos_embed, 3)
+    _check_tensor("cls_token", cls_token, 3)
+    N, L, D = x.shape
+    if tuple(pos_embed.shape) != (1, 1 + L, D):
+        raise ValueError(f"pos_embed must have shape (1, 1+L, D) = (1, {1 + L}, {D}), got {tuple(pos_embed.shape)}")
+    if tuple(cls_token.shape) != (1, 1, D):
+        raise ValueError(f"cls_token must have shape (1, 1, {D}), got {tuple(cls_token.shape)}")
+    x = x + pos_embed[:, 1:, :]
+    x, mask, ids_restore = random_masking(x, mask_ratio, noise)
+    cls = cls_token + pos_embed[:, :1, :]
+    x = torch.cat((cls.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
+    return x, mask, ids_restore
+
+
+def decoder_unshuffle(
+    x: torch.Tensor,
+    ids_restore: torch.Tensor,
+    mask_token: torch.Tensor,
+    pos_embed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The decoder's unshuffle as in ``forward_decoder`` (after ``decoder_embed``).
+
+    ``x`` (N, 1+len_keep, D) with the cls token first; ``ids_restore`` (N, L);
+    ``mask_token`` (1, 1, D); optional ``pos_embed`` (1, 1+L, D) added at the end.
+    Appends ``L - len_keep`` mask tokens, restores the original order, keeps cls first.
+    Returns (N, 1+L, D) in the promotion of the inputs' dtypes.
+    """
+    _check_tensor("x", x, 3)
+    _check_tensor("ids_restore", ids_restore, 2)
+    _check_tensor("mask_token", mask_token, 3)
+    N, T, D = x.shape
+    if ids_restore.shape[0] != N:
+        raise ValueError(f"ids_restore has batch {ids_restore.shape[0]} but x has batch {N}")
+    if ids_restore.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"ids_restore must be an integer tensor, got {ids_restore.dtype}")
+    L = ids_restore.shape[1]
+    if not 1 <= T - 1 <= L:
+        raise ValueError(f"x must have 1 + len_keep tokens with 1 <= len_keep <= L={L}, got {T}")
+    if tuple(mask_token.shape) != (1, 1, D):
+        raise ValueError(f"mask_token must have shape (1, 1, {D}), got {tuple(mask_token.shape)}")
+    ids_restore = ids_restore.long()
+    mask_tokens = mask_token.repeat(N, L + 1 - T, 1)
+    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+    x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x_.shape[2]))
+    x = torch.cat([x[:, :1, :].to(x_.dtype), x_], dim=1)
+    if pos_embed is not None:
+        _check_tensor("pos_embed", pos_embed, 3)
+        if tuple(pos_embed.shape) != (1, 1 + L, D):
+            raise ValueError(f"pos_embed must have shape (1, {1 + L}, {D}), got {tuple(pos_embed.shape)}")
+        x = x + pos_embed
+    return x
+
+
+# --------------------------------------------------------------------------- loss
+def mae_loss(
+    imgs: torch.Tensor,
+    pred: torch.Tensor,
+    mask: torch.Tensor,
+    patch_size: int,
+    norm_pix_loss: bool = False,
+) -> torch.Tensor:
+    """The official ``forward_loss``: MSE on removed patches, float32 math.
+
+    target = patchify(imgs); with ``norm_pix_loss`` each patch is normalised by its
+    mean and *unbiased* variance, ``(t - mean) / sqrt(var + 1e-6)``. The squared error
+    is averaged over the patch, then over removed patches: ``(loss*mask).sum()/mask.sum()``.
+    """
+    _check_tensor("imgs", imgs, 4)
+    _check_float("imgs", imgs)
+    _check_tensor("pred", pred, 3)
+    _check_tensor("mask", mask, 2)
+    target = patchify(imgs, patch_size).float()
+    if tuple(pred.shape) != tuple(target.shape):
+        raise ValueError(f"pred must have shape {tuple(target.shape)} (patchified imgs), got {tuple(pred.shape)}")
+    if tuple(mask.shape) != tuple(target.shape[:2]):
+        raise ValueError(f"mask must have shape {tuple(target.shape[:2])}, got {tuple(mask.shape)}")
+    if norm_pix_loss:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1.0e-6) ** 0.5
+    loss = (pred.float() - target) ** 2
+    loss = loss.mean(dim=-1)
+    mask = mask.float()
+    return (loss * mask).sum() / mask.sum()
+
+
+# --------------------------------------------------------------------------- attention
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Plain softmax attention, non-causal; q, k, v and the result are (B, N, H, D).
+
+    Computed in the inputs' dtype (upcast the inputs for a high-precision oracle).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, 4)
+    if q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(f"q, k, v must have equal shapes, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
+    s = torch.matmul(qt, kt.transpose(-2, -1)) * scale
+    p = torch.softmax(s, dim=-1)
+    return torch.matmul(p, vt).transpose(1, 2)
+
+
+def attention_qkvpacked(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """:func:`attention` on the fused projection output ``qkv`` (B, N, 3, H, D)."""
+    _check_tensor("qkv", qkv, 5)
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape (B, N, 3, H, D), got {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(2)
+    return attention(q, k, v, scale)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Attention through ``torch.nn.functional.scaled_dot_product_attention`` (B, N, H, D)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- pos embed
+def _1d_sincos(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    omega = np.arange(embed_dim // 2, dtype=np.float64)
+    omega /= embed_dim / 2.0
+    omega = 1.0 / 10000**omega  # (D/2,)
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)  # outer product
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size, cls_token: bool = False) -> np.ndarray:
+    """2-D sin-cos position embedding, float64 ``(h*w [+1], embed_dim)``.
+
+    The official ``get_2d_sincos_pos_embed``: the first half of the channels encodes the
+    *w* (column) coordinate, the second half the row, each as [sin, cos] halves with
+    ``omega = 1 / 10000**(i / (D/4))``; with ``cls_token`` a zero row comes first.
+    ``grid_size`` is an int (square) or ``(h, w)``.
+    """
+    if embed_dim % 4:
+        raise ValueError(f"embed_dim must be a multiple of 4 for the 2-D sin-cos embedding, got {embed_dim}")
+    gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+    grid_h = np.arange(gh, dtype=np.float32)
+    grid_w = np.arange(gw, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0)  # here w goes first
+    grid = grid.reshape([2, 1, gh, gw])
+    emb = np.concatenate([_1d_sincos(embed_dim // 2, grid[0]), _1d_sincos(embed_dim // 2, grid[1])], axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+    return emb
