@@ -11,11 +11,14 @@ registered as an opaque ``torch.library.custom_op`` instead, so opcheck, autogra
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
-__all__ = ["interpreting", "kernel_op", "launch", "register_cpu_fallback"]
+__all__ = ["interpreting", "kernel_op", "launch", "register_cpu_fallback", "empty", "poisoned_outputs"]
+
+_poison = False
 
 
 def interpreting() -> bool:
@@ -42,3 +45,23 @@ def register_cpu_fallback(op, fn) -> None:
     where CPU tensors are exactly what the Triton kernels are tested on."""
     if not interpreting():
         op.register_kernel("cpu")(fn)
+
+
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Allocate a kernel output. Every host wrapper allocates through this, so that tests
+    (:func:`poisoned_outputs`) can fill outputs with NaN / -1 and catch unwritten elements."""
+    if _poison:
+        fill = float("nan") if dtype.is_floating_point else -1
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def poisoned_outputs(enabled: bool = True):
+    """Within this context kernel outputs start as NaN (floats) or -1 (integers)."""
+    global _poison
+    old, _poison = _poison, enabled
+    try:
+        yield
+    finally:
+        _poison = old

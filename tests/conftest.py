@@ -39,6 +39,15 @@ def kernel_device():
 
 
 @pytest.fixture(autouse=True)
+def _poison_kernel_outputs():
+    # Every kernel output starts as NaN / -1, so an element a kernel fails to write fails its test.
+    from fastmae._library import poisoned_outputs
+
+    with poisoned_outputs():
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _fresh_seed():
     # Fresh random inputs every run, but reproducible within a run when printed on failure.
     seed = int.from_bytes(os.urandom(4), "little")
