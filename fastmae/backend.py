@@ -94,7 +94,7 @@ def use_backend(name: str | None):
 
 
 # ----------------------------------------------------------------- availability
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import_error(module: str) -> str | None:
     try:
         importlib.import_module(module)

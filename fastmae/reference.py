@@ -89,14 +89,37 @@ def check_noise(noise, N: int, L: int, device: torch.device) -> None:
 
 
 # --------------------------------------------------------------------------- patchify
-def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(N, C, H, W) -> (N, L, p*p*C), patches row-major, (row, col, channel) inside."""
+def check_patchify(imgs, patch_size) -> None:
     _check_tensor("imgs", imgs, 4)
     _check_patch_size(patch_size)
+    H, W = imgs.shape[-2:]
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"image size {H}x{W} is not divisible by patch_size={patch_size}")
+
+
+def check_unpatchify(x, patch_size, grid_size=None) -> tuple[int, int]:
+    """Validate :func:`unpatchify`'s arguments; returns the patch grid (h, w)."""
+    _check_tensor("x", x, 3)
+    _check_patch_size(patch_size)
+    N, L, D = x.shape
+    if D % (patch_size * patch_size):
+        raise ValueError(f"x's last dim {D} is not a multiple of patch_size**2 = {patch_size**2}")
+    if grid_size is None:
+        h = w = math.isqrt(L)
+        if h * w != L:
+            raise ValueError(f"x has L={L} tokens, not a square grid; pass grid_size=(h, w)")
+        return h, w
+    h, w = grid_size
+    if h * w != L:
+        raise ValueError(f"grid_size={tuple(grid_size)} does not match L={L}")
+    return h, w
+
+
+def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, L, p*p*C), patches row-major, (row, col, channel) inside."""
+    check_patchify(imgs, patch_size)
     p = patch_size
     N, C, H, W = imgs.shape
-    if H % p or W % p:
-        raise ValueError(f"image size {H}x{W} is not divisible by patch_size={p}")
     h, w = H // p, W // p
     x = imgs.reshape(N, C, h, p, w, p)
     x = torch.einsum("nchpwq->nhwpqc", x)
@@ -108,27 +131,42 @@ def unpatchify(x: torch.Tensor, patch_size: int, grid_size: tuple[int, int] | No
 
     ``grid_size=(h, w)`` gives the patch grid; by default it is square, ``h = w = sqrt(L)``.
     """
-    _check_tensor("x", x, 3)
-    _check_patch_size(patch_size)
+    h, w = check_unpatchify(x, patch_size, grid_size)
     p = patch_size
     N, L, D = x.shape
-    if D % (p * p):
-        raise ValueError(f"x's last dim {D} is not a multiple of patch_size**2 = {p * p}")
     C = D // (p * p)
-    if grid_size is None:
-        h = w = math.isqrt(L)
-        if h * w != L:
-            raise ValueError(f"x has L={L} tokens, not a square grid; pass grid_size=(h, w)")
-    else:
-        h, w = grid_size
-        if h * w != L:
-            raise ValueError(f"grid_size={grid_size} does not match L={L}")
     x = x.reshape(N, h, w, p, p, C)
     x = torch.einsum("nhwpqc->nchpwq", x)
     return x.reshape(N, C, h * p, w * p)
 
 
 # --------------------------------------------------------------------------- masking
+def check_random_masking(x, mask_ratio, noise=None) -> int:
+    """Validate :func:`random_masking`'s arguments; returns ``len_keep``."""
+    _check_tensor("x", x, 3)
+    N, L, D = x.shape
+    len_keep = num_kept(L, mask_ratio)
+    if noise is not None:
+        check_noise(noise, N, L, x.device)
+    return len_keep
+
+
+def check_encoder_input(x, pos_embed, cls_token, mask_ratio, noise=None) -> int:
+    """Validate :func:`encoder_input`'s arguments; returns ``len_keep``."""
+    len_keep = check_random_masking(x, mask_ratio, noise)
+    _check_tensor("pos_embed", pos_embed, 3)
+    _check_tensor("cls_token", cls_token, 3)
+    N, L, D = x.shape
+    if tuple(pos_embed.shape) != (1, 1 + L, D):
+        raise ValueError(f"pos_embed must have shape (1, 1+L, D) = (1, {1 + L}, {D}), got {tuple(pos_embed.shape)}")
+    if tuple(cls_token.shape) != (1, 1, D):
+        raise ValueError(f"cls_token must have shape (1, 1, {D}), got {tuple(cls_token.shape)}")
+    for name, t in (("pos_embed", pos_embed), ("cls_token", cls_token)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    return len_keep
+
+
 def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
     """Per-sample random masking by sorting noise (the official ``random_masking``).
 
@@ -137,13 +175,10 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
     (0 keep, 1 remove) in the original order; and ``ids_restore = argsort(ids_shuffle)``.
     Ties in ``noise`` are broken by token index (a stable argsort).
     """
-    _check_tensor("x", x, 3)
+    len_keep = check_random_masking(x, mask_ratio, noise)
     N, L, D = x.shape
-    len_keep = num_kept(L, mask_ratio)
     if noise is None:
         noise = torch.rand(N, L, device=x.device)
-    else:
-        check_noise(noise, N, L, x.device)
     ids_shuffle = torch.argsort(noise, dim=1, stable=True)  # ascend: small is keep
     ids_restore = torch.argsort(ids_shuffle, dim=1, stable=True)
     ids_keep = ids_shuffle[:, :len_keep]
@@ -168,19 +203,35 @@ def encoder_input(
     ``cls_token + pos_embed[:, :1]``. Returns ``(tokens (N, 1+len_keep, D), mask,
     ids_restore)``; the tokens' dtype is the promotion of the three inputs' dtypes.
     """
-    _check_tensor("x", x, 3)
-    _check_tensor("pos_embed", pos_embed, 3)
-    _check_tensor("cls_token", cls_token, 3)
-    N, L, D = x.shape
-    if tuple(pos_embed.shape) != (1, 1 + L, D):
-        raise ValueError(f"pos_embed must have shape (1, 1+L, D) = (1, {1 + L}, {D}), got {tuple(pos_embed.shape)}")
-    if tuple(cls_token.shape) != (1, 1, D):
-        raise ValueError(f"cls_token must have shape (1, 1, {D}), got {tuple(cls_token.shape)}")
+    check_encoder_input(x, pos_embed, cls_token, mask_ratio, noise)
     x = x + pos_embed[:, 1:, :]
     x, mask, ids_restore = random_masking(x, mask_ratio, noise)
     cls = cls_token + pos_embed[:, :1, :]
     x = torch.cat((cls.expand(x.shape[0], -1, -1).to(x.dtype), x), dim=1)
     return x, mask, ids_restore
+
+
+def check_decoder_unshuffle(x, ids_restore, mask_token, pos_embed=None) -> None:
+    _check_tensor("x", x, 3)
+    _check_tensor("ids_restore", ids_restore, 2)
+    _check_tensor("mask_token", mask_token, 3)
+    N, T, D = x.shape
+    if ids_restore.shape[0] != N:
+        raise ValueError(f"ids_restore has batch {ids_restore.shape[0]} but x has batch {N}")
+    if ids_restore.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"ids_restore must be an int64 or int32 tensor, got {ids_restore.dtype}")
+    L = ids_restore.shape[1]
+    if not 1 <= T - 1 <= L:
+        raise ValueError(f"x must have 1 + len_keep tokens with 1 <= len_keep <= L={L}, got {T}")
+    if tuple(mask_token.shape) != (1, 1, D):
+        raise ValueError(f"mask_token must have shape (1, 1, {D}), got {tuple(mask_token.shape)}")
+    if pos_embed is not None:
+        _check_tensor("pos_embed", pos_embed, 3)
+        if tuple(pos_embed.shape) != (1, 1 + L, D):
+            raise ValueError(f"pos_embed must have shape (1, {1 + L}, {D}), got {tuple(pos_embed.shape)}")
+    for name, t in (("ids_restore", ids_restore), ("mask_token", mask_token), ("pos_embed", pos_embed)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
 def decoder_unshuffle(
@@ -196,33 +247,37 @@ def decoder_unshuffle(
     Appends ``L - len_keep`` mask tokens, restores the original order, keeps cls first.
     Returns (N, 1+L, D) in the promotion of the inputs' dtypes.
     """
-    _check_tensor("x", x, 3)
-    _check_tensor("ids_restore", ids_restore, 2)
-    _check_tensor("mask_token", mask_token, 3)
+    check_decoder_unshuffle(x, ids_restore, mask_token, pos_embed)
     N, T, D = x.shape
-    if ids_restore.shape[0] != N:
-        raise ValueError(f"ids_restore has batch {ids_restore.shape[0]} but x has batch {N}")
-    if ids_restore.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"ids_restore must be an integer tensor, got {ids_restore.dtype}")
     L = ids_restore.shape[1]
-    if not 1 <= T - 1 <= L:
-        raise ValueError(f"x must have 1 + len_keep tokens with 1 <= len_keep <= L={L}, got {T}")
-    if tuple(mask_token.shape) != (1, 1, D):
-        raise ValueError(f"mask_token must have shape (1, 1, {D}), got {tuple(mask_token.shape)}")
     ids_restore = ids_restore.long()
     mask_tokens = mask_token.repeat(N, L + 1 - T, 1)
     x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
     x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x_.shape[2]))
     x = torch.cat([x[:, :1, :].to(x_.dtype), x_], dim=1)
     if pos_embed is not None:
-        _check_tensor("pos_embed", pos_embed, 3)
-        if tuple(pos_embed.shape) != (1, 1 + L, D):
-            raise ValueError(f"pos_embed must have shape (1, {1 + L}, {D}), got {tuple(pos_embed.shape)}")
         x = x + pos_embed
     return x
 
 
 # --------------------------------------------------------------------------- loss
+def check_mae_loss(imgs, pred, mask, patch_size) -> None:
+    check_patchify(imgs, patch_size)
+    _check_float("imgs", imgs)
+    _check_tensor("pred", pred, 3)
+    _check_tensor("mask", mask, 2)
+    N, C, H, W = imgs.shape
+    shape = (N, (H // patch_size) * (W // patch_size), patch_size * patch_size * C)
+    if tuple(pred.shape) != shape:
+        raise ValueError(f"pred must have shape {shape} (the patchified imgs), got {tuple(pred.shape)}")
+    _check_float("pred", pred)
+    if tuple(mask.shape) != shape[:2]:
+        raise ValueError(f"mask must have shape {shape[:2]}, got {tuple(mask.shape)}")
+    for name, t in (("pred", pred), ("mask", mask)):
+        if t.device != imgs.device:
+            raise ValueError(f"{name} is on {t.device} but imgs is on {imgs.device}")
+
+
 def mae_loss(
     imgs: torch.Tensor,
     pred: torch.Tensor,
@@ -236,15 +291,8 @@ def mae_loss(
     mean and *unbiased* variance, ``(t - mean) / sqrt(var + 1e-6)``. The squared error
     is averaged over the patch, then over removed patches: ``(loss*mask).sum()/mask.sum()``.
     """
-    _check_tensor("imgs", imgs, 4)
-    _check_float("imgs", imgs)
-    _check_tensor("pred", pred, 3)
-    _check_tensor("mask", mask, 2)
+    check_mae_loss(imgs, pred, mask, patch_size)
     target = patchify(imgs, patch_size).float()
-    if tuple(pred.shape) != tuple(target.shape):
-        raise ValueError(f"pred must have shape {tuple(target.shape)} (patchified imgs), got {tuple(pred.shape)}")
-    if tuple(mask.shape) != tuple(target.shape[:2]):
-        raise ValueError(f"mask must have shape {tuple(target.shape[:2])}, got {tuple(mask.shape)}")
     if norm_pix_loss:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
@@ -256,15 +304,29 @@ def mae_loss(
 
 
 # --------------------------------------------------------------------------- attention
+def check_attention(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, 4)
+        _check_float(name, t)
+    if q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(f"q, k, v must have equal shapes, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype != k.dtype or k.dtype != v.dtype:
+        raise TypeError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def check_attention_qkvpacked(qkv) -> None:
+    _check_tensor("qkv", qkv, 5)
+    _check_float("qkv", qkv)
+    if qkv.shape[2] != 3:
+        raise ValueError(f"qkv must have shape (B, N, 3, H, D), got {tuple(qkv.shape)}")
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """Plain softmax attention, non-causal; q, k, v and the result are (B, N, H, D).
 
     Computed in the inputs' dtype (upcast the inputs for a high-precision oracle).
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, 4)
-    if q.shape != k.shape or k.shape != v.shape:
-        raise ValueError(f"q, k, v must have equal shapes, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_attention(q, k, v)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
@@ -275,9 +337,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 
 def attention_qkvpacked(qkv: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """:func:`attention` on the fused projection output ``qkv`` (B, N, 3, H, D)."""
-    _check_tensor("qkv", qkv, 5)
-    if qkv.shape[2] != 3:
-        raise ValueError(f"qkv must have shape (B, N, 3, H, D), got {tuple(qkv.shape)}")
+    check_attention_qkvpacked(qkv)
     q, k, v = qkv.unbind(2)
     return attention(q, k, v, scale)
 
