@@ -178,9 +178,9 @@ def resolve(requested: str | None, device: torch.device, attention: bool = False
                     return cand
             return "sdpa" if attention else "torch"
         return "torch"
-    if name not in implemented:
-        raise BackendUnavailableError(f"backend={name!r} has no implementation of this op yet")
     problem = _problem(name, device)
     if problem is not None:
         raise BackendUnavailableError(problem)
+    if name not in implemented:
+        raise BackendUnavailableError(f"backend={name!r} has no implementation of this op yet")
     return name

@@ -1,0 +1,176 @@
+"""fastmae's ops, each with a ``backend=`` keyword (see :mod:`fastmae.backend`).
+
+=================== =============================== ==========================================
+op                  reference (``backend="torch"``)  Triton kernel (``backend="triton"``)
+=================== =============================== ==========================================
+patchify            :func:`fastmae.reference.patchify`         :mod:`fastmae.kernels.patchify`
+unpatchify          :func:`fastmae.reference.unpatchify`       :mod:`fastmae.kernels.patchify`
+random_masking      :func:`fastmae.reference.random_masking`   :mod:`fastmae.kernels.masking`
+encoder_input       :func:`fastmae.reference.encoder_input`    :mod:`fastmae.kernels.masking`
+decoder_unshuffle   :func:`fastmae.reference.decoder_unshuffle` :mod:`fastmae.kernels.unshuffle`
+mae_loss            :func:`fastmae.reference.mae_loss`         :mod:`fastmae.kernels.loss`
+attention           :func:`fastmae.reference.attention`        :mod:`fastmae.kernels.attention`
+attention_qkvpacked :func:`fastmae.reference.attention_qkvpacked` :mod:`fastmae.kernels.attention`
+=================== =============================== ==========================================
+
+Arguments are validated here, once, whatever the backend: bad input raises a
+``ValueError``/``TypeError`` naming the argument before any kernel runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import reference as ref
+from .backend import BackendUnavailableError, resolve
+
+__all__ = [
+    "patchify",
+    "unpatchify",
+    "random_masking",
+    "encoder_input",
+    "decoder_unshuffle",
+    "mae_loss",
+    "attention",
+    "attention_qkvpacked",
+]
+
+# op -> {backend: "module:function"}; modules are imported on first use, so that
+# ``import fastmae`` never needs triton, xformers or the CUDA extension.
+_IMPLS: dict[str, dict[str, str]] = {
+    "patchify": {"triton": "fastmae.kernels.patchify:patchify"},
+    "unpatchify": {"triton": "fastmae.kernels.patchify:unpatchify"},
+    "random_masking": {"triton": "fastmae.kernels.masking:random_masking"},
+    "encoder_input": {"triton": "fastmae.kernels.masking:encoder_input"},
+    "decoder_unshuffle": {"triton": "fastmae.kernels.unshuffle:decoder_unshuffle"},
+    "mae_loss": {"triton": "fastmae.kernels.loss:mae_loss"},
+    "attention": {"triton": "fastmae.kernels.attention:attention"},
+    "attention_qkvpacked": {"triton": "fastmae.kernels.attention:attention_qkvpacked"},
+}
+
+
+def _impl(op: str, backend: str):
+    target = _IMPLS[op][backend]
+    module, fn = target.split(":")
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except ImportError as e:
+        raise BackendUnavailableError(f"backend={backend!r} for {op}: cannot import {module} ({e})") from e
+
+
+def _backend(op: str, backend, device: torch.device, attention: bool = False) -> str:
+    implemented = {"torch", *_IMPLS[op]} | ({"sdpa", "xformers"} if attention else set())
+    return resolve(backend, device, attention=attention, implemented=implemented)
+
+
+def patchify(imgs: torch.Tensor, patch_size: int, *, backend: str | None = None) -> torch.Tensor:
+    """(N, C, H, W) images -> (N, L, patch_size**2 * C) patches (see :func:`fastmae.reference.patchify`)."""
+    ref.check_patchify(imgs, patch_size)
+    b = _backend("patchify", backend, imgs.device)
+    if b == "torch":
+        return ref.patchify(imgs, patch_size)
+    return _impl("patchify", b)(imgs, patch_size)
+
+
+def unpatchify(x: torch.Tensor, patch_size: int, grid_size=None, *, backend: str | None = None) -> torch.Tensor:
+    """(N, L, patch_size**2 * C) -> (N, C, H, W), the inverse of :func:`patchify`."""
+    ref.check_unpatchify(x, patch_size, grid_size)
+    b = _backend("unpatchify", backend, x.device)
+    if b == "torch":
+        return ref.unpatchify(x, patch_size, grid_size)
+    return _impl("unpatchify", b)(x, patch_size, grid_size)
+
+
+def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None, *,
+                   backend: str | None = None):
+    """Per-sample random masking -> ``(x_masked, mask, ids_restore)`` (the official semantics)."""
+    ref.check_random_masking(x, mask_ratio, noise)
+    b = _backend("random_masking", backend, x.device)
+    if b == "torch":
+        return ref.random_masking(x, mask_ratio, noise)
+    return _impl("random_masking", b)(x, mask_ratio, noise)
+
+
+def encoder_input(x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Tensor, mask_ratio: float,
+                  noise: torch.Tensor | None = None, *, backend: str | None = None):
+    """Patch embeddings -> encoder tokens: pos-embed add, random masking, cls prepended.
+
+    Returns ``(tokens (N, 1+len_keep, D), mask, ids_restore)``.
+    """
+    ref.check_encoder_input(x, pos_embed, cls_token, mask_ratio, noise)
+    b = _backend("encoder_input", backend, x.device)
+    if b == "torch":
+        return ref.encoder_input(x, pos_embed, cls_token, mask_ratio, noise)
+    return _impl("encoder_input", b)(x, pos_embed, cls_token, mask_ratio, noise)
+
+
+def decoder_unshuffle(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                      pos_embed: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """Decoder tokens (N, 1+len_keep, D) -> (N, 1+L, D): mask tokens in, original order, (+ pos_embed)."""
+    ref.check_decoder_unshuffle(x, ids_restore, mask_token, pos_embed)
+    b = _backend("decoder_unshuffle", backend, x.device)
+    if b == "torch":
+        return ref.decoder_unshuffle(x, ids_restore, mask_token, pos_embed)
+    return _impl("decoder_unshuffle", b)(x, ids_restore, mask_token, pos_embed)
+
+
+def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
+             norm_pix_loss: bool = False, *, backend: str | None = None) -> torch.Tensor:
+    """MSE on removed patches, optionally against per-patch normalised pixels (float32 scalar)."""
+    ref.check_mae_loss(imgs, pred, mask, patch_size)
+    b = _backend("mae_loss", backend, imgs.device)
+    if b == "torch":
+        return ref.mae_loss(imgs, pred, mask, patch_size, norm_pix_loss)
+    return _impl("mae_loss", b)(imgs, pred, mask, patch_size, norm_pix_loss)
+
+
+def _check_scale(scale) -> None:
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
+        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+
+
+def _xformers_attention(q, k, v, scale):
+    import xformers.ops as xops
+
+    return xops.memory_efficient_attention(q, k, v, scale=scale)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+              backend: str | None = None) -> torch.Tensor:
+    """Non-causal softmax attention; q, k, v and the result are (B, N, H, D).
+
+    Backends: ``torch`` (plain math), ``sdpa`` (torch's scaled_dot_product_attention),
+    ``triton`` (fastmae's memory-efficient kernel), ``xformers``; ``auto`` picks Triton
+    for CUDA tensors (SDPA when Triton is missing) and the reference for CPU tensors.
+    """
+    ref.check_attention(q, k, v)
+    _check_scale(scale)
+    b = _backend("attention", backend, q.device, attention=True)
+    if b == "torch":
+        return ref.attention(q, k, v, scale)
+    if b == "sdpa":
+        return ref.sdpa_attention(q, k, v, scale)
+    if b == "xformers":
+        return _xformers_attention(q, k, v, scale)
+    return _impl("attention", b)(q, k, v, scale)
+
+
+def attention_qkvpacked(qkv: torch.Tensor, *, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """:func:`attention` on the fused qkv projection output (B, N, 3, H, D) -> (B, N, H, D).
+
+    The Triton kernel reads q, k and v through strides and writes its gradient straight
+    into a (B, N, 3, H, D) tensor: no permute or copy around attention.
+    """
+    ref.check_attention_qkvpacked(qkv)
+    _check_scale(scale)
+    b = _backend("attention_qkvpacked", backend, qkv.device, attention=True)
+    if b == "torch":
+        return ref.attention_qkvpacked(qkv, scale)
+    q, k, v = qkv.unbind(2)
+    if b == "sdpa":
+        return ref.sdpa_attention(q, k, v, scale)
+    if b == "xformers":
+        return _xformers_attention(q, k, v, scale)
+    return _impl("attention_qkvpacked", b)(qkv, scale)
