@@ -40,6 +40,7 @@ __all__ = [
     "use_backend",
     "available_backends",
     "resolve",
+    "check_name",
 ]
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -52,7 +53,8 @@ class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot run here; the message says what is missing."""
 
 
-def _check_name(name, attention: bool = False) -> str:
+def check_name(name, attention: bool = False) -> str:
+    """``name`` if it is a backend name (``attention``: one of the attention backends), else ValueError."""
     allowed = ATTENTION_BACKENDS if attention else BACKENDS
     if not isinstance(name, str) or name not in allowed:
         raise ValueError(f"backend must be one of {allowed}, got {name!r}")
@@ -66,7 +68,7 @@ def set_backend(name: str | None) -> None:
     then use ``"auto"``.
     """
     global _default
-    _default = None if name is None else _check_name(name, attention=True)
+    _default = None if name is None else check_name(name, attention=True)
 
 
 def get_backend() -> str:
@@ -164,7 +166,7 @@ def resolve(requested: str | None, device: torch.device, attention: bool = False
     an unknown name.
     """
     name = get_backend() if requested is None else requested
-    name = _check_name(name, attention=True)
+    name = check_name(name, attention=True)
     if name in ("sdpa", "xformers") and not attention:
         if requested is None:  # process default set for attention: the other ops use auto
             name = "auto"
