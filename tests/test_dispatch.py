@@ -1,0 +1,116 @@
+"""Backend selection: defaults, environment, clear errors, and import without optional parts."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastmae
+from fastmae import ops
+from fastmae import reference as ref
+from fastmae.backend import BackendUnavailableError, get_backend, resolve
+
+
+@pytest.fixture(autouse=True)
+def _reset_backend():
+    fastmae.set_backend(None)
+    yield
+    fastmae.set_backend(None)
+
+
+def test_default_is_auto_and_auto_is_reference_on_cpu(monkeypatch):
+    monkeypatch.delenv("FASTMAE_BACKEND", raising=False)
+    assert get_backend() == "auto"
+    assert resolve(None, torch.device("cpu")) == "torch"
+    assert resolve("auto", torch.device("cpu"), attention=True) == "torch"
+
+
+def test_env_and_set_backend(monkeypatch):
+    monkeypatch.setenv("FASTMAE_BACKEND", "torch")
+    assert get_backend() == "torch"
+    fastmae.set_backend("sdpa")
+    assert get_backend() == "sdpa"
+    # a process default meant for attention leaves the other ops on auto
+    assert resolve(None, torch.device("cpu")) == "torch"
+    assert resolve(None, torch.device("cpu"), attention=True) == "sdpa"
+    with fastmae.use_backend("torch"):
+        assert get_backend() == "torch"
+    assert get_backend() == "sdpa"
+    monkeypatch.setenv("FASTMAE_BACKEND", "bogus")
+    fastmae.set_backend(None)
+    with pytest.raises(ValueError, match="FASTMAE_BACKEND"):
+        get_backend()
+
+
+def test_unknown_backend_names():
+    with pytest.raises(ValueError, match="backend"):
+        fastmae.set_backend("cudnn")
+    with pytest.raises(ValueError, match="backend"):
+        ops.patchify(torch.randn(1, 3, 8, 8), 4, backend="fast")
+    with pytest.raises(ValueError, match="attention only"):
+        ops.patchify(torch.randn(1, 3, 8, 8), 4, backend="sdpa")
+
+
+def test_cuda_backend_names_the_missing_extension():
+    with pytest.raises(BackendUnavailableError, match="fastmae._C"):
+        ops.patchify(torch.randn(1, 3, 8, 8), 4, backend="cuda")
+
+
+def test_xformers_backend_is_a_clear_error_on_cpu():
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(BackendUnavailableError, match="xformers"):
+        ops.attention(q, q, q, backend="xformers")
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET|triton"):
+        ops.patchify(torch.randn(1, 3, 8, 8), 4, backend="triton")
+
+
+def test_torch_and_sdpa_backends_agree_with_reference():
+    imgs = torch.randn(2, 3, 8, 8)
+    assert torch.equal(ops.patchify(imgs, 4, backend="torch"), ref.patchify(imgs, 4))
+    q, k, v = (torch.randn(2, 5, 3, 8) for _ in range(3))
+    torch.testing.assert_close(ops.attention(q, k, v, backend="sdpa"), ref.attention(q, k, v), rtol=1e-5, atol=1e-6)
+    qkv = torch.randn(2, 5, 3, 3, 8)
+    torch.testing.assert_close(ops.attention_qkvpacked(qkv, backend="sdpa", scale=0.2),
+                               ref.attention_qkvpacked(qkv, 0.2), rtol=1e-5, atol=1e-6)
+
+
+def test_ops_validate_before_dispatch():
+    with pytest.raises(ValueError, match="scale"):
+        ops.attention_qkvpacked(torch.randn(1, 4, 3, 2, 8), scale=-1.0)
+    with pytest.raises(ValueError, match="mask_ratio"):
+        ops.encoder_input(torch.randn(1, 4, 8), torch.randn(1, 5, 8), torch.randn(1, 1, 8), 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="pos_embed"):
+        ops.encoder_input(torch.randn(1, 4, 8), torch.randn(1, 4, 8), torch.randn(1, 1, 8), 0.5)
+
+
+def test_import_without_triton_xformers_or_extension():
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None\n"  # makes 'import triton' raise ImportError
+        "sys.modules['xformers'] = None\n"
+        "import torch, fastmae\n"
+        "from fastmae import ops\n"
+        "x = ops.patchify(torch.randn(1, 3, 8, 8), 4)\n"
+        "m = fastmae.MaskedAutoencoderViT(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2,\n"
+        "    decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)\n"
+        "m(torch.randn(2, 3, 8, 8))\n"
+        "try:\n"
+        "    ops.patchify(torch.randn(1, 3, 8, 8), 4, backend='triton')\n"
+        "except fastmae.BackendUnavailableError as e:\n"
+        "    print('ERR', e)\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ERR" in out.stdout and "'triton' package" in out.stdout
+
+
+def test_available_backends_on_cpu():
+    names = fastmae.available_backends("cpu", attention=True)
+    assert "torch" in names and "sdpa" in names and "cuda" not in names and "xformers" not in names
