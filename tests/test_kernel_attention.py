@@ -191,12 +191,14 @@ def test_logsumexp(kernel_device, N):
     # The saved logsumexp (B, H, N), fp32 from fp16 inputs: q.k products are exact in fp32
     # and the rest is fp32 arithmetic on values of magnitude <= ~10, so 1e-5 relative.
     B, H, D = 2, 2, 64
-    q, k, v = _randn(B, N, 3, H, D, dtype=torch.float16, device=kernel_device).unbind(2)
-    out, lse = torch.ops.fastmae.attention(q, k, v, None)
+    qkv = _randn(B, N, 3, H, D, dtype=torch.float16, device=kernel_device).requires_grad_(True)
+    q, k, v = qkv.detach().unbind(2)
     s = torch.einsum("bnhd,bmhd->bhnm", q.double(), k.double()) * D**-0.5
-    assert lse.dtype == torch.float32 and lse.shape == (B, H, N)
-    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
-    assert not lse.requires_grad
+    ops = torch.ops.fastmae
+    for out, lse in (ops.attention(*qkv.unbind(2), None), ops.attention_qkvpacked(qkv, None)):
+        assert lse.dtype == torch.float32 and lse.shape == (B, H, N)
+        torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+        assert out.requires_grad and not lse.requires_grad  # an auxiliary output, not differentiable
 
 
 def test_deterministic(kernel_device):

@@ -400,11 +400,12 @@ if interpreting():
     _BWD_DQ = _configs([{"BLOCK_M": 64, "BLOCK_N": 32}], [4], [1])
     _PRE_BLOCK_M = 32
 else:
-    _FWD_SHORT = _configs([{"BLOCK_M": m} for m in (32, 64, 128)], [4, 8], [1, 2])
+    # The one-tile kernels have no loop to pipeline: num_stages=1.
+    _FWD_SHORT = _configs([{"BLOCK_M": m} for m in (32, 64, 128)], [4, 8], [1])
     _FWD_LONG = _configs(
         [{"BLOCK_M": m, "BLOCK_N": n} for m in (64, 128) for n in (32, 64)], [4, 8], [2, 3]
     )
-    _BWD_SHORT = _configs([{}], [4, 8], [1, 2])
+    _BWD_SHORT = _configs([{}], [4, 8], [1])
     _BWD_DKDV = _configs(
         [{"BLOCK_M": m, "BLOCK_N": n} for m, n in ((32, 64), (32, 128), (64, 64), (64, 128))], [4, 8], [2, 3]
     )
