@@ -1,0 +1,497 @@
+"""Kernel micro-benchmarks: every op of :mod:`fastmae.ops`, forward and forward + backward, per backend.
+
+Run on a GPU::
+
+    python -m benchmarks.bench_ops                 # all sections, record in benchmarks/results/
+    python -m benchmarks.bench_ops --sections attention --out /tmp/rec
+
+Sections:
+
+``ops``        the data-path ops (patchify, unpatchify, random_masking, encoder_input,
+               decoder_unshuffle, mae_loss with norm_pix_loss) at the ViT-B/16, ViT-L/16
+               and ViT-H/14 shapes, batch 256, bf16 activations and parameters (images
+               fp32 for the loss, as they come from the loader), mask ratio 0.75; backends
+               torch (stock), triton, cuda.
+``attention``  ``attention_qkvpacked`` (the model's path) and ``attention`` at the issue-4
+               shapes, (B, H, N, D) = (256, 12, 50, 64), (256, 16, 197, 32),
+               (128, 16, 65, 80), bf16, for fastmae's backends (triton, cuda, xformers) and
+               SDPA restricted to each of its kernels (flash, efficient, cudnn, math) with
+               ``torch.nn.attention.sdpa_kernel``.
+``long``       the same at long sequences, N = 1024, 2048, 4096 with D = 64 and 128
+               (B = 16384 / N, H = 2048 / D, the FlashAttention benchmark's sizes); SDPA's
+               math kernel is left out there.
+
+Method: each timed call is bracketed by CUDA events and followed by a synchronize; the
+figure is the median of ``--reps`` calls after ``--warmup`` calls (the first of which
+compiles and autotunes). When one call's inputs fit in twice the L2 cache, several
+independent input sets are made and the calls rotate through them, so no call finds its
+inputs in L2. Forward + backward is one call: the op, then ``torch.autograd.grad`` of its
+output(s) with a fixed random gradient.
+
+Each time is put against a ceiling measured by this script on the same card in the same
+run: the *memory-traffic floor* (the bytes the op must read and write, divided by the
+device-to-device copy bandwidth, counted read + write) and, for attention, the *compute
+fraction* (the op's FLOPs per second over the rate of an 8192^3 bf16 matmul). Floor bytes
+count only what the result depends on: masking reads the kept rows only, the loss reads
+only the removed patches, frozen parameters (pos_embed) get no gradient; forward +
+backward is the sum of the two passes' floors, each pass reading its own inputs.
+Attention FLOPs: forward ``4 B H N^2 D``, backward 2.5x the forward (the FlashAttention
+convention, recomputation of the scores included).
+
+The JSON record (``ops-<card>-<date>.json``) is rewritten after every measurement; a CPU run
+(``--device cpu``, tiny shapes, for testing the harness) writes to ``./bench-out`` by
+default and is never rendered into RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shlex
+import sys
+import time
+
+import torch
+
+from fastmae import _timing, ops
+from fastmae.backend import BackendUnavailableError, available_backends
+from fastmae.bench import format_table, num
+
+__all__ = ["main", "data_op_bytes", "attention_bytes", "attention_flops", "input_sets_needed"]
+
+MODEL_SHAPES = {
+    "vit_b16": dict(img=224, p=16, D=768, Dd=512),
+    "vit_l16": dict(img=224, p=16, D=1024, Dd=512),
+    "vit_h14": dict(img=224, p=14, D=1280, Dd=512),
+}
+CPU_SHAPES = {"tiny": dict(img=32, p=4, D=64, Dd=32)}
+DATA_OPS = ("patchify", "unpatchify", "random_masking", "encoder_input", "decoder_unshuffle", "mae_loss")
+MASK_RATIO = 0.75
+# issue 4: (B, H, N, D) as SDPA writes them; fastmae's ops take (B, N, H, D)
+ATTENTION_SHAPES = [("encoder ViT-B visible", (256, 12, 50, 64)), ("decoder", (256, 16, 197, 32)),
+                    ("encoder ViT-H visible", (128, 16, 65, 80))]
+LONG_SHAPES = [(f"N={n} D={d}", (16384 // n, 2048 // d, n, d)) for d in (64, 128) for n in (1024, 2048, 4096)]
+CPU_ATTENTION_SHAPES = [("tiny", (4, 2, 17, 16))]
+CPU_LONG_SHAPES = [("tiny long", (1, 2, 256, 32))]
+SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------------------- floors
+def _dims(s: dict, batch: int) -> dict:
+    h = s["img"] // s["p"]
+    L = h * h
+    return dict(s, N=batch, C=3, L=L, P=3 * s["p"] ** 2, K=int(L * (1 - MASK_RATIO)))
+
+
+def data_op_bytes(op: str, d: dict, direction: str, es: int) -> int:
+    """Bytes ``op`` must read + write at dims ``d`` (from ``_dims``) with ``es``-byte activations.
+
+    ``direction``: ``"fwd"`` or ``"fwd+bwd"`` (the sum of both passes' floors).
+    """
+    N, C, L, K, D, Dd, P = d["N"], d["C"], d["L"], d["K"], d["D"], d["Dd"], d["P"]
+    X = N * C * d["img"] ** 2  # image elements
+    f32, i64 = 4, 8
+    if op in ("patchify", "unpatchify"):
+        fwd = bwd = 2 * X * es
+    elif op == "random_masking":
+        fwd = N * K * D * es * 2 + N * L * (f32 + i64)
+        bwd = N * K * D * es + N * L * i64 + N * L * D * es
+    elif op == "encoder_input":
+        fwd = N * K * D * es + (1 + L) * D * es + D * es + N * (1 + K) * D * es + N * L * (f32 + i64)
+        bwd = N * (1 + K) * D * es + N * L * i64 + N * L * D * es + D * es
+    elif op == "decoder_unshuffle":
+        fwd = N * (1 + K) * Dd * es + N * L * i64 + Dd * es + (1 + L) * Dd * es + N * (1 + L) * Dd * es
+        bwd = N * (1 + L) * Dd * es + N * L * i64 + N * (1 + K) * Dd * es + Dd * es
+    elif op == "mae_loss":
+        removed = (L - K) / L
+        read = int(removed * (X * f32 + N * L * P * es)) + N * L * f32
+        fwd = read + f32
+        bwd = read + N * L * P * es
+    else:
+        raise ValueError(op)
+    return fwd if direction == "fwd" else fwd + bwd
+
+
+def attention_bytes(B: int, N: int, H: int, D: int, direction: str, es: int) -> int:
+    """Forward: read q, k, v, write o. Backward: read q, k, v, o, dO, write dq, dk, dv."""
+    unit = B * N * H * D * es
+    return 4 * unit if direction == "fwd" else 12 * unit
+
+
+def attention_flops(B: int, N: int, H: int, D: int, direction: str) -> float:
+    """``4 B H N^2 D`` forward; backward 2.5x forward (FlashAttention's convention)."""
+    fwd = 4.0 * B * H * N * N * D
+    return fwd if direction == "fwd" else 3.5 * fwd
+
+
+def input_sets_needed(nbytes: int, l2_bytes: int | None, max_sets: int = 16) -> int:
+    """How many input sets to rotate through so that no call finds its inputs in L2."""
+    if not l2_bytes or nbytes >= 2 * l2_bytes:
+        return 1
+    return min(max_sets, math.ceil(2 * l2_bytes / max(nbytes, 1)) + 1)
+
+
+# ---------------------------------------------------------------------------- cases
+def _data_case(op: str, d: dict, direction: str, backend: str, device, dtype):
+    """(make_inputs() -> args, fn(*args)) for a data-path op."""
+    N, C, L, K, D, Dd, P, p = d["N"], d["C"], d["L"], d["K"], d["D"], d["Dd"], d["P"], d["p"]
+    img = d["img"]
+    grad = direction != "fwd"
+    kw = dict(device=device, dtype=dtype)
+
+    def leaf(t, rg=grad):
+        return t.requires_grad_(rg)
+
+    if op == "patchify":
+        def make():
+            return (leaf(torch.randn(N, C, img, img, **kw)), torch.randn(N, L, P, **kw))
+
+        def fn(x, g):
+            out = ops.patchify(x, p, backend=backend)
+            if grad:
+                torch.autograd.grad(out, x, g)
+    elif op == "unpatchify":
+        def make():
+            return (leaf(torch.randn(N, L, P, **kw)), torch.randn(N, C, img, img, **kw))
+
+        def fn(x, g):
+            out = ops.unpatchify(x, p, backend=backend)
+            if grad:
+                torch.autograd.grad(out, x, g)
+    elif op == "random_masking":
+        def make():
+            return (leaf(torch.randn(N, L, D, **kw)), torch.randn(N, K, D, **kw))
+
+        def fn(x, g):
+            out = ops.random_masking(x, MASK_RATIO, backend=backend)[0]
+            if grad:
+                torch.autograd.grad(out, x, g)
+    elif op == "encoder_input":
+        def make():
+            return (leaf(torch.randn(N, L, D, **kw)), torch.randn(1, 1 + L, D, **kw),
+                    leaf(torch.randn(1, 1, D, **kw)), torch.randn(N, 1 + K, D, **kw))
+
+        def fn(x, pos, cls, g):
+            out = ops.encoder_input(x, pos, cls, MASK_RATIO, backend=backend)[0]
+            if grad:
+                torch.autograd.grad(out, (x, cls), g)
+    elif op == "decoder_unshuffle":
+        def make():
+            ids = torch.argsort(torch.argsort(torch.rand(N, L, device=device), 1), 1)
+            return (leaf(torch.randn(N, 1 + K, Dd, **kw)), ids, leaf(torch.randn(1, 1, Dd, **kw)),
+                    torch.randn(1, 1 + L, Dd, **kw), torch.randn(N, 1 + L, Dd, **kw))
+
+        def fn(x, ids, mt, pos, g):
+            out = ops.decoder_unshuffle(x, ids, mt, pos, backend=backend)
+            if grad:
+                torch.autograd.grad(out, (x, mt), g)
+    elif op == "mae_loss":
+        def make():
+            mask = (torch.argsort(torch.argsort(torch.rand(N, L, device=device), 1), 1) >= K).float()
+            return (torch.randn(N, C, img, img, device=device), leaf(torch.randn(N, L, P, **kw)), mask)
+
+        def fn(imgs, pred, mask):
+            loss = ops.mae_loss(imgs, pred, mask, p, True, backend=backend)
+            if grad:
+                torch.autograd.grad(loss, pred)
+    else:
+        raise ValueError(op)
+    return make, fn
+
+
+def _sdpa_context(kernel: str | None):
+    if kernel is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    be = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+          "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[kernel]
+    return sdpa_kernel([be])
+
+
+def _attention_case(op: str, shape, direction: str, backend: str, device, dtype):
+    B, H, N, D = shape
+    grad = direction != "fwd"
+    sdpa_kernel = backend.split(":", 1)[1] if backend.startswith("sdpa:") else None
+    b = "sdpa" if sdpa_kernel else backend
+    kw = dict(device=device, dtype=dtype)
+
+    if op == "attention_qkvpacked":
+        def make():
+            return (torch.randn(B, N, 3, H, D, **kw).requires_grad_(grad), torch.randn(B, N, H, D, **kw))
+
+        def fn(qkv, g):
+            with _sdpa_context(sdpa_kernel):
+                out = ops.attention_qkvpacked(qkv, backend=b)
+                if grad:
+                    torch.autograd.grad(out, qkv, g)
+    else:
+        def make():
+            return tuple(torch.randn(B, N, H, D, **kw).requires_grad_(grad) for _ in range(3)) + (
+                torch.randn(B, N, H, D, **kw),)
+
+        def fn(q, k, v, g):
+            with _sdpa_context(sdpa_kernel):
+                out = ops.attention(q, k, v, backend=b)
+                if grad:
+                    torch.autograd.grad(out, (q, k, v), g)
+    return make, fn
+
+
+def _nbytes(args) -> int:
+    return sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+
+
+# ---------------------------------------------------------------------------- driver
+class Harness:
+    def __init__(self, device, warmup: int, reps: int, budget: float | None, progress):
+        self.device = torch.device(device)
+        self.warmup, self.reps, self.budget = warmup, reps, budget
+        self.t0 = time.perf_counter()
+        self.progress = progress
+        self.l2 = None
+        if self.device.type == "cuda":
+            self.l2 = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", None) or 50 * 2**20
+
+    def over_budget(self) -> bool:
+        return self.budget is not None and time.perf_counter() - self.t0 > self.budget
+
+    def measure(self, make, fn, reps: int | None = None) -> dict:
+        """Time ``fn`` on rotated input sets from ``make``: {"status", "ms", "ms_min", "sets"} (or a reason)."""
+        if self.over_budget():
+            return {"status": "skipped", "reason": f"time budget of {self.budget:g} s spent"}
+        sets = []
+        try:
+            first = make()
+            n = input_sets_needed(_nbytes(first), self.l2)
+            sets = [first] + [make() for _ in range(n - 1)]
+            times = _timing.time_calls(fn, self.device, iters=reps or self.reps, warmup=self.warmup,
+                                       args_cycle=sets)
+            return {"status": "ok", "ms": _timing.median(times), "ms_min": min(times), "sets": len(sets)}
+        except (BackendUnavailableError, ImportError) as e:
+            return {"status": "unavailable", "reason": str(e)}
+        except torch.OutOfMemoryError as e:
+            return {"status": "oom", "reason": str(e).splitlines()[0][:200]}
+        except RuntimeError as e:
+            msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            low = str(e).lower()
+            status = "unsupported" if ("no available kernel" in low or "no viable backend" in low) else "error"
+            return {"status": status, "reason": msg}
+        except Exception as e:
+            msg = str(e).splitlines()[0][:300] if str(e) else ""
+            return {"status": "error", "reason": f"{type(e).__name__}: {msg}"}
+        finally:
+            del sets
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def _unavailable(backend: str, device) -> str | None:
+    base = backend.split(":", 1)[0]
+    if base in ("torch", "sdpa"):
+        return None
+    if base in available_backends(device, attention=True):
+        return None
+    from fastmae.backend import resolve
+
+    try:
+        resolve(base, torch.device(device), attention=True)
+    except Exception as e:
+        return str(e)
+    return f"{base} is not available"
+
+
+def run_sections(args, device, dtype, ceilings, record, save, progress):
+    gpu = torch.device(device).type == "cuda"
+    h = Harness(device, args.warmup, args.reps, args.time_budget, progress)
+    bw = ceilings["copy"]["gbps"] * 1e9
+    peak = ceilings["matmul"]["tflops"] * 1e12
+    es = torch.empty((), dtype=dtype).element_size()
+    backends = args.backends
+
+    def row(section, op, label, shape, backend, direction, m, floor_bytes=None, flops=None):
+        r = {"section": section, "op": op, "shape_label": label, "shape": list(shape), "dtype": args.dtype,
+             "backend": backend, "direction": direction, **m}
+        if floor_bytes is not None:
+            r["floor_bytes"] = floor_bytes
+            r["floor_ms"] = floor_bytes / bw * 1e3
+        if flops is not None:
+            r["flops"] = flops
+        if m.get("status") == "ok":
+            if floor_bytes is not None:
+                r["x_floor"] = m["ms"] / r["floor_ms"]
+            if flops is not None:
+                r["tflops"] = flops / (m["ms"] * 1e-3) / 1e12
+                r["frac_matmul"] = flops / (m["ms"] * 1e-3) / peak
+        record["results"].append(r)
+        save()  # after every measurement: a run cut short by a timeout keeps what it measured
+
+    if "ops" in args.sections:
+        shapes = {m: (MODEL_SHAPES if gpu else CPU_SHAPES)[m] for m in args.models}
+        for model, s in shapes.items():
+            d = _dims(s, args.batch)
+            for op in DATA_OPS:
+                for backend in [b for b in backends if b in ("torch", "triton", "cuda")]:
+                    for direction in ("fwd", "fwd+bwd"):
+                        progress.start(f"ops {model} {op} {backend} {direction}")
+                        why = _unavailable(backend, device)
+                        if why:
+                            m = {"status": "unavailable", "reason": why}
+                        else:
+                            make, fn = _data_case(op, d, direction, backend, device, dtype)
+                            m = h.measure(make, fn)
+                        shape = (d["N"], d["img"], d["p"], d["D"], d["Dd"])
+                        row("ops", op, model, shape, backend, direction, m,
+                            floor_bytes=data_op_bytes(op, d, direction, es))
+                        progress.finish_task()
+
+    att_backends = [b for b in backends if b in ("triton", "cuda", "xformers")]
+    for section, shape_list, kernels in (
+        ("attention", ATTENTION_SHAPES if gpu else CPU_ATTENTION_SHAPES, SDPA_KERNELS),
+        ("long", LONG_SHAPES if gpu else CPU_LONG_SHAPES, tuple(k for k in SDPA_KERNELS if k != "math")),
+    ):
+        if section not in args.sections:
+            continue
+        sdpa = [f"sdpa:{k}" for k in kernels] if "sdpa" in backends else []
+        for label, shape in shape_list:
+            B, H, N, D = shape
+            if args.attention_batch:
+                B = args.attention_batch
+            shape = (B, H, N, D)
+            for op, names in (("attention_qkvpacked", att_backends + sdpa), ("attention", att_backends)):
+                for backend in names:
+                    for direction in ("fwd", "fwd+bwd"):
+                        progress.start(f"{section} {label} {op} {backend} {direction}")
+                        why = _unavailable(backend, device)
+                        if why:
+                            m = {"status": "unavailable", "reason": why}
+                        else:
+                            make, fn = _attention_case(op, shape, direction, backend, device, dtype)
+                            m = h.measure(make, fn, reps=None if N <= 1024 else max(args.reps // 2, 5))
+                        row(section, op, label, shape, backend, direction, m,
+                            floor_bytes=attention_bytes(B, N, H, D, direction, es),
+                            flops=attention_flops(B, N, H, D, direction))
+                        progress.finish_task()
+
+
+def render(record: dict) -> str:
+    env, cei = record["env"], record["ceilings"]
+    out = [f"fastmae bench_ops on {env['card']} | torch {env['torch']} | triton {env['triton']} | "
+           f"commit {env['git_commit'][:12]} | {env['date']}",
+           f"ceilings measured in this run: copy {num(cei['copy']['gbps'])} GB/s (read + write), "
+           f"matmul {num(cei['matmul']['tflops'])} TFLOP/s ({cei['matmul']['dtype']} {cei['matmul']['n']}^3); "
+           f"median of {record['config']['reps']} calls after {record['config']['warmup']} warm-up"]
+    for section in ("ops", "attention", "long"):
+        rows = [r for r in record["results"] if r["section"] == section]
+        if not rows:
+            continue
+        out += ["", f"[{section}]"]
+        table = []
+        for r in rows:
+            shape = r["shape_label"] + ("" if section == "ops" else f" {tuple(r['shape'])}")
+            if r["status"] == "ok":
+                table.append([r["op"], shape, r["backend"], r["direction"], num(r["ms"]), num(r.get("floor_ms")),
+                              f"{r['x_floor']:.1f}x" if "x_floor" in r else "",
+                              num(r.get("tflops"), na=""),
+                              f"{100 * r['frac_matmul']:.1f}%" if "frac_matmul" in r else "", ""])
+            else:
+                table.append([r["op"], shape, r["backend"], r["direction"], r["status"], "", "", "", "",
+                              r["reason"][:100]])
+        out.append(format_table(["op", "shape", "backend", "direction", "ms", "floor ms", "x floor", "TFLOP/s",
+                                 "of matmul", "note"], table, right={4, 5, 6, 7, 8}))
+    return "\n".join(out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_ops", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sections", default="ops,attention,long", help="comma-separated from ops, attention, long")
+    p.add_argument("--models", default=None, help="for the ops section (default vit_b16,vit_l16,vit_h14; tiny on CPU)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="images per batch for the ops section (default 256; 8 on CPU)")
+    p.add_argument("--attention-batch", type=int, default=None, help="override B of the attention shapes")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated from torch, triton, cuda, xformers, sdpa (default: all on a GPU, "
+                        "torch,sdpa on CPU)")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default="bf16")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 5; 2 on CPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed calls, median reported (default 30; 5 on CPU)")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds; later measurements are skipped")
+    p.add_argument("--device", default=None, help="cuda (default) or cpu (tiny shapes: a test of the harness)")
+    p.add_argument("--out", default=None, help="folder for the JSON record (default benchmarks/results on a GPU, "
+                                               "./bench-out on CPU)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    if gpu and not torch.cuda.is_available():
+        print("bench_ops: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    if not gpu and args.device is None:
+        print("bench_ops: no CUDA device; this is a GPU harness. Run with --device cpu for a smoke test of the "
+              "harness at tiny shapes (its times mean nothing).", file=sys.stderr)
+        return 2
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    args.models = [m.strip() for m in args.models.split(",")] if args.models else list(
+        MODEL_SHAPES if gpu else CPU_SHAPES)
+    table = MODEL_SHAPES if gpu else CPU_SHAPES
+    bad = [s for s in args.sections if s not in ("ops", "attention", "long")] + [
+        m for m in args.models if m not in table]
+    args.backends = [b.strip() for b in args.backends.split(",")] if args.backends else (
+        ["torch", "triton", "cuda", "xformers", "sdpa"] if gpu else ["torch", "sdpa"])
+    bad += [b for b in args.backends if b not in ("torch", "triton", "cuda", "xformers", "sdpa")]
+    if bad:
+        print(f"bench_ops: unknown section/model/backend {bad}", file=sys.stderr)
+        return 2
+    args.batch = args.batch or (256 if gpu else 8)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 2)
+    args.reps = args.reps if args.reps is not None else (30 if gpu else 5)
+    out_dir = args.out or (os.path.join(os.path.dirname(os.path.abspath(__file__)), "results") if gpu else "bench-out")
+    dtype = _DTYPES[args.dtype]
+
+    env = _timing.environment(device, shlex.join(["python", "-m", "benchmarks.bench_ops", *argv]))
+    ceilings = {"copy": _timing.copy_bandwidth(device), "matmul": _timing.matmul_rate(device, torch.bfloat16)}
+    record = {"kind": "ops", "schema": 1, "env": env, "ceilings": ceilings,
+              "config": {"sections": args.sections, "models": args.models, "batch": args.batch,
+                         "dtype": args.dtype, "warmup": args.warmup, "reps": args.reps, "backends": args.backends,
+                         "mask_ratio": MASK_RATIO, "time_budget": args.time_budget},
+              "results": []}
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"ops-{_timing.slug(env['card'])}-{env['timestamp']}.json")
+
+    def save():
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+
+    progress = _timing.ProgressBar(_count_tasks(args, gpu), enabled=not args.quiet)
+    run_sections(args, device, dtype, ceilings, record, save, progress)
+    progress.close()
+    save()
+    print(render(record))
+    print(f"\nwrote {path}")
+    return 1 if any(r["status"] in ("error", "oom") for r in record["results"]) else 0
+
+
+def _count_tasks(args, gpu: bool) -> int:
+    n = 0
+    if "ops" in args.sections:
+        n += len(args.models) * len(DATA_OPS) * 2 * len([b for b in args.backends if b in ("torch", "triton", "cuda")])
+    att = len([b for b in args.backends if b in ("triton", "cuda", "xformers")])
+    sd = "sdpa" in args.backends
+    if "attention" in args.sections:
+        n += len(ATTENTION_SHAPES if gpu else CPU_ATTENTION_SHAPES) * 2 * (2 * att + (4 if sd else 0))
+    if "long" in args.sections:
+        n += len(LONG_SHAPES if gpu else CPU_LONG_SHAPES) * 2 * (2 * att + (3 if sd else 0))
+    return max(n, 1)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""Timing helpers shared by ``fastmae bench``, ``fastmae validate`` and ``benchmarks/bench_ops.py``.
+
+* :func:`time_calls`: per-call times in ms (CUDA events around each call, synchronised,
+  on a GPU; ``time.perf_counter`` on the CPU), after a warm-up;
+* :func:`matmul_rate` and :func:`copy_bandwidth`: the card's ceilings, measured in the
+  same run as the figures they are compared with;
+* :func:`environment`: what a record must carry to be reproducible (card, versions,
+  git commit, date, command line);
+* :class:`ProgressBar`: a dependency-free ``\\r`` bar on stderr.
+
+Nothing here imports triton.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+__all__ = [
+    "ProgressBar",
+    "synchronize",
+    "time_calls",
+    "median",
+    "matmul_rate",
+    "copy_bandwidth",
+    "card_name",
+    "slug",
+    "git_commit",
+    "environment",
+    "timestamp",
+]
+
+
+# --------------------------------------------------------------------------- progress
+class ProgressBar:
+    """A one-line progress bar on ``stream`` (stderr), redrawn with ``\\r``.
+
+    When the stream is not a terminal (a log file) it prints one plain line per
+    :meth:`start` instead, so logs stay readable.
+    """
+
+    def __init__(self, total: int, stream=None, width: int = 24, enabled: bool = True):
+        self.total = max(int(total), 1)
+        self.done = 0
+        self.stream = sys.stderr if stream is None else stream
+        self.width = width
+        self.enabled = enabled
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._label = ""
+        self._last = ""
+
+    def start(self, label: str) -> None:
+        """A new task begins (``label`` says what)."""
+        self._label = label
+        if not self.enabled:
+            return
+        if self.tty:
+            self._draw("")
+        else:
+            print(f"[{self.done + 1}/{self.total}] {label}", file=self.stream, flush=True)
+
+    def step(self, detail: str) -> None:
+        """Progress inside the current task (e.g. ``"step 3/20"``); drawn on a terminal only."""
+        if self.enabled and self.tty:
+            self._draw(detail)
+
+    def finish_task(self) -> None:
+        self.done = min(self.done + 1, self.total)
+        if self.enabled and self.tty:
+            self._draw("")
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self._last:
+            self.stream.write("\r" + " " * len(self._last) + "\r")
+            self.stream.flush()
+            self._last = ""
+
+    def _draw(self, detail: str) -> None:
+        filled = int(self.width * self.done / self.total)
+        bar = "#" * filled + "." * (self.width - filled)
+        line = f"[{bar}] {self.done}/{self.total} {self._label} {detail}".rstrip()
+        pad = max(len(self._last) - len(line), 0)
+        self.stream.write("\r" + line + " " * pad)
+        self.stream.flush()
+        self._last = line
+
+
+# --------------------------------------------------------------------------- timing
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device, iters: int, warmup: int = 0, args_cycle=None, on_call=None) -> list[float]:
+    """Call ``fn`` ``warmup`` times, then time ``iters`` calls; returns each call's time in ms.
+
+    On a CUDA device each call is bracketed by CUDA events and the device is synchronised
+    after it, so a time is the GPU time of one whole call; on the CPU it is wall clock.
+    ``args_cycle``: a list of argument tuples the calls rotate through (inputs rotated so
+    that a small working set is not served from L2); ``fn()`` is called without arguments
+    when it is None. ``on_call(i, n)`` is called after every call (progress bars).
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    sets = args_cycle or [()]
+    total = warmup + iters
+    k = 0
+    for i in range(warmup):
+        fn(*sets[k % len(sets)])
+        k += 1
+        if on_call is not None:
+            on_call(i + 1, total)
+    synchronize(device)
+    times = []
+    for i in range(iters):
+        args = sets[k % len(sets)]
+        k += 1
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(*args)
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append((time.perf_counter() - t0) * 1e3)
+        if on_call is not None:
+            on_call(warmup + i + 1, total)
+    return times
+
+
+def median(xs) -> float:
+    return float(statistics.median(xs))
+
+
+# --------------------------------------------------------------------------- ceilings
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def matmul_rate(device, dtype: torch.dtype = torch.bfloat16, n: int | None = None, iters: int = 10) -> dict:
+    """Measured dense matmul rate: an ``n x n x n`` product in ``dtype`` (median of ``iters``).
+
+    Default ``n``: 8192 on a GPU (the size whose rate is quoted as the card's ceiling),
+    1024 on the CPU (seconds, not minutes). Returns ``{"tflops", "n", "dtype", "ms"}``.
+    """
+    device = torch.device(device)
+    if n is None:
+        n = 8192 if device.type == "cuda" else 1024
+    if device.type == "cpu" and dtype is torch.float16:
+        dtype = torch.float32  # CPU fp16 matmul is emulated: not a ceiling worth quoting
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = median(time_calls(lambda: torch.mm(a, b), device, iters=iters if device.type == "cuda" else 3, warmup=2))
+    return {"tflops": 2 * n**3 / (ms * 1e-3) / 1e12, "n": n, "dtype": str(dtype).replace("torch.", ""), "ms": ms}
+
+
+def copy_bandwidth(device, nbytes: int | None = None, iters: int = 10) -> dict:
+    """Device-to-device copy bandwidth, counting bytes read + written (median of ``iters``).
+
+    Default buffer: 2 GiB on a GPU (far beyond any L2), 64 MiB on the CPU.
+    Returns ``{"gbps", "bytes", "ms"}``.
+    """
+    device = torch.device(device)
+    if nbytes is None:
+        nbytes = 2 * 2**30 if device.type == "cuda" else 64 * 2**20
+    a = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    b = torch.empty_like(a)
+    ms = median(time_calls(lambda: b.copy_(a), device, iters=iters, warmup=2))
+    return {"gbps": 2 * nbytes / (ms * 1e-3) / 1e9, "bytes": 2 * nbytes, "ms": ms}
+
+
+# --------------------------------------------------------------------------- environment
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def card_name(device) -> str:
+    """``"NVIDIA H200"`` for a GPU, ``"cpu: <model>"`` for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu: {_cpu_model()} ({os.cpu_count()} threads)"
+
+
+def slug(text: str) -> str:
+    """A file-name-safe lower-case form of ``text`` (``"NVIDIA H200"`` -> ``"nvidia-h200"``)."""
+    text = re.sub(r"\(.*?\)", "", text)
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s[:48] or "unknown"
+
+
+def git_commit() -> tuple[str, bool | None]:
+    """``(commit, dirty)`` of the checkout fastmae is imported from; ``("unknown", None)`` without git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+        return commit or "unknown", bool(status.strip())
+    except Exception:
+        return "unknown", None
+
+
+def timestamp(now: datetime.datetime | None = None) -> str:
+    """UTC time as used in record file names: ``20261128T073138Z``."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%SZ")
+
+
+def environment(device, command: str | None = None) -> dict:
+    """Everything a record needs to say where and how it was measured.
+
+    ``command``: the command line that produced the record (default: ``sys.argv``).
+    """
+    device = torch.device(device)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as e:  # not installed, or broken: say which
+        triton_version = f"unavailable ({type(e).__name__})"
+    commit, dirty = git_commit()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    env = {
+        "card": card_name(device),
+        "device": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "date": now.isoformat(timespec="seconds"),
+        "timestamp": timestamp(now),
+        "command": command if command is not None else shlex.join(sys.argv),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env["sm_count"] = props.multi_processor_count
+        env["capability"] = f"{props.major}.{props.minor}"
+        env["memory_gib"] = round(props.total_memory / 2**30, 1)
+        env["l2_bytes"] = getattr(props, "L2_cache_size", None)
+    return env
+
+
+def isfinite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# scripts/gpu_check.sh OUT_DIR -- everything fastmae needs a GPU for, in one time-boxed run.
+#
+# Made for a short GPU lease (15 minutes, no internet; torch and triton preinstalled): it
+# installs fastmae (pip install -e . --no-deps, no build isolation), runs the GPU tests
+# (pytest -m gpu) and the kernel test files, `fastmae validate`, the kernel
+# micro-benchmarks (benchmarks/bench_ops.py) and `fastmae bench` (its default GPU
+# configuration), each under `timeout`, the whole within ~9 minutes. Everything is written
+# under OUT_DIR:
+#
+#   OUT_DIR/env.txt          nvidia-smi, python, torch, triton
+#   OUT_DIR/logs/<step>.log  the full output of each step
+#   OUT_DIR/bench/           fastmae bench: JSON, CSV (and PNG when matplotlib is there)
+#   OUT_DIR/ops/             bench_ops JSON record
+#   OUT_DIR/validate/        fastmae validate JSON record
+#   OUT_DIR/records/         copies of every JSON record: copy these into benchmarks/results/
+#                            and run `python -m benchmarks.make_results`
+#
+# A summary table comes last. Exit status: 0 when every step passed, else 1.
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 540 seconds),
+# GPU_CHECK_SKIP_INSTALL=1 to use the checkout as it is (PYTHONPATH) without pip.
+set -u
+
+if [ $# -ne 1 ]; then
+    echo "usage: scripts/gpu_check.sh OUT_DIR" >&2
+    exit 2
+fi
+PY=${PYTHON:-python3}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+mkdir -p "$OUT/logs" "$OUT/bench" "$OUT/ops" "$OUT/validate" "$OUT/records"
+cd "$REPO" || exit 2
+# fastmae imports from the checkout even if the editable install below fails
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+START=$(date +%s)
+DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-540}))
+RESERVE=15            # seconds kept for collecting records and the summary
+SUMMARY=()
+FAILED=0
+
+left() { echo $((DEADLINE - $(date +%s) - RESERVE)); }
+
+# step NAME MAX_SECONDS CMD... : run CMD under timeout (MAX_SECONDS, or less when the
+# deadline is nearer), log to OUT/logs/NAME.log, show its tail, record the outcome.
+step() {
+    local name=$1 max=$2
+    shift 2
+    local t
+    t=$(left)
+    ((t > max)) && t=$max
+    if ((t < 10)); then
+        echo "== $name: skipped, no time left"
+        SUMMARY+=("$name|skipped (no time left)|0")
+        FAILED=1
+        return
+    fi
+    echo "== $name (timeout ${t}s): $*"
+    local t0 rc status
+    t0=$(date +%s)
+    timeout -k 5 "$t" "$@" >"$OUT/logs/$name.log" 2>&1
+    rc=$?
+    if ((rc == 0)); then
+        status=ok
+    elif ((rc == 124 || rc == 137)); then
+        status="TIMEOUT after ${t}s"
+        FAILED=1
+    else
+        status="FAILED (exit $rc)"
+        FAILED=1
+    fi
+    tail -n 30 "$OUT/logs/$name.log"
+    SUMMARY+=("$name|$status|$(($(date +%s) - t0))")
+}
+
+# --------------------------------------------------------------------------- environment
+{
+    date -u
+    nvidia-smi 2>&1 | head -20
+    "$PY" -c 'import sys, torch; print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available()); print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)' 2>&1
+    "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1
+    "$PY" -c 'import pytest; print("pytest", pytest.__version__)' 2>&1
+    "$PY" -c 'import matplotlib; print("matplotlib", matplotlib.__version__)' 2>&1
+    git -C "$REPO" rev-parse HEAD 2>&1
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# --------------------------------------------------------------------------- steps
+if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
+    step install 60 "$PY" -m pip install -e . --no-deps --no-build-isolation --no-input
+fi
+
+if "$PY" -c 'import pytest' 2>/dev/null; then
+    # addopts is cleared: it names pytest-benchmark's --benchmark-disable, which may not be installed here
+    PYTEST=("$PY" -m pytest -o addopts= -p no:cacheprovider -ra)
+    step gpu_tests 70 "${PYTEST[@]}" -m gpu -x -q tests
+    mapfile -t KERNEL_TESTS < <(ls tests/test_kernel_*.py 2>/dev/null)
+    if ((${#KERNEL_TESTS[@]})); then
+        step kernel_tests 70 "${PYTEST[@]}" -q -m "not gpu" "${KERNEL_TESTS[@]}"
+    else
+        SUMMARY+=("kernel_tests|skipped (no tests/test_kernel_*.py)|0")
+    fi
+else
+    SUMMARY+=("gpu_tests|skipped (pytest not installed)|0" "kernel_tests|skipped (pytest not installed)|0")
+    FAILED=1
+fi
+
+step validate 90 "$PY" -m fastmae validate --quiet --out "$OUT/validate" --time-budget 70
+
+# the harnesses stop starting new measurements at their budget and keep what they measured
+B=$(($(left) - 170))
+((B > 80)) && B=80
+((B < 20)) && B=20
+step bench_ops 100 "$PY" -m benchmarks.bench_ops --quiet --out "$OUT/ops" --time-budget "$B"
+
+B=$(($(left) - 30))
+((B > 120)) && B=120
+((B < 20)) && B=20
+step bench 150 "$PY" -m fastmae bench --quiet --out "$OUT/bench" --time-budget "$B"
+
+# --------------------------------------------------------------------------- records
+cp "$OUT"/bench/*.json "$OUT"/ops/*.json "$OUT"/validate/*.json "$OUT/records/" 2>/dev/null
+
+# --------------------------------------------------------------------------- summary
+echo
+echo "================ gpu_check summary ($(($(date +%s) - START)) s, records in $OUT/records) ================"
+printf '%-14s %-28s %6s\n' step result seconds
+for row in "${SUMMARY[@]}"; do
+    IFS='|' read -r name status secs <<<"$row"
+    printf '%-14s %-28s %6s\n' "$name" "$status" "$secs"
+done
+"$PY" - "$OUT/records" <<'EOF' 2>&1
+import glob, json, os, sys
+
+recs = []
+for p in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
+    try:
+        recs.append(json.load(open(p)))
+    except Exception as e:
+        print(f"unreadable record {p}: {e}")
+for r in recs:
+    if r.get("kind") == "validate":
+        checks = r.get("checks", [])
+        ran = [c for c in checks if c.get("oracle") not in ("skip", "not run")]
+        bad = [c for c in ran if not c.get("passed")]
+        print(f"\nvalidate: {len(ran)} checks, {len(bad)} failed")
+        for c in bad[:10]:
+            print(f"  FAIL {c['op']} {c['backend']} {c['dtype']} {c['shape']} {c['quantity']} {c['detail']}")
+        late = [c for c in checks if c.get("oracle") == "not run"]
+        if late:
+            print(f"  {len(late)} cases not run (time budget)")
+    elif r.get("kind") == "ops":
+        res = r.get("results", [])
+        ok = [x for x in res if x.get("status") == "ok"]
+        print(f"\nbench_ops: {len(ok)} of {len(res)} measurements ok (copy {r['ceilings']['copy']['gbps']:.0f} GB/s, "
+              f"matmul {r['ceilings']['matmul']['tflops']:.0f} TFLOP/s)")
+        for x in ok:
+            if x["section"] == "ops" and x["shape_label"] == "vit_b16" and x["direction"] == "fwd+bwd":
+                print(f"  {x['op']:18s} {x['backend']:7s} fwd+bwd {x['ms']:8.3f} ms  {x['x_floor']:6.1f}x floor")
+    elif r.get("kind") == "bench":
+        print(f"\nbench on {r['env']['card']} ({r['config']['dtype']}):")
+        print(f"  {'model':8s} {'batch':>5s} {'mask':>5s} {'backend':8s} {'encoder':12s} {'img/s':>9s} {'ms/step':>8s} {'GiB':>6s}")
+        for x in r.get("results", []):
+            if x["status"] == "ok":
+                print(f"  {x['model']:8s} {x['batch_size']:5d} {x['mask_ratio']:5.2f} {x['backend']:8s} {x['encoder']:12s} "
+                      f"{x['images_per_s']:9.1f} {x['ms_per_step']:8.2f} {x['peak_mem_gib'] or 0:6.1f}")
+            else:
+                print(f"  {x['model']:8s} {x['batch_size']:5d} {x['mask_ratio']:5.2f} {x['backend']:8s} {x['encoder']:12s} "
+                      f"{x['status']}: {x['reason'][:70]}")
+        for e in r.get("encoder_only_speedup", []):
+            print(f"  encoder-only speedup {e['model']} {e['backend']}: {e['encoder_only_speedup']:.2f}x")
+        for s in r.get("speedup_vs_stock", []):
+            print(f"  {s['backend']} vs stock {s['model']} {s['encoder']}: {s['speedup_vs_stock']:.2f}x")
+EOF
+exit $FAILED

@@ -1,0 +1,226 @@
+"""The ``fastmae`` command on the CPU: ``bench`` with no arguments, ``validate``, and their failure paths.
+
+Everything runs in-process through :func:`fastmae.cli.main` (one subprocess checks
+``python -m fastmae``). Under the test suite TRITON_INTERPRET=1 is set (conftest), so
+``validate`` includes the Triton kernels through the interpreter; shapes are kept small.
+"""
+
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastmae.ops
+from fastmae import reference
+from fastmae.backend import BackendUnavailableError
+from fastmae.cli import main
+from fastmae.validate import OPS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _one(pattern):
+    files = glob.glob(pattern)
+    assert len(files) == 1, files
+    return files[0]
+
+
+# ---------------------------------------------------------------------------- bench
+def test_bench_no_arguments_on_cpu_writes_json_csv_png(tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("the no-argument run is the GPU configuration here (minutes)")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench"]) == 0
+    out = capsys.readouterr().out
+    # the table, the encoder-only speedup and the CPU note are on the terminal
+    assert "img/s" in out and "encoder-only speedup" in out and "stock backend only" in out
+
+    rec = json.load(open(_one(str(tmp_path / "bench-out" / "bench-*.json"))))
+    assert rec["kind"] == "bench" and rec["env"]["device"] == "cpu"
+    for key in ("card", "torch", "triton", "git_commit", "date", "command"):
+        assert rec["env"][key], key
+    assert rec["env"]["command"] == "fastmae bench"
+    assert rec["config"]["models"] == ["tiny"] and rec["config"]["backends"] == ["torch"]
+    assert rec["config"]["dtype"] == "fp32"
+    res = rec["results"]
+    assert {(r["backend"], r["encoder"]) for r in res} == {("torch", "visible"), ("torch", "mask_tokens")}
+    for r in res:
+        assert r["status"] == "ok", r
+        assert len(r["ms_all"]) == rec["config"]["steps"]
+        assert r["ms_per_step"] > 0 and r["images_per_s"] == pytest.approx(r["batch_size"] / r["ms_per_step"] * 1e3)
+        assert r["peak_mem_gib"] is None  # n/a on the CPU
+        assert r["mfu"] == pytest.approx(r["tflops"] / rec["ceilings"]["matmul"]["tflops"])
+        assert r["loss"] == r["loss"]  # finite loss, not NaN
+    vis, mt = sorted(res, key=lambda r: r["encoder"] != "visible")
+    assert mt["gflop_per_image"] > vis["gflop_per_image"]  # the mask-token encoder runs on all tokens
+    (enc,) = rec["encoder_only_speedup"]
+    assert enc["encoder_only_speedup"] == pytest.approx(mt["ms_per_step"] / vis["ms_per_step"])
+
+    with open(_one(str(tmp_path / "bench-out" / "bench-*.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {r["status"] for r in rows} == {"ok"}
+    assert all(r["git_commit"] == rec["env"]["git_commit"] and r["card"] == rec["env"]["card"] for r in rows)
+    pngs = glob.glob(str(tmp_path / "bench-out" / "bench-*.png"))
+    try:
+        import matplotlib  # noqa: F401
+
+        assert len(pngs) == 1 and open(pngs[0], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    except ImportError:
+        assert not pngs and "matplotlib is not installed" in out
+
+
+def _small_bench(tmp_path, *extra):
+    return main(["bench", "--out", str(tmp_path), "--steps", "1", "--warmup", "1", "--no-plot", "--quiet", *extra])
+
+
+def test_bench_reports_unavailable_backends(tmp_path, monkeypatch, capsys):
+    # the CUDA extension is not built; a Triton kernel module that does not import is the other case
+    impls = dict(fastmae.ops._IMPLS)
+    impls["encoder_input"] = {"triton": "fastmae.kernels.no_such_module:encoder_input"}
+    monkeypatch.setattr(fastmae.ops, "_IMPLS", impls)
+    rc = _small_bench(tmp_path, "--device", "cpu", "--backends", "torch,triton,cuda", "--encoder", "visible")
+    assert rc == 0
+    out = capsys.readouterr().out
+    rec = json.load(open(_one(str(tmp_path / "bench-*.json"))))
+    status = {r["backend"]: (r["status"], r["reason"]) for r in rec["results"]}
+    assert status["torch"][0] == "ok"
+    assert status["cuda"][0] == "unavailable" and "fastmae._C" in status["cuda"][1]
+    assert status["triton"][0] == "unavailable"
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        assert "no_such_module" in status["triton"][1]
+    assert "unavailable: " in out
+
+
+def test_bench_error_in_a_configuration_is_reported_and_fails(tmp_path, monkeypatch, capsys):
+    import fastmae.bench
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(fastmae.bench, "build_model", broken)
+    assert _small_bench(tmp_path, "--device", "cpu", "--encoder", "visible") == 1
+    rec = json.load(open(_one(str(tmp_path / "bench-*.json"))))
+    (r,) = rec["results"]
+    assert r["status"] == "error" and "kernel exploded" in r["reason"] and r["ms_per_step"] is None
+    assert "error: RuntimeError: kernel exploded" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ratios", ["0.95", "0.3", "0.5..0.95", "abc"])
+def test_bench_rejects_bad_mask_ratios(tmp_path, ratios, capsys):
+    assert _small_bench(tmp_path, "--mask-ratios", ratios) == 2
+    assert "mask ratio" in capsys.readouterr().err
+
+
+def test_bench_rejects_unknown_model_and_backend(tmp_path, capsys):
+    assert _small_bench(tmp_path, "--models", "vit_x") == 2
+    assert _small_bench(tmp_path, "--backends", "torch,tpu") == 2
+    err = capsys.readouterr().err
+    assert "vit_x" in err and "tpu" in err
+
+
+def test_bench_time_budget_skips_the_rest(tmp_path):
+    assert _small_bench(tmp_path, "--device", "cpu", "--time-budget", "0") == 0
+    rec = json.load(open(_one(str(tmp_path / "bench-*.json"))))
+    assert {r["status"] for r in rec["results"]} == {"skipped"}
+
+
+# ---------------------------------------------------------------------------- validate
+def test_validate_on_cpu_exits_0_and_lists_every_op(tmp_path, capsys):
+    path = tmp_path / "v.json"
+    assert main(["validate", "--quick", "--quiet", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    for op in OPS:
+        assert op in out
+    rec = json.load(open(path))
+    assert rec["kind"] == "validate" and rec["passed"] is True
+    checks = rec["checks"]
+    by = {(c["op"], c["backend"]) for c in checks if c["oracle"] != "skip"}
+    for op in OPS:
+        assert (op, "torch") in by  # the reference backend always runs
+    assert ("attention", "sdpa") in by
+    # backends that cannot run are listed as skipped with a reason, not silently dropped
+    skipped = {(c["op"], c["backend"]): c["detail"] for c in checks if c["oracle"] == "skip"}
+    assert all(skipped[(op, "cuda")] for op in OPS)
+    for op in OPS:  # the Triton kernels (through the interpreter here) ran, or say why not
+        assert (op, "triton") in by or skipped[(op, "triton")]
+    assert all(c["passed"] for c in checks)
+    oracles = {c["op"]: set() for c in checks}
+    for c in checks:
+        if c["oracle"] != "skip":
+            oracles[c["op"]].add(c["oracle"])
+    assert oracles["patchify"] == {"exact"}
+    assert "invariants" in oracles["random_masking"]
+    assert oracles["attention"] == {"2x"}
+    assert "rel" in oracles["mae_loss"]
+
+
+def _fake_triton(monkeypatch, impls):
+    """Route backend="triton" of the ops in ``impls`` to the given functions."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") and not torch.cuda.is_available():
+        pytest.skip("the triton backend cannot run here")
+    pytest.importorskip("triton")
+    real = fastmae.ops._impl
+    monkeypatch.setattr(fastmae.ops, "_impl", lambda op, b: impls[op] if op in impls else real(op, b))
+
+
+def test_validate_fails_on_a_wrong_forward(monkeypatch, capsys):
+    _fake_triton(monkeypatch, {"patchify": lambda imgs, p: reference.patchify(imgs, p).roll(1, dims=-1)})
+    assert main(["validate", "--quick", "--quiet", "--ops", "patchify", "--backends", "triton"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "patchify [triton" in out and "out: exact" in out
+
+
+def test_validate_fails_on_a_wrong_gradient(monkeypatch, capsys):
+    def grad_off_by_a_thousandth(imgs, p):
+        x = reference.patchify(imgs, p)
+        return x + (x * 1e-3 - (x * 1e-3).detach())  # forward bit-exact, gradient scaled by 1.001
+
+    _fake_triton(monkeypatch, {"patchify": grad_off_by_a_thousandth})
+    assert main(["validate", "--quick", "--quiet", "--ops", "patchify", "--backends", "triton"]) == 1
+    out = capsys.readouterr().out
+    assert "grad imgs: exact" in out and "out: exact" not in out
+
+
+def test_validate_fails_on_inaccurate_attention(monkeypatch, capsys):
+    def noisy(qkv, scale=None):
+        out = reference.attention_qkvpacked(qkv, scale)
+        return out + 1e-3 * torch.randn_like(out)  # fp32: far above 2x PyTorch's own error
+
+    _fake_triton(monkeypatch, {"attention_qkvpacked": noisy})
+    assert main(["validate", "--quick", "--quiet", "--ops", "attention_qkvpacked", "--backends", "triton"]) == 1
+    assert "out: 2x" in capsys.readouterr().out
+
+
+def test_validate_skips_an_unavailable_backend(monkeypatch, capsys):
+    def missing(*args, **kwargs):
+        raise BackendUnavailableError("fastmae.kernels.loss is not there")
+
+    _fake_triton(monkeypatch, {"mae_loss": missing})
+    assert main(["validate", "--quick", "--quiet", "--ops", "mae_loss", "--backends", "torch,triton"]) == 0
+    out = capsys.readouterr().out
+    assert "skip" in out and "fastmae.kernels.loss is not there" in out
+
+
+def test_validate_rejects_unknown_names(capsys):
+    assert main(["validate", "--ops", "nope"]) == 2
+    assert main(["validate", "--backends", "tpu"]) == 2
+    assert main(["validate", "--dtypes", "fp8"]) == 2
+
+
+def test_python_m_fastmae(tmp_path):
+    """``python -m fastmae`` is the same command (and its exit status comes through)."""
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "fastmae", "validate", "--quick", "--quiet", "--ops", "patchify",
+                        "--backends", "torch", "--device", "cpu"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "patchify" in r.stdout and "pass" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "fastmae"], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode == 2 and "bench" in r.stdout and "validate" in r.stdout
