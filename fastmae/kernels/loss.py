@@ -64,7 +64,7 @@ def _load_target(
 ):
     """The float32 target tile (BLOCK_M, BLOCK_P) of patches (n, l) gathered from imgs,
     normalised per patch when NORM_PIX; padding lanes and invalid rows are 0."""
-    P: tl.constexpr = PATCH * PATCH * C
+    P = PATCH * PATCH * C
     d = tl.arange(0, BLOCK_P)
     r = d // (PATCH * C)
     q = (d // C) % PATCH
@@ -131,7 +131,7 @@ def _mae_loss_fwd_kernel(
         BLOCK_P: power of two >= P.
     Grid: (cdiv(M, BLOCK_M),).
     """
-    P: tl.constexpr = PATCH * PATCH * C
+    P = PATCH * PATCH * C
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < M
@@ -210,7 +210,7 @@ def _mae_loss_bwd_kernel(
         The others: as in _mae_loss_fwd_kernel.
     Grid: (cdiv(M, BLOCK_M),).
     """
-    P: tl.constexpr = PATCH * PATCH * C
+    P = PATCH * PATCH * C
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < M

@@ -79,7 +79,7 @@ def _patchify_kernel(
         BLOCK: elements per program.
     Grid: (N * h, cdiv(w * D, BLOCK)).
     """
-    D: tl.constexpr = PATCH * PATCH * C
+    D = PATCH * PATCH * C  # constexpr: the divisions below are multiply-shifts
     pid_row = tl.program_id(0)  # n * h + i
     pid_blk = tl.program_id(1)
     n = pid_row // h
