@@ -105,7 +105,7 @@ def check_unpatchify(x, patch_size, grid_size=None) -> tuple[int, int]:
     if D % (patch_size * patch_size):
         raise ValueError(f"x's last dim {D} is not a multiple of patch_size**2 = {patch_size**2}")
     if grid_size is None:
-        h = w = math.isqrt(L)
+        h = w = int(L**0.5 + 0.5)  # exact for perfect squares; math.isqrt breaks dynamic-shape tracing
         if h * w != L:
             raise ValueError(f"x has L={L} tokens, not a square grid; pass grid_size=(h, w)")
         return h, w
