@@ -26,7 +26,10 @@ import time
 
 import torch
 
+from ._library import interpreting
+
 __all__ = [
+    "interpreting",
     "ProgressBar",
     "synchronize",
     "time_calls",
@@ -257,7 +260,7 @@ def environment(device, command: str | None = None) -> dict:
         "date": now.isoformat(timespec="seconds"),
         "timestamp": timestamp(now),
         "command": command if command is not None else shlex.join(sys.argv),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        "triton_interpret": interpreting(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)

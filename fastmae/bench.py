@@ -377,12 +377,12 @@ def render(record: dict) -> str:
             rows.append([r["model"], r["batch_size"], f"{r['mask_ratio']:g}", r["backend"],
                          r["encoder"].replace("_", " "), num(r["images_per_s"]), num(r["ms_per_step"]),
                          num(r["peak_mem_gib"]), num(r["gflop_per_image"]), num(r["tflops"]),
-                         "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"])
+                         "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", ""])
         else:
             rows.append([r["model"], r["batch_size"], f"{r['mask_ratio']:g}", r["backend"],
-                         r["encoder"].replace("_", " "), f"{r['status']}: {r['reason']}", "", "", "", "", ""])
+                         r["encoder"].replace("_", " "), r["status"], "", "", "", "", "", r["reason"]])
     out.append(format_table(["model", "batch", "mask", "backend", "encoder", "img/s", "ms/step", "peak GiB",
-                             "GFLOP/img", "TFLOP/s", "MFU"], rows, right={1, 2, 5, 6, 7, 8, 9, 10}))
+                             "GFLOP/img", "TFLOP/s", "MFU", "note"], rows, right={1, 2, 5, 6, 7, 8, 9, 10}))
     enc, stock = record["encoder_only_speedup"], record["speedup_vs_stock"]
     if enc:
         out += ["", "encoder-only speedup (step time with mask tokens in the encoder / visible tokens only):"]
@@ -507,6 +507,9 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         notes.append("no CUDA device: the small CPU configuration, stock backend only. The triton backend runs "
                      "on CPU only through the Triton interpreter (TRITON_INTERPRET=1), far too slow to time; "
                      "ask for it with --backends torch,triton")
+    if not gpu and "triton" in backends and _timing.interpreting():
+        notes.append("the triton backend runs through the Triton interpreter here (TRITON_INTERPRET=1): "
+                     "its times say nothing about the kernels")
     dtype_name = args.dtype or ("bf16" if gpu else "fp32")
     dtype = _DTYPES[dtype_name]
     steps = args.steps if args.steps is not None else (20 if gpu else 5)

@@ -94,7 +94,7 @@ fi
 
 if "$PY" -c 'import pytest' 2>/dev/null; then
     # addopts is cleared: it names pytest-benchmark's --benchmark-disable, which may not be installed here
-    PYTEST=("$PY" -m pytest -o addopts= -p no:cacheprovider -ra)
+    PYTEST=("$PY" -m pytest -o addopts= -p no:cacheprovider -ra --durations=8)
     step gpu_tests 70 "${PYTEST[@]}" -m gpu -x -q tests
     mapfile -t KERNEL_TESTS < <(ls tests/test_kernel_*.py 2>/dev/null)
     if ((${#KERNEL_TESTS[@]})); then

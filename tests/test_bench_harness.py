@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -270,3 +271,33 @@ def test_committed_results_md_is_generated_from_the_committed_records():
     r = _make_results(os.path.join(REPO, "benchmarks", "results"), os.path.join(REPO, "benchmarks", "RESULTS.md"),
                       "--check")
     assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+def test_cuda_event_times_agree_with_wall_clock():
+    a = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    times = _timing.time_calls(lambda: a @ a, "cuda", iters=10, warmup=2)
+    wall = (time.perf_counter() - t0) * 1e3
+    assert len(times) == 10 and all(t > 0 for t in times)
+    assert sum(times) <= wall  # each event pair brackets GPU time inside the wall-clock window
+    assert _timing.median(times) > 0.2 * wall / 12  # and is not a launch-time artefact
+
+
+@pytest.mark.gpu
+def test_bench_ops_gpu_quick(tmp_path):
+    rc = bench_ops.main(["--out", str(tmp_path), "--quiet", "--sections", "ops,attention", "--models", "vit_b16",
+                         "--batch", "8", "--attention-batch", "2", "--reps", "3", "--warmup", "1",
+                         "--backends", "torch,triton,sdpa"])
+    (path,) = tmp_path.glob("ops-*.json")
+    rec = json.load(open(path))
+    assert rc == 0, [(r["op"], r["backend"], r["reason"]) for r in rec["results"] if r["status"] != "ok"]
+    assert rec["env"]["device"] == "cuda" and rec["ceilings"]["copy"]["gbps"] > 0
+    ok = {(r["op"], r["backend"], r["direction"]) for r in rec["results"] if r["status"] == "ok"}
+    for op in bench_ops.DATA_OPS:
+        for b in ("torch", "triton"):
+            assert (op, b, "fwd+bwd") in ok
+    assert ("attention_qkvpacked", "triton", "fwd+bwd") in ok
+    assert ("attention_qkvpacked", "sdpa:math", "fwd+bwd") in ok
