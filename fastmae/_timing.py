@@ -213,7 +213,11 @@ def slug(text: str) -> str:
 
 
 def git_commit() -> tuple[str, bool | None]:
-    """``(commit, dirty)`` of the checkout fastmae is imported from; ``("unknown", None)`` without git."""
+    """``(commit, dirty)`` of the checkout fastmae is imported from.
+
+    Without git (e.g. a copied tree with no ``.git``) the commit is ``$FASTMAE_GIT_COMMIT``
+    when set, else ``"unknown"``, and ``dirty`` is None.
+    """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(
@@ -223,9 +227,11 @@ def git_commit() -> tuple[str, bool | None]:
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=root, capture_output=True, text=True, timeout=10, check=True,
         ).stdout
-        return commit or "unknown", bool(status.strip())
+        if commit:
+            return commit, bool(status.strip())
     except Exception:
-        return "unknown", None
+        pass
+    return os.environ.get("FASTMAE_GIT_COMMIT", "").strip() or "unknown", None
 
 
 def timestamp(now: datetime.datetime | None = None) -> str:

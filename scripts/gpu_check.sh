@@ -17,6 +17,8 @@
 #                            and run `python -m benchmarks.make_results`
 #
 # A summary table comes last. Exit status: 0 when every step passed, else 1.
+# Records carry the git commit (git rev-parse); in a copied tree without .git pass it as
+# FASTMAE_GIT_COMMIT=<hash>, or the records say "unknown".
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 540 seconds),
 # GPU_CHECK_SKIP_INSTALL=1 to use the checkout as it is (PYTHONPATH) without pip.
 set -u
@@ -83,7 +85,7 @@ step() {
     "$PY" -c 'import triton; print("triton", triton.__version__)' 2>&1
     "$PY" -c 'import pytest; print("pytest", pytest.__version__)' 2>&1
     "$PY" -c 'import matplotlib; print("matplotlib", matplotlib.__version__)' 2>&1
-    git -C "$REPO" rev-parse HEAD 2>&1
+    echo "commit: $(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo "${FASTMAE_GIT_COMMIT:-unknown} (no git)")"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 

@@ -133,6 +133,17 @@ def test_environment_and_slug():
     assert _timing.slug("cpu: Intel(R) Xeon(R) Processor (2 threads)") == "cpu-intel-xeon-processor"
 
 
+def test_git_commit_without_git(monkeypatch):
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(_timing.subprocess, "run", no_git)
+    monkeypatch.delenv("FASTMAE_GIT_COMMIT", raising=False)
+    assert _timing.git_commit() == ("unknown", None)
+    monkeypatch.setenv("FASTMAE_GIT_COMMIT", "a" * 40)
+    assert _timing.git_commit() == ("a" * 40, None)
+
+
 class _Tty(io.StringIO):
     def isatty(self):
         return True
