@@ -89,8 +89,12 @@ def test_two_x_tolerance_is_twice_pytorch_error_plus_rounding():
     r = ref64.to(torch.bfloat16)
     s = 0.3 * ref64.abs().max().item()
     rounding = ((r + s) - s - r).abs().max().item()
-    assert tol == pytest.approx(2 * err_t + 2 * rounding)
+    assert tol == pytest.approx(2 * err_t + 2 * rounding)  # bf16: the rounding slack dominates the floor
     assert rounding > 0
+    # fp32, PyTorch exact: the fp32 accumulation floor, relative to the tensor's magnitude
+    tol32 = two_x_tolerance(ref64 * 1e-7, (ref64 * 1e-7).float(), torch.float32)
+    assert tol32 == pytest.approx(2 * ((ref64 * 1e-7).float().double() - ref64 * 1e-7).abs().max().item()
+                                  + 1e-5 * 1e-7 * ref64.abs().max().item())
     # the largest error of several PyTorch implementations counts
     worse = (ref64 + 1e-2 * torch.randn_like(ref64)).to(torch.bfloat16)
     assert two_x_tolerance(ref64, [lowp, worse], torch.bfloat16) > tol
