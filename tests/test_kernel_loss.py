@@ -206,6 +206,32 @@ def test_opcheck(kernel_device, norm):
     )
 
 
+@pytest.mark.parametrize("norm", [False, True])
+def test_kept_patches_are_not_read(kernel_device, norm):
+    # Patches with mask 0 add loss * 0: the kernels skip their bytes, so NaN/inf there
+    # changes nothing (the reference, which multiplies, would give NaN), and their
+    # gradient is exactly zero. Compared with the reference on the same inputs with those
+    # patches made finite (any finite values give the reference the same result).
+    N, C, H, W, p = 2, 3, 14, 14, 2
+    imgs, pred, mask = _inputs(N, C, H, W, p, kernel_device)
+    kept = mask == 0
+    assert kept.any() and (~kept).any()
+    bad_pred = pred.clone()
+    bad_pred[kept] = float("nan")
+    pix_kept = ref.unpatchify(kept[..., None].expand(-1, -1, p * p * C).float(), p).bool()  # (N, C, H, W)
+    bad_imgs = imgs.masked_fill(pix_kept, float("inf"))
+    bad_pred.requires_grad_(True)
+    out = K.mae_loss(bad_imgs, bad_pred, mask, p, norm)
+    pred_ref = pred.clone().requires_grad_(True)
+    want = ref.mae_loss(imgs, pred_ref, mask, p, norm)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=0)
+    g = torch.rand((), device=kernel_device) + 0.5
+    out.backward(g)
+    want.backward(g)
+    assert torch.equal(bad_pred.grad[kept], torch.zeros_like(bad_pred.grad[kept]))
+    torch.testing.assert_close(bad_pred.grad, pred_ref.grad, **_grad_tols(imgs, mask, p, norm, g, pred_ref.grad))
+
+
 def test_torch_compile_fullgraph(kernel_device):
     p = 2
 

@@ -9,6 +9,11 @@ Forward, ``P = p*p*C`` values per patch, ``M = N*L`` patches (rows):
 1. Each program owns ``BLOCK_M`` consecutive rows and holds them as a
    ``(BLOCK_M, BLOCK_P)`` tile, ``BLOCK_P = next_power_of_two(P)`` with the padding
    lanes masked off (P = 768 for p=16, C=3 and 588 for p=14 are not powers of two).
+   It loads the rows' mask values first and reads pixels and predictions only for rows
+   with ``mask_m != 0``: a kept patch (mask 0, a quarter of them in MAE) contributes
+   ``loss_m * 0 = 0`` whatever it holds, so its bytes are never fetched. (Unlike the
+   reference, where ``0 * inf`` is NaN, non-finite values in kept patches therefore do not
+   reach the loss or the gradient.)
    Row ``m = n*L + l`` is patch ``(i, j) = (l // w, l % w)`` of image ``n``; its element
    ``d`` is ``imgs[n, c, i*p + r, j*p + q]`` with ``r = d // (p*C)``, ``q = (d // C) % p``,
    ``c = d % C`` (see :mod:`fastmae.kernels.patchify`): the target is gathered straight
@@ -21,7 +26,8 @@ Forward, ``P = p*p*C`` values per patch, ``M = N*L`` patches (rows):
    and divides. No atomics, so the loss is bitwise deterministic.
 
 Backward (w.r.t. ``pred`` only; ``imgs`` and ``mask`` get no gradient, as in MAE where
-they are data): the same tile recomputes the target and writes
+they are data): the same tile recomputes the target (again only for rows with
+``mask_m != 0``; the others get zeros without reading anything) and writes
 
     d pred[m, d] = grad_out * mask_m * 2 * (pred[m, d] - t[m, d]) / (P * sum(mask))
 
@@ -63,7 +69,8 @@ def _load_target(
     NORM_PIX: tl.constexpr,
 ):
     """The float32 target tile (BLOCK_M, BLOCK_P) of patches (n, l) gathered from imgs,
-    normalised per patch when NORM_PIX; padding lanes and invalid rows are 0."""
+    normalised per patch when NORM_PIX; padding lanes and rows not in ``row_valid`` are 0
+    (and not read)."""
     P = PATCH * PATCH * C
     d = tl.arange(0, BLOCK_P)
     r = d // (PATCH * C)
@@ -137,17 +144,17 @@ def _mae_loss_fwd_kernel(
     row_valid = rows < M
     n = rows // L
     l = rows % L
-    t = _load_target(
-        imgs_ptr, n, l, w, row_valid, stride_in, stride_ic, stride_ih, stride_iw, PATCH, C, BLOCK_P, NORM_PIX
-    )
+    m = tl.load(mask_ptr + n.to(tl.int64) * stride_mn + l * stride_ml, mask=row_valid, other=0).to(tl.float32)
+    # Rows with mask 0 add loss * 0 = 0: their pixels and predictions are not read.
+    live = row_valid & (m != 0.0)
+    t = _load_target(imgs_ptr, n, l, w, live, stride_in, stride_ic, stride_ih, stride_iw, PATCH, C, BLOCK_P, NORM_PIX)
 
     d = tl.arange(0, BLOCK_P)
-    valid = row_valid[:, None] & (d < P)[None, :]
+    valid = live[:, None] & (d < P)[None, :]
     p_offs = n.to(tl.int64)[:, None] * stride_pn + l[:, None] * stride_pl + d[None, :] * stride_pd
     x = tl.load(pred_ptr + p_offs, mask=valid, other=0.0).to(tl.float32)
     err = tl.where(valid, x - t, 0.0)
     loss = tl.sum(err * err, axis=1) / P  # per-patch mean squared error
-    m = tl.load(mask_ptr + n.to(tl.int64) * stride_mn + l * stride_ml, mask=row_valid, other=0).to(tl.float32)
 
     num_programs = tl.num_programs(0)
     tl.store(partial_ptr + pid, tl.sum(loss * m, axis=0))
@@ -216,15 +223,15 @@ def _mae_loss_bwd_kernel(
     row_valid = rows < M
     n = rows // L
     l = rows % L
-    t = _load_target(
-        imgs_ptr, n, l, w, row_valid, stride_in, stride_ic, stride_ih, stride_iw, PATCH, C, BLOCK_P, NORM_PIX
-    )
+    m = tl.load(mask_ptr + n.to(tl.int64) * stride_mn + l * stride_ml, mask=row_valid, other=0).to(tl.float32)
+    # Rows with mask 0 get a zero gradient: nothing of theirs is read (x = t = 0 there).
+    live = row_valid & (m != 0.0)
+    t = _load_target(imgs_ptr, n, l, w, live, stride_in, stride_ic, stride_ih, stride_iw, PATCH, C, BLOCK_P, NORM_PIX)
 
     d = tl.arange(0, BLOCK_P)
     valid = row_valid[:, None] & (d < P)[None, :]
     p_offs = n.to(tl.int64)[:, None] * stride_pn + l[:, None] * stride_pl + d[None, :] * stride_pd
-    x = tl.load(pred_ptr + p_offs, mask=valid, other=0.0).to(tl.float32)
-    m = tl.load(mask_ptr + n.to(tl.int64) * stride_mn + l * stride_ml, mask=row_valid, other=0).to(tl.float32)
+    x = tl.load(pred_ptr + p_offs, mask=live[:, None] & (d < P)[None, :], other=0.0).to(tl.float32)
 
     # The chain rule in the reference's order: d loss_m = g / sum(mask) * mask_m,
     # d err^2 = d loss_m / P, d pred = d err^2 * 2 * (pred - t).
