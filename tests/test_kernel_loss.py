@@ -201,9 +201,21 @@ def test_opcheck(kernel_device, norm):
         torch.ops.fastmae.mae_loss.default, (imgs, pred.requires_grad_(True), mask, 2, norm), test_utils=tests
     )
     g = torch.rand((), device=kernel_device)
+    mask_sum = mask.sum(dtype=torch.float32)
     torch.library.opcheck(
-        torch.ops.fastmae.mae_loss_backward.default, (g, imgs, pred.detach(), mask, 2, norm), test_utils=tests
+        torch.ops.fastmae.mae_loss_backward.default,
+        (g, mask_sum, imgs, pred.detach(), mask, 2, norm),
+        test_utils=tests,
     )
+
+
+def test_op_returns_mask_sum(kernel_device):
+    # The forward op's second output, sum(mask), is what the backward divides by.
+    imgs, pred, _ = _inputs(2, 3, 14, 14, 2, kernel_device)
+    mask = _mask_of_kind("weighted", 2, 49, kernel_device)
+    loss, mask_sum = torch.ops.fastmae.mae_loss(imgs, pred.requires_grad_(True), mask, 2, True)
+    assert mask_sum.shape == () and mask_sum.dtype == torch.float32 and not mask_sum.requires_grad
+    torch.testing.assert_close(mask_sum, mask.sum(), rtol=1e-6, atol=0)  # float32 sums in two orders
 
 
 @pytest.mark.parametrize("norm", [False, True])
@@ -253,11 +265,13 @@ def test_torch_compile_fullgraph(kernel_device):
 def test_cpu_fallbacks_are_the_reference():
     # The functions registered for CPU tensors outside the interpreter.
     imgs, pred, mask = _inputs(2, 3, 8, 8, 4, "cpu")
-    assert torch.equal(K._mae_loss_cpu(imgs, pred, mask, 4, True), ref.mae_loss(imgs, pred, mask, 4, True))
+    loss, mask_sum = K._mae_loss_cpu(imgs, pred, mask, 4, True)
+    assert torch.equal(loss, ref.mae_loss(imgs, pred, mask, 4, True))
+    assert torch.equal(mask_sum, mask.sum())
     pred_ref = pred.clone().requires_grad_(True)
     g = torch.tensor(0.7)
     ref.mae_loss(imgs, pred_ref, mask, 4, True).backward(g)
-    assert torch.equal(K._mae_loss_backward_cpu(g, imgs, pred, mask, 4, True), pred_ref.grad)
+    assert torch.equal(K._mae_loss_backward_cpu(g, mask_sum, imgs, pred, mask, 4, True), pred_ref.grad)
 
 
 # ----------------------------------------------------------------------------- GPU only

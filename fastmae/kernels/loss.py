@@ -23,7 +23,9 @@ Forward, ``P = p*p*C`` values per patch, ``M = N*L`` patches (rows):
    tile in registers); then ``loss_m = sum_d (pred - t)**2 / P``.
 3. The program writes two partial sums, ``sum_m loss_m * mask_m`` and ``sum_m mask_m``,
    to a ``(2, num_programs)`` buffer; a one-program kernel adds them up in a fixed order
-   and divides. No atomics, so the loss is bitwise deterministic.
+   and divides. No atomics, so the loss is bitwise deterministic. The op also returns
+   ``sum(mask)`` (non-differentiable), which the backward needs: saved from the forward,
+   it costs the backward no reduction launch.
 
 Backward (w.r.t. ``pred`` only; ``imgs`` and ``mask`` get no gradient, as in MAE where
 they are data): the same tile recomputes the target (again only for rows with
@@ -162,12 +164,13 @@ def _mae_loss_fwd_kernel(
 
 
 @triton.jit
-def _mae_loss_final_kernel(partial_ptr, loss_ptr, num_partials, BLOCK: tl.constexpr):
-    """loss = sum(partial[0]) / sum(partial[1]), in a fixed order.
+def _mae_loss_final_kernel(partial_ptr, loss_ptr, mask_sum_ptr, num_partials, BLOCK: tl.constexpr):
+    """loss = sum(partial[0]) / sum(partial[1]), in a fixed order; also writes sum(partial[1]).
 
     Args:
         partial_ptr: float32 (2, num_partials) from the forward kernel.
         loss_ptr: float32 scalar output.
+        mask_sum_ptr: float32 scalar output, sum(mask) (for the backward).
         num_partials: programs of the forward kernel.
         BLOCK: partials added per step.
     Grid: (1,).
@@ -179,7 +182,9 @@ def _mae_loss_final_kernel(partial_ptr, loss_ptr, num_partials, BLOCK: tl.conste
         valid = offs < num_partials
         acc_loss += tl.load(partial_ptr + offs, mask=valid, other=0.0)
         acc_mask += tl.load(partial_ptr + num_partials + offs, mask=valid, other=0.0)
-    tl.store(loss_ptr, tl.sum(acc_loss, axis=0) / tl.sum(acc_mask, axis=0))
+    mask_sum = tl.sum(acc_mask, axis=0)
+    tl.store(loss_ptr, tl.sum(acc_loss, axis=0) / mask_sum)
+    tl.store(mask_sum_ptr, mask_sum)
 
 
 @triton.jit
@@ -212,7 +217,7 @@ def _mae_loss_bwd_kernel(
 
     Args:
         grad_out_ptr: scalar gradient of the loss.
-        mask_sum_ptr: float32 scalar sum(mask).
+        mask_sum_ptr: float32 scalar sum(mask), from the forward.
         grad_pred_ptr: output (N, L, P), contiguous, pred's dtype.
         The others: as in _mae_loss_fwd_kernel.
     Grid: (cdiv(M, BLOCK_M),).
@@ -264,7 +269,8 @@ def _strides(imgs, pred, mask):
 @kernel_op("fastmae::mae_loss")
 def _mae_loss_op(
     imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int, norm_pix_loss: bool
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, sum(mask)), both float32 scalars; the second is saved for the backward."""
     N, C, H, W = imgs.shape
     p = patch_size
     L = pred.shape[1]
@@ -290,13 +296,15 @@ def _mae_loss_op(
         num_warps=num_warps,
     )
     loss = empty((), torch.float32, imgs.device)
-    launch(_mae_loss_final_kernel)[(1,)](partial, loss, num_programs, BLOCK=_FINAL_BLOCK)
-    return loss
+    mask_sum = empty((), torch.float32, imgs.device)
+    launch(_mae_loss_final_kernel)[(1,)](partial, loss, mask_sum, num_programs, BLOCK=_FINAL_BLOCK)
+    return loss, mask_sum
 
 
 @kernel_op("fastmae::mae_loss_backward")
 def _mae_loss_backward_op(
     grad_out: torch.Tensor,
+    mask_sum: torch.Tensor,
     imgs: torch.Tensor,
     pred: torch.Tensor,
     mask: torch.Tensor,
@@ -308,7 +316,6 @@ def _mae_loss_backward_op(
     L = pred.shape[1]
     M = N * L
     block_p, block_m, num_warps = _blocks(p * p * C, M)
-    mask_sum = mask.sum(dtype=torch.float32)
     mask = _loadable_mask(mask)
     grad_pred = empty(pred.shape, pred.dtype, pred.device)
     launch(_mae_loss_bwd_kernel)[(triton.cdiv(M, block_m),)](
@@ -334,24 +341,28 @@ def _mae_loss_backward_op(
 
 @_mae_loss_op.register_fake
 def _(imgs, pred, mask, patch_size, norm_pix_loss):
-    return imgs.new_empty((), dtype=torch.float32)
+    return imgs.new_empty((), dtype=torch.float32), imgs.new_empty((), dtype=torch.float32)
 
 
 @_mae_loss_backward_op.register_fake
-def _(grad_out, imgs, pred, mask, patch_size, norm_pix_loss):
+def _(grad_out, mask_sum, imgs, pred, mask, patch_size, norm_pix_loss):
     return pred.new_empty(pred.shape)
 
 
 def _setup_context(ctx, inputs, output):
     imgs, pred, mask, patch_size, norm_pix_loss = inputs
-    ctx.save_for_backward(imgs, pred, mask)
+    _, mask_sum = output
+    ctx.mark_non_differentiable(mask_sum)
+    ctx.save_for_backward(imgs, pred, mask, mask_sum)
     ctx.patch_size = patch_size
     ctx.norm_pix_loss = norm_pix_loss
 
 
-def _backward(ctx, grad_out):
-    imgs, pred, mask = ctx.saved_tensors
-    grad_pred = torch.ops.fastmae.mae_loss_backward(grad_out, imgs, pred, mask, ctx.patch_size, ctx.norm_pix_loss)
+def _backward(ctx, grad_out, grad_mask_sum):
+    imgs, pred, mask, mask_sum = ctx.saved_tensors
+    grad_pred = torch.ops.fastmae.mae_loss_backward(
+        grad_out, mask_sum, imgs, pred, mask, ctx.patch_size, ctx.norm_pix_loss
+    )
     return None, grad_pred, None, None, None
 
 
@@ -360,10 +371,10 @@ _mae_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 # CPU tensors outside the interpreter run the reference.
 def _mae_loss_cpu(imgs, pred, mask, patch_size, norm_pix_loss):
-    return reference.mae_loss(imgs, pred, mask, patch_size, norm_pix_loss)
+    return reference.mae_loss(imgs, pred, mask, patch_size, norm_pix_loss), mask.sum(dtype=torch.float32)
 
 
-def _mae_loss_backward_cpu(grad_out, imgs, pred, mask, patch_size, norm_pix_loss):
+def _mae_loss_backward_cpu(grad_out, mask_sum, imgs, pred, mask, patch_size, norm_pix_loss):
     with torch.enable_grad():
         pred = pred.detach().requires_grad_(True)
         loss = reference.mae_loss(imgs.detach(), pred, mask.detach(), patch_size, norm_pix_loss)
@@ -387,4 +398,4 @@ def mae_loss(
 
     Differentiable w.r.t. ``pred`` only (``imgs`` and ``mask`` are treated as data).
     """
-    return torch.ops.fastmae.mae_loss(imgs, pred, mask, patch_size, norm_pix_loss)
+    return torch.ops.fastmae.mae_loss(imgs, pred, mask, patch_size, norm_pix_loss)[0]
