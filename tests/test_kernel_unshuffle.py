@@ -136,6 +136,21 @@ def test_backward_op_removed_sum(kernel_device):
     torch.testing.assert_close(gm, ref_gm, rtol=1e-12, atol=1e-12)
 
 
+def test_backward_loops_over_rows_and_channel_blocks(kernel_device, monkeypatch):
+    # GPU-like blocking: each program walks all 1 + L rows of its sample BLOCK_T at a time
+    # (here 8: 50 rows -> 7 steps, the last one partial) over one of several channel blocks
+    # (16: D = 40 -> 3 blocks, the last one partial).
+    monkeypatch.setattr(unshuffle, "_bwd_blocks", lambda D: (8, 16))
+    N, L, D, ratio = 3, 49, 40, 0.5
+    _, ids, _, _ = make(N, L, D, ratio, kernel_device)
+    g = torch.randn(N, 1 + L, D, device=kernel_device, dtype=torch.float64)
+    len_keep = reference.num_kept(L, ratio)
+    gx, gm = torch.ops.fastmae.decoder_unshuffle_backward(g, ids, len_keep, torch.float64)
+    ref_gx, ref_gm = unshuffle._backward_reference(g, ids, len_keep, torch.float64)
+    assert_same(gx, ref_gx)
+    torch.testing.assert_close(gm, ref_gm, rtol=1e-12, atol=1e-12)  # float64 sums, two orders
+
+
 # ------------------------------------------------------------------- registration, compile
 def test_opcheck(kernel_device):
     N, L, D = 2, 49, 40

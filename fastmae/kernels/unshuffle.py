@@ -27,9 +27,12 @@ source row in the output gradient ``g``: ``grad_x[n, 1 + j] = g[n, 1 + l]`` for 
 with ``ids_restore[n, l] = j < len_keep``, and ``grad_x[n, 0] = g[n, 0]``.
 ``_unshuffle_bwd_kernel`` walks the rows of ``g`` and scatters them to their kept row:
 every row of ``grad_x`` is written once, so no atomics are needed. The rows that held the
-mask token are summed in the same pass: each program reduces its block of rows to one
-fp32 partial sum, ``(N, row blocks, D)``, which the wrapper sums with torch; the result is
-deterministic (fixed order). ``grad pos_embed = g.sum(0)``.
+mask token are summed in the same pass: one program per (sample, block of channels) walks
+all of the sample's rows, ``BLOCK_T`` at a time, and reduces the removed ones to one fp32
+partial sum, ``(N, D)``, which the wrapper sums over the batch with torch; the result is
+deterministic (fixed order). (A program per block of rows would write a partial per
+block: at 16 rows a block that is a quarter of ``g``'s bytes again, written and re-read.)
+``grad pos_embed = g.sum(0)``.
 
 The forward kernel with no cls row, a zero fill and no position embedding is the backward
 of the encoder's token gather (:mod:`fastmae.kernels.masking`): grads scattered back to the
@@ -107,37 +110,38 @@ def _unshuffle_bwd_kernel(
     g_ptr,  # (N, 1 + L, D) gradient of the unshuffled tokens
     ids_restore_ptr,  # (N, L) int64/int32
     gx_ptr,  # (N, 1 + len_keep, D) gradient of the decoder tokens x (x's dtype)
-    partial_ptr,  # (N, cdiv(1 + L, BLOCK_T), D) fp32/fp64: per-program sums of g over removed rows
+    partial_ptr,  # (N, D) fp32/fp64: per-sample sums of g over removed rows
     L,  # number of tokens
     len_keep,  # number of kept tokens
     D,  # channels
     stride_gn, stride_gt, stride_gd,  # strides of g
     stride_in, stride_il,  # strides of ids_restore
     stride_xn, stride_xt, stride_xd,  # strides of gx
-    stride_pn, stride_pb,  # strides of partial (channels contiguous)
-    BLOCK_T: tl.constexpr,  # rows of g per program
+    stride_pn,  # row stride of partial (channels contiguous)
+    BLOCK_T: tl.constexpr,  # rows of g per step
     BLOCK_D: tl.constexpr,  # channels per program
 ):
     n = tl.program_id(0).to(tl.int64)
-    pid_t = tl.program_id(1)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # rows of g
-    d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = t < 1 + L
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D
-    is_tok = row_ok & (t >= 1)
-    j = tl.load(ids_restore_ptr + n * stride_in + (t - 1) * stride_il, mask=is_tok, other=0)
-    kept = is_tok & (j < len_keep)
-    removed = is_tok & (j >= len_keep)
-
-    g = tl.load(g_ptr + n * stride_gn + t[:, None] * stride_gt + d[None, :] * stride_gd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    # scatter: g row 0 -> x row 0 (cls), g row 1 + l -> x row 1 + j for kept tokens
-    dst = tl.where(t == 0, 0, 1 + j)
-    wr = ((t == 0) | kept)[:, None] & d_ok[None, :]
-    tl.store(gx_ptr + n * stride_xn + dst[:, None] * stride_xt + d[None, :] * stride_xd, g.to(gx_ptr.dtype.element_ty), mask=wr)
-    # the mask token's share: this block's removed rows, summed in a fixed order
     acc_ty = partial_ptr.dtype.element_ty
-    s = tl.sum(tl.where(removed[:, None], g.to(acc_ty), 0.0), axis=0)
-    tl.store(partial_ptr + n * stride_pn + pid_t * stride_pb + d, s, mask=d_ok)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=acc_ty)
+    for t0 in range(0, 1 + L, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)  # rows of g
+        row_ok = t < 1 + L
+        is_tok = row_ok & (t >= 1)
+        j = tl.load(ids_restore_ptr + n * stride_in + (t - 1) * stride_il, mask=is_tok, other=0)
+        kept = is_tok & (j < len_keep)
+        removed = is_tok & (j >= len_keep)
+
+        g = tl.load(g_ptr + n * stride_gn + t[:, None] * stride_gt + d[None, :] * stride_gd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        # scatter: g row 0 -> x row 0 (cls), g row 1 + l -> x row 1 + j for kept tokens
+        dst = tl.where(t == 0, 0, 1 + j)
+        wr = ((t == 0) | kept)[:, None] & d_ok[None, :]
+        tl.store(gx_ptr + n * stride_xn + dst[:, None] * stride_xt + d[None, :] * stride_xd, g.to(gx_ptr.dtype.element_ty), mask=wr)
+        # the mask token's share: the removed rows, accumulated elementwise in a fixed order
+        acc += tl.where(removed[:, None], g.to(acc_ty), 0.0)
+    tl.store(partial_ptr + n * stride_pn + d, tl.sum(acc, axis=0), mask=d_ok)
 
 
 def _blocks(rows: int, D: int) -> tuple[int, int]:
@@ -151,6 +155,21 @@ def _blocks(rows: int, D: int) -> tuple[int, int]:
         block_d = min(triton.next_power_of_2(D), 1024)
         return max(1, min(triton.next_power_of_2(rows), 16384 // block_d)), block_d
     block_d = min(triton.next_power_of_2(D), 256)
+    return max(1, 4096 // block_d), block_d
+
+
+def _bwd_blocks(D: int) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_D) of the backward, whose programs walk all rows of a sample.
+
+    On a GPU: 64-channel slabs (128-byte rows in 16-bit dtypes), 64 rows a step, so that
+    (sample, slab) programs are many (2048 for a 512-wide decoder at batch 256). Under the
+    interpreter, as few and as large programs as reasonable.
+    """
+    D = int(D)
+    if interpreting():
+        block_d = min(triton.next_power_of_2(D), 1024)
+        return max(1, 16384 // block_d), block_d
+    block_d = min(triton.next_power_of_2(D), 64)
     return max(1, 4096 // block_d), block_d
 
 
@@ -225,21 +244,20 @@ def _decoder_unshuffle_backward(
     """(grad of x in ``x_dtype``, sum of ``grad`` over removed positions (D,) in fp32/fp64)."""
     N, T, D = grad.shape
     L = T - 1
-    block_t, block_d = _blocks(T, D)
-    n_blocks = triton.cdiv(T, block_t)
+    block_t, block_d = _bwd_blocks(D)
     acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
     gx = empty((N, 1 + len_keep, D), x_dtype, grad.device)
-    partial = empty((N, n_blocks, D), acc_dtype, grad.device)
-    launch(_unshuffle_bwd_kernel)[(N, n_blocks, triton.cdiv(D, block_d))](
+    partial = empty((N, D), acc_dtype, grad.device)
+    launch(_unshuffle_bwd_kernel)[(N, triton.cdiv(D, block_d))](
         grad, ids_restore, gx, partial,
         L, len_keep, D,
         grad.stride(0), grad.stride(1), grad.stride(2),
         ids_restore.stride(0), ids_restore.stride(1),
         gx.stride(0), gx.stride(1), gx.stride(2),
-        partial.stride(0), partial.stride(1),
+        partial.stride(0),
         BLOCK_T=block_t, BLOCK_D=block_d,
     )  # fmt: skip
-    return gx, partial.sum(dim=(0, 1))
+    return gx, partial.sum(dim=0)
 
 
 @_decoder_unshuffle_backward.register_fake
