@@ -23,7 +23,7 @@ import torch
 
 from fastmae import reference as ref
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 from fastmae.kernels import attention as A  # noqa: E402
 
 # (N, D): N = 1 (one key), 50 (ViT-B/16 encoder at 75% masking), 65 (ViT-H/14 encoder),
@@ -156,6 +156,38 @@ def test_padding_is_never_written(kernel_device, monkeypatch, loops):
     _check_packed(qkv, _randn(B, N, H, D, dtype=torch.float16, device=kernel_device))
     assert len(tails) == (4 if loops else 3)  # out, lse, dqkv (+ delta with the loops)
     assert all(torch.isnan(t).all() for t in tails)
+
+
+def test_one_tile_backward_walks_query_steps(kernel_device, monkeypatch):
+    # N = 197 (the decoder) pads to one 256-key tile: the backward is the single one-tile
+    # kernel (no delta buffer: out, lse, dqkv only), walking the queries in 32-row steps
+    # (7, the last one partial) under the interpreter.
+    allocs = []
+
+    def counting_empty(shape, dtype, device):
+        allocs.append(tuple(shape))
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(A, "empty", counting_empty)
+    B, N, H, D = 1, 197, 2, 32
+    qkv = _randn(B, N, 3, H, D, dtype=torch.float16, device=kernel_device)
+    _check_packed(qkv, _randn(B, N, H, D, dtype=torch.float16, device=kernel_device))
+    assert allocs == [(B, N, H, D), (B, H, N), (B, N, 3, H, D)]
+
+
+def test_prune_query_steps():
+    # The one-tile backward's autotuner: steps no longer than the sequence, score tiles at
+    # most 128 x 128; the smallest step survives when nothing else does.
+    configs = [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (16, 32, 64, 128) for w in (4, 8)]
+
+    def steps(block_n):
+        return sorted({c.kwargs["BLOCK_M"] for c in A._prune_query_steps(configs, {}, BLOCK_N=block_n)})
+
+    assert steps(16) == [16]
+    assert steps(64) == [16, 32, 64]
+    assert steps(128) == [16, 32, 64, 128]
+    assert steps(256) == [16, 32, 64]
+    assert [c.kwargs["BLOCK_M"] for c in A._prune_query_steps(configs[4:], {}, BLOCK_N=16)] == [64]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

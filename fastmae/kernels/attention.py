@@ -25,8 +25,12 @@ Backward (FlashAttention-2)
     ``dV = P^T dO``, ``dP = dO V^T``, ``dS = P * (dP - delta)``, ``dQ = scale * dS K``,
     ``dK = scale * dS^T Q``.
 
-    * short sequences (the whole (batch, head) problem in one tile): one program per
-      (batch, head) computes delta, dQ, dK and dV at once;
+    * short sequences (all keys of a (batch, head) pair in one tile, up to 256): one
+      program per (batch, head) keeps K and V on chip, accumulates dK and dV in
+      registers, and walks the queries BLOCK_M rows at a time; each step computes its
+      rows' delta, S, P, dP and dS once and finishes their dQ (all keys are there), so
+      the scores are computed once, nothing is reread and there is a single launch
+      (BLOCK_M = BLOCK_N: the whole problem in one step);
     * otherwise three kernels: a preprocess computing delta; one program per block of
       keys accumulating dK, dV over all query blocks; one program per block of queries
       accumulating dQ over all key blocks. No atomics: the result is deterministic.
@@ -58,7 +62,7 @@ LN2 = math.log(2.0)
 # length is at most this many tokens and one K (or V) tile takes at most this many bytes.
 SHORT_FWD_MAX_N = 256
 SHORT_FWD_MAX_BYTES = 64 * 1024
-SHORT_BWD_MAX_N = 128
+SHORT_BWD_MAX_N = 256
 SHORT_BWD_MAX_BYTES = 16 * 1024
 
 
@@ -186,40 +190,53 @@ def _attn_bwd_short(
     qk_scale,  # sm_scale * log2(e)
     HEAD_DIM: tl.constexpr,  # D
     BLOCK_D: tl.constexpr,  # next power of two >= D
-    BLOCK_N: tl.constexpr,  # next power of two >= N (>= 16): the whole sequence
+    BLOCK_M: tl.constexpr,  # query rows per step (tuned; > BLOCK_N only pads the one step)
+    BLOCK_N: tl.constexpr,  # next power of two >= N (>= 16): all keys
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision ("ieee" for fp32 inputs)
 ):
-    # One program does the whole backward of one (batch, head) pair on chip.
+    # One program does the whole backward of one (batch, head) pair on chip: K, V and the
+    # dK, dV accumulators stay in registers while the queries go by BLOCK_M rows a step.
     bh = tl.program_id(0)
     off_b = (bh // H).to(tl.int64)
     off_h = (bh % H).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_d = offs_d < HEAD_DIM
 
-    q = _load_tile(Q + off_b * stride_qb + off_h * stride_qh, offs_n, offs_d, stride_qn, stride_qd, mask_n, mask_d)
     k = _load_tile(K + off_b * stride_kb + off_h * stride_kh, offs_n, offs_d, stride_kn, stride_kd, mask_n, mask_d)
     v = _load_tile(V + off_b * stride_vb + off_h * stride_vh, offs_n, offs_d, stride_vn, stride_vd, mask_n, mask_d)
-    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh, offs_n, offs_d, stride_on, stride_od, mask_n, mask_d)
-    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh, offs_n, offs_d, stride_don, stride_dod, mask_n, mask_d)
-    do = do.to(q.dtype)
-    # Padded query rows get lse = +inf, hence P = 0.
-    lse = tl.load(LSE + bh.to(tl.int64) * N + offs_n, mask=mask_n, other=float("inf")) * 1.4426950408889634
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    s = tl.where(mask_n[None, :], s, float("-inf"))  # padded keys
-    p = tl.math.exp2(s - lse[:, None])
-    dv = tl.dot(tl.trans(p.to(q.dtype)), do, input_precision=DOT_PRECISION)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = (p * (dp - delta[:, None])).to(q.dtype)
-    dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * sm_scale
-    dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION) * sm_scale
-
+    Q += off_b * stride_qb + off_h * stride_qh
+    O += off_b * stride_ob + off_h * stride_oh
+    DO += off_b * stride_dob + off_h * stride_doh
+    LSE += bh.to(tl.int64) * N
     DQKV += off_b * stride_gb + off_h * stride_gh
-    _store_tile(DQKV, dq, offs_n, offs_d, stride_gn, stride_gd, mask_n, mask_d)
-    _store_tile(DQKV + stride_gs, dk, offs_n, offs_d, stride_gn, stride_gd, mask_n, mask_d)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < N
+        q = _load_tile(Q, rows, offs_d, stride_qn, stride_qd, mask_m, mask_d)
+        o = _load_tile(O, rows, offs_d, stride_on, stride_od, mask_m, mask_d)
+        do = _load_tile(DO, rows, offs_d, stride_don, stride_dod, mask_m, mask_d).to(q.dtype)
+        # Padded query rows get lse = +inf, hence P = 0.
+        lse = tl.load(LSE + rows, mask=mask_m, other=float("inf")) * 1.4426950408889634
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(mask_n[None, :], s, float("-inf"))  # padded keys
+        p = tl.math.exp2(s - lse[:, None])
+        dv += tl.dot(tl.trans(p.to(q.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        # All keys are here: these rows' dQ is complete.
+        dq = tl.dot(ds, k, input_precision=DOT_PRECISION) * sm_scale
+        _store_tile(DQKV, dq, rows, offs_d, stride_gn, stride_gd, mask_m, mask_d)
+        dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+
+    _store_tile(DQKV + stride_gs, dk * sm_scale, offs_n, offs_d, stride_gn, stride_gd, mask_n, mask_d)
     _store_tile(DQKV + 2 * stride_gs, dv, offs_n, offs_d, stride_gn, stride_gd, mask_n, mask_d)
 
 
@@ -395,7 +412,8 @@ if interpreting():
     # BLOCK_M != BLOCK_N, so that a mix-up of the two axes cannot pass the tests.
     _FWD_SHORT = _configs([{"BLOCK_M": 32}], [4], [1])
     _FWD_LONG = _configs([{"BLOCK_M": 64, "BLOCK_N": 32}], [4], [1])
-    _BWD_SHORT = _configs([{}], [4], [1])
+    # 32-row query steps: N = 50 takes two, 197 seven (and N <= 32 one).
+    _BWD_SHORT = _configs([{"BLOCK_M": 32}], [4], [1])
     _BWD_DKDV = _configs([{"BLOCK_M": 32, "BLOCK_N": 64}], [4], [1])
     _BWD_DQ = _configs([{"BLOCK_M": 64, "BLOCK_N": 32}], [4], [1])
     _PRE_BLOCK_M = 32
@@ -405,7 +423,8 @@ else:
     _FWD_LONG = _configs(
         [{"BLOCK_M": m, "BLOCK_N": n} for m in (64, 128) for n in (32, 64)], [4, 8], [2, 3]
     )
-    _BWD_SHORT = _configs([{}], [4, 8], [1])
+    # BLOCK_M = BLOCK_N is the whole problem in one step; larger ones are pruned.
+    _BWD_SHORT = _configs([{"BLOCK_M": m} for m in (16, 32, 64, 128)], [4, 8], [1])
     _BWD_DKDV = _configs(
         [{"BLOCK_M": m, "BLOCK_N": n} for m, n in ((32, 64), (32, 128), (64, 64), (64, 128))], [4, 8], [2, 3]
     )
@@ -415,11 +434,25 @@ else:
     _PRE_BLOCK_M = 64
 
 _KEY = ["N", "HEAD_DIM"]
+
+
+def _prune_query_steps(configs, named_args, **kwargs):
+    """One-tile backward: drop query steps longer than the (padded) sequence (a longer
+    step is correct, it only pads) and fp32 score tiles above 128 x 128 (64 KiB, a quarter
+    of an SM's registers: the sm_90 builds at BLOCK_N = 256, BLOCK_M = 128 spill heavily),
+    keeping the smallest step when nothing is left."""
+    block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= block_n and c.kwargs["BLOCK_M"] * block_n <= 128 * 128]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+
+
 # The same forward kernel, tuned twice: with all keys in one tile (BLOCK_N chosen here from N)
 # and with the key loop (BLOCK_N tuned).
 _attn_fwd_short = triton.autotune(configs=_FWD_SHORT, key=_KEY)(_attn_fwd)
 _attn_fwd_long = triton.autotune(configs=_FWD_LONG, key=_KEY)(_attn_fwd)
-_attn_bwd_short_tuned = triton.autotune(configs=_BWD_SHORT, key=_KEY)(_attn_bwd_short)
+_attn_bwd_short_tuned = triton.autotune(
+    configs=_BWD_SHORT, key=_KEY, prune_configs_by={"early_config_prune": _prune_query_steps}
+)(_attn_bwd_short)
 _attn_bwd_dkdv_tuned = triton.autotune(configs=_BWD_DKDV, key=_KEY)(_attn_bwd_dkdv)
 _attn_bwd_dq_tuned = triton.autotune(configs=_BWD_DQ, key=_KEY)(_attn_bwd_dq)
 
