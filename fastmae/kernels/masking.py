@@ -20,7 +20,9 @@ Two kernels do the same.
    flipped for negative values (signed-integer order = float order), -0 folded onto +0 and
    every NaN onto one NaN above +inf, as torch orders them. fp16/bf16/fp32 noise gives a
    32-bit key (the conversion to fp32 is exact), float64 noise a 64-bit one, with no loss:
-   the comparison takes any key width, where a packed (key, index) sort would not.
+   the comparison takes any key width, where a packed (key, index) sort would not. (A
+   32-bit key is packed with its index into one int64, so a pair costs one compare; a
+   64-bit key is compared, then the indices.)
    Then ``ids_restore[i] = rank[i]``, ``mask[i] = rank[i] >= len_keep`` and, a scatter,
    ``ids_keep[rank[i]] = i`` for the kept ranks (a permutation: each written once).
    The grid is (sample, block of tokens), each program comparing its block against all of
@@ -124,14 +126,29 @@ def _rank_kernel(
         seed = tl.load(seed_ptr)
     noise_row = noise_ptr + n * stride_nn
     k_i = _noise_keys(noise_row, stride_nl, seed, pid_n * L, i, i_ok, HAS_NOISE, NOISE64)
-    # rank[i] = #{j: key[j] < key[i], or equal with j < i}: the stable ascending order
-    rank = tl.zeros([BLOCK_I], dtype=tl.int32)
-    for j0 in range(0, L, BLOCK_J):
-        j = j0 + tl.arange(0, BLOCK_J)
-        j_ok = j < L
-        k_j = _noise_keys(noise_row, stride_nl, seed, pid_n * L, j, j_ok, HAS_NOISE, NOISE64)
-        before = (k_j[None, :] < k_i[:, None]) | ((k_j[None, :] == k_i[:, None]) & (j[None, :] < i[:, None]))
-        rank += tl.sum((before & j_ok[None, :]).to(tl.int32), axis=1)
+    # rank[i] = #{j: key[j] < key[i], or equal with j < i}: the stable ascending order.
+    # The counts accumulate elementwise over the steps and are reduced once at the end.
+    acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int32)
+    if NOISE64:
+        # 64-bit keys: key and index do not fit one integer, compare both
+        for j0 in range(0, L, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            j_ok = j < L
+            k_j = _noise_keys(noise_row, stride_nl, seed, pid_n * L, j, j_ok, HAS_NOISE, NOISE64)
+            before = (k_j[None, :] < k_i[:, None]) | ((k_j[None, :] == k_i[:, None]) & (j[None, :] < i[:, None]))
+            acc += (before & j_ok[None, :]).to(tl.int32)
+    else:
+        # 32-bit keys: (key, index) packed into one int64 whose signed order is the stable
+        # order (key in the high half, the non-negative index in the low half); one compare
+        # a pair, padding keys above everything
+        kk_i = (k_i << 32) | i.to(tl.int64)
+        for j0 in range(0, L, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            j_ok = j < L
+            k_j = _noise_keys(noise_row, stride_nl, seed, pid_n * L, j, j_ok, HAS_NOISE, NOISE64)
+            kk_j = tl.where(j_ok, (k_j << 32) | j.to(tl.int64), 0x7FFFFFFFFFFFFFFF)
+            acc += (kk_j[None, :] < kk_i[:, None]).to(tl.int32)
+    rank = tl.sum(acc, axis=1)
     tl.store(ids_restore_ptr + n * stride_rn + i * stride_rl, rank.to(tl.int64), mask=i_ok)
     tl.store(mask_ptr + n * stride_mn + i * stride_ml, (rank >= len_keep).to(tl.float32), mask=i_ok)
     # ids_shuffle[rank[i]] = i, kept part only (ranks are a permutation: one write each)
@@ -199,13 +216,15 @@ def _check_tokens(L: int) -> None:
 
 
 def _rank_blocks(L: int) -> tuple[int, int]:
-    """(BLOCK_I, BLOCK_J) of the ranking: 64 x 64 compare tiles on a GPU; under the
+    """(BLOCK_I, BLOCK_J) of the ranking: 128 x 32 compare tiles on a GPU (sm_90 builds at
+    L = 196: about half the instructions a sample of 64 x 64 tiles, most of them the
+    per-program keys of the BLOCK_I ranked tokens; 2 programs a sample); under the
     interpreter, whose cost is per program and per op, one program a row and big tiles."""
     block_l = triton.next_power_of_2(int(L))
     if interpreting():
         block_i = min(block_l, 1024)
         return block_i, max(1, min(block_l, 65536 // block_i))
-    return min(block_l, 64), min(block_l, 64)
+    return min(block_l, 128), min(block_l, 32)
 
 
 def _shuffle(noise: Optional[torch.Tensor], seed: Optional[torch.Tensor], N: int, L: int, len_keep: int, device):
