@@ -102,7 +102,8 @@ def _encode(v):
     import torch
 
     if isinstance(v, torch.Tensor):
-        return {"tensor": str(v.dtype).removeprefix("torch."), "align16": v.data_ptr() % 16 == 0}
+        return {"tensor": str(v.dtype).removeprefix("torch."), "align16": v.data_ptr() % 16 == 0,
+                "shape": list(v.shape), "stride": list(v.stride())}  # fmt: skip
     if v is None or isinstance(v, (bool, int, float, str)):
         return {"value": v}
     raise TypeError(f"cannot record a kernel argument of type {type(v).__name__}: {v!r}")
@@ -172,6 +173,7 @@ def recording(records: list, gpu_constants: dict | None = None):
             "kernel": f"{self.fn.__module__}:{self.fn.__name__}",
             "tuner": tuner,
             "params": params,
+            "positional": len(args),  # the autotuner's prune hook sees these as named_args
             "options": options,
             "scenario": tag["scenario"],
         })
@@ -346,16 +348,28 @@ def capture(gpu_constants: dict | None = None) -> tuple[list[dict], list[str]]:
 
 # ============================================================================= 2. plan
 class _FakeTensor:
-    """What Triton's JIT binder reads of a tensor argument: its dtype and its address."""
+    """A recorded tensor argument: what Triton's JIT binder reads of it (dtype, address
+    alignment) and what an autotuner's prune hook may (shape, strides)."""
 
-    def __init__(self, dtype: str, align16: bool):
+    def __init__(self, dtype: str, align16: bool, shape=(), stride=()):
         import torch
 
         self.dtype = getattr(torch, dtype)
         self._ptr = 1 << 20 if align16 else (1 << 20) + 8
+        self.shape = torch.Size(shape)
+        self._stride = tuple(stride)
 
     def data_ptr(self) -> int:
         return self._ptr
+
+    def stride(self, dim=None):
+        return self._stride if dim is None else self._stride[dim]
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def dim(self) -> int:
+        return len(self.shape)
 
 
 def _kernel(name: str):
@@ -364,7 +378,8 @@ def _kernel(name: str):
 
 
 def _decode(params: dict) -> dict:
-    return {k: _FakeTensor(v["tensor"], v["align16"]) if "tensor" in v else v["value"] for k, v in params.items()}
+    return {k: _FakeTensor(v["tensor"], v["align16"], v.get("shape", ()), v.get("stride", ())) if "tensor" in v
+            else v["value"] for k, v in params.items()}  # fmt: skip
 
 
 _BINDERS: dict = {}
@@ -520,6 +535,22 @@ def launchable_kernels() -> list[str]:
     return sorted(set(fns) - called)
 
 
+def _tuned_configs(tuner, rec: dict) -> list:
+    """[(index in tuner.configs, config)] that ``tuner.run`` would benchmark for this launch:
+    all of them, less what its ``prune_configs_by`` hooks drop."""
+    configs = list(enumerate(tuner.configs))
+    if len(configs) > 1 and (getattr(tuner, "early_config_prune", None) or getattr(tuner, "perf_model", None)):
+        args = _decode(rec["params"])
+        names = list(rec["params"])
+        tuner.nargs = {n: args[n] for n in names[: rec["positional"]]}
+        try:
+            kept = tuner.prune_configs({n: args[n] for n in names[rec["positional"] :]})
+        finally:
+            tuner.nargs = None
+        configs = [(i, c) for i, c in configs if any(c is k for k in kept)]
+    return configs
+
+
 def plan(records: list[dict], full: bool = False) -> list[dict]:
     """Compile jobs for ``records`` (this process must not run the interpreter)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -541,13 +572,14 @@ def plan(records: list[dict], full: bool = False) -> list[dict]:
             add(kernel, params, options, rec["scenario"])
             continue
         tuner = getattr(importlib.import_module(kernel.split(":")[0]), rec["tuner"])
-        shape = None  # the launch itself, whatever the config: its key under config 0
-        for i, cfg in enumerate(tuner.configs):
+        shape = None  # the launch itself, whatever the config: its key under its first config
+        tuned = _tuned_configs(tuner, rec)
+        for i, cfg in tuned:
             consts, cfg_opts = _config_kwargs(cfg)
             p = dict(params, **{k: {"value": v} for k, v in consts.items()})
             o = dict(options, **cfg_opts)
             shape = shape or hashlib.sha1(_job_key(kernel, p, o)[0].encode()).hexdigest()[:12]
-            extra = {"tuner": rec["tuner"], "config": i, "n_configs": len(tuner.configs), "cfg_consts": sorted(consts)}
+            extra = {"tuner": rec["tuner"], "config": i, "n_configs": len(tuned), "cfg_consts": sorted(consts)}
             add(kernel, p, o, rec["scenario"], dict(extra, shape=shape))
 
     groups: dict = {}
