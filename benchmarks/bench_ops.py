@@ -21,12 +21,26 @@ Sections:
                (B = 16384 / N, H = 2048 / D, the FlashAttention benchmark's sizes); SDPA's
                math kernel is left out there.
 
-Method: each timed call is bracketed by CUDA events and followed by a synchronize; the
-figure is the median of ``--reps`` calls after ``--warmup`` calls (the first of which
-compiles and autotunes). When one call's inputs fit in twice the L2 cache, several
-independent input sets are made and the calls rotate through them, so no call finds its
-inputs in L2. Forward + backward is one call: the op, then ``torch.autograd.grad`` of its
-output(s) with a fixed random gradient.
+Method: two times per case, side by side.
+
+* *eager ms*: each timed call is bracketed by CUDA events and followed by a synchronize;
+  the figure is the median of ``--reps`` calls after ``--warmup`` calls (the first of which
+  compiles and autotunes). It includes the call's Python dispatch and kernel-launch latency
+  (the GPU idles between the start event and the first kernel): what an eager user sees,
+  and how the stock baseline (``/work/shared/baseline-h200.md``) was measured, so it is
+  the like-for-like figure against that baseline.
+* *graph ms*: the same callable, warmed up on a side stream, captured into a CUDA graph
+  (``torch.cuda.CUDAGraph``) as whole rotations over the fixed input sets, enough calls
+  for about 1 ms a replay (2 to 64), and replayed back to back (at least 15 replays)
+  between CUDA events; the figure is the median replay time divided by the calls in it:
+  kernel time, to put against the floors. A callable that cannot be captured (a host sync, say) is recorded as
+  ``graph_status: "failed"`` with the reason, and the run goes on (``--no-graphs`` skips
+  this timing; without CUDA it is skipped).
+
+When one call's inputs fit in twice the L2 cache, several independent input sets are made
+and the calls rotate through them, so no call finds its inputs in L2. Forward + backward is
+one call (:func:`capture_safe_step`): the op, then ``torch.autograd.grad`` of its output(s)
+with a fixed random gradient; the gradients are returned, never accumulated into ``.grad``.
 
 Each time is put against a ceiling measured by this script on the same card in the same
 run: the *memory-traffic floor* (the bytes the op must read and write, divided by the
@@ -37,6 +51,11 @@ only the removed patches, frozen parameters (pos_embed) get no gradient; forward
 backward is the sum of the two passes' floors, each pass reading its own inputs.
 Attention FLOPs: forward ``4 B H N^2 D``, backward 2.5x the forward (the FlashAttention
 convention, recomputation of the scores included).
+
+Record fields (schema 2) of a measured row: ``ms`` = ``eager_ms``; ``graph_status``
+(``ok``/``failed``/``skipped``), ``graph_reason``, ``graph_ms``, ``graph_calls_per_replay``,
+``graph_replays``; ``x_floor`` = ``x_floor_eager`` (eager time over the floor) and
+``x_floor_graph``; ``tflops``/``frac_matmul`` (eager) and ``tflops_graph``/``frac_matmul_graph``.
 
 The JSON record (``ops-<card>-<date>.json``) is rewritten after every measurement; a CPU run
 (``--device cpu``, tiny shapes, for testing the harness) writes to ``./bench-out`` by
@@ -60,7 +79,7 @@ from fastmae import _timing, ops
 from fastmae.backend import BackendUnavailableError, available_backends
 from fastmae.bench import format_table, num
 
-__all__ = ["main", "data_op_bytes", "attention_bytes", "attention_flops", "input_sets_needed"]
+__all__ = ["main", "data_op_bytes", "attention_bytes", "attention_flops", "input_sets_needed", "capture_safe_step"]
 
 MODEL_SHAPES = {
     "vit_b16": dict(img=224, p=16, D=768, Dd=512),
@@ -136,8 +155,28 @@ def input_sets_needed(nbytes: int, l2_bytes: int | None, max_sets: int = 16) -> 
 
 
 # ---------------------------------------------------------------------------- cases
+def capture_safe_step(forward, wrt=(), grad_output: int | None = None, grad: bool = False):
+    """The timed callable ``step(*args)`` built from ``forward(*args) -> output``.
+
+    Forward only (``grad`` false): returns ``forward``'s output. Forward + backward: returns
+    ``torch.autograd.grad(output, [args[i] for i in wrt], args[grad_output])`` (a fixed
+    gradient among the inputs; None for a scalar loss). The gradients are returned, never
+    accumulated into ``.grad``, so the step can be called any number of times, or captured
+    into a CUDA graph and replayed, with the same result and no state carried between calls.
+    """
+    if not grad:
+        def step(*args):
+            return forward(*args)
+    else:
+        def step(*args):
+            out = forward(*args)
+            return torch.autograd.grad(out, [args[i] for i in wrt],
+                                       None if grad_output is None else args[grad_output])
+    return step
+
+
 def _data_case(op: str, d: dict, direction: str, backend: str, device, dtype):
-    """(make_inputs() -> args, fn(*args)) for a data-path op."""
+    """(make_inputs() -> args, step(*args)) for a data-path op (step: see :func:`capture_safe_step`)."""
     N, C, L, K, D, Dd, P, p = d["N"], d["C"], d["L"], d["K"], d["D"], d["Dd"], d["P"], d["p"]
     img = d["img"]
     grad = direction != "fwd"
@@ -150,57 +189,51 @@ def _data_case(op: str, d: dict, direction: str, backend: str, device, dtype):
         def make():
             return (leaf(torch.randn(N, C, img, img, **kw)), torch.randn(N, L, P, **kw))
 
-        def fn(x, g):
-            out = ops.patchify(x, p, backend=backend)
-            if grad:
-                torch.autograd.grad(out, x, g)
+        def forward(x, g):
+            return ops.patchify(x, p, backend=backend)
+        wrt, g_at = (0,), 1
     elif op == "unpatchify":
         def make():
             return (leaf(torch.randn(N, L, P, **kw)), torch.randn(N, C, img, img, **kw))
 
-        def fn(x, g):
-            out = ops.unpatchify(x, p, backend=backend)
-            if grad:
-                torch.autograd.grad(out, x, g)
+        def forward(x, g):
+            return ops.unpatchify(x, p, backend=backend)
+        wrt, g_at = (0,), 1
     elif op == "random_masking":
         def make():
             return (leaf(torch.randn(N, L, D, **kw)), torch.randn(N, K, D, **kw))
 
-        def fn(x, g):
-            out = ops.random_masking(x, MASK_RATIO, backend=backend)[0]
-            if grad:
-                torch.autograd.grad(out, x, g)
+        def forward(x, g):
+            return ops.random_masking(x, MASK_RATIO, backend=backend)[0]
+        wrt, g_at = (0,), 1
     elif op == "encoder_input":
         def make():
             return (leaf(torch.randn(N, L, D, **kw)), torch.randn(1, 1 + L, D, **kw),
                     leaf(torch.randn(1, 1, D, **kw)), torch.randn(N, 1 + K, D, **kw))
 
-        def fn(x, pos, cls, g):
-            out = ops.encoder_input(x, pos, cls, MASK_RATIO, backend=backend)[0]
-            if grad:
-                torch.autograd.grad(out, (x, cls), g)
+        def forward(x, pos, cls, g):
+            return ops.encoder_input(x, pos, cls, MASK_RATIO, backend=backend)[0]
+        wrt, g_at = (0, 2), 3
     elif op == "decoder_unshuffle":
         def make():
             ids = torch.argsort(torch.argsort(torch.rand(N, L, device=device), 1), 1)
             return (leaf(torch.randn(N, 1 + K, Dd, **kw)), ids, leaf(torch.randn(1, 1, Dd, **kw)),
                     torch.randn(1, 1 + L, Dd, **kw), torch.randn(N, 1 + L, Dd, **kw))
 
-        def fn(x, ids, mt, pos, g):
-            out = ops.decoder_unshuffle(x, ids, mt, pos, backend=backend)
-            if grad:
-                torch.autograd.grad(out, (x, mt), g)
+        def forward(x, ids, mt, pos, g):
+            return ops.decoder_unshuffle(x, ids, mt, pos, backend=backend)
+        wrt, g_at = (0, 2), 4
     elif op == "mae_loss":
         def make():
             mask = (torch.argsort(torch.argsort(torch.rand(N, L, device=device), 1), 1) >= K).float()
             return (torch.randn(N, C, img, img, device=device), leaf(torch.randn(N, L, P, **kw)), mask)
 
-        def fn(imgs, pred, mask):
-            loss = ops.mae_loss(imgs, pred, mask, p, True, backend=backend)
-            if grad:
-                torch.autograd.grad(loss, pred)
+        def forward(imgs, pred, mask):
+            return ops.mae_loss(imgs, pred, mask, p, True, backend=backend)
+        wrt, g_at = (1,), None  # a scalar loss: autograd.grad's implicit gradient of 1
     else:
         raise ValueError(op)
-    return make, fn
+    return make, capture_safe_step(forward, wrt, g_at, grad)
 
 
 def _sdpa_context(kernel: str | None):
@@ -214,6 +247,8 @@ def _sdpa_context(kernel: str | None):
 
 
 def _attention_case(op: str, shape, direction: str, backend: str, device, dtype):
+    """(make_inputs() -> args, step(*args)) for an attention op; ``backend`` ``"sdpa:<kernel>"``
+    restricts SDPA to one kernel (forward and backward)."""
     B, H, N, D = shape
     grad = direction != "fwd"
     sdpa_kernel = backend.split(":", 1)[1] if backend.startswith("sdpa:") else None
@@ -224,22 +259,23 @@ def _attention_case(op: str, shape, direction: str, backend: str, device, dtype)
         def make():
             return (torch.randn(B, N, 3, H, D, **kw).requires_grad_(grad), torch.randn(B, N, H, D, **kw))
 
-        def fn(qkv, g):
-            with _sdpa_context(sdpa_kernel):
-                out = ops.attention_qkvpacked(qkv, backend=b)
-                if grad:
-                    torch.autograd.grad(out, qkv, g)
+        def forward(qkv, g):
+            return ops.attention_qkvpacked(qkv, backend=b)
+        wrt, g_at = (0,), 1
     else:
         def make():
             return tuple(torch.randn(B, N, H, D, **kw).requires_grad_(grad) for _ in range(3)) + (
                 torch.randn(B, N, H, D, **kw),)
 
-        def fn(q, k, v, g):
-            with _sdpa_context(sdpa_kernel):
-                out = ops.attention(q, k, v, backend=b)
-                if grad:
-                    torch.autograd.grad(out, (q, k, v), g)
-    return make, fn
+        def forward(q, k, v, g):
+            return ops.attention(q, k, v, backend=b)
+        wrt, g_at = (0, 1, 2), 3
+    inner = capture_safe_step(forward, wrt, g_at, grad)
+
+    def step(*args):
+        with _sdpa_context(sdpa_kernel):  # the backward runs inside it too
+            return inner(*args)
+    return make, step
 
 
 def _nbytes(args) -> int:
@@ -248,9 +284,10 @@ def _nbytes(args) -> int:
 
 # ---------------------------------------------------------------------------- driver
 class Harness:
-    def __init__(self, device, warmup: int, reps: int, budget: float | None, progress):
+    def __init__(self, device, warmup: int, reps: int, budget: float | None, progress, graphs: bool = True):
         self.device = torch.device(device)
         self.warmup, self.reps, self.budget = warmup, reps, budget
+        self.graphs = graphs
         self.t0 = time.perf_counter()
         self.progress = progress
         self.l2 = None
@@ -261,17 +298,24 @@ class Harness:
         return self.budget is not None and time.perf_counter() - self.t0 > self.budget
 
     def measure(self, make, fn, reps: int | None = None) -> dict:
-        """Time ``fn`` on rotated input sets from ``make``: {"status", "ms", "ms_min", "sets"} (or a reason)."""
+        """Time ``fn`` on rotated input sets from ``make``, eagerly then as a CUDA graph.
+
+        Returns {"status", "ms" (= "eager_ms"), "ms_min", "sets", "graph_status", ...} or
+        {"status", "reason"} when the eager measurement could not be made. A failed graph
+        measurement never fails the row: it is recorded as ``graph_status: "failed"`` with
+        ``graph_reason``.
+        """
         if self.over_budget():
             return {"status": "skipped", "reason": f"time budget of {self.budget:g} s spent"}
         sets = []
+        reps = reps or self.reps
         try:
             first = make()
             n = input_sets_needed(_nbytes(first), self.l2)
             sets = [first] + [make() for _ in range(n - 1)]
-            times = _timing.time_calls(fn, self.device, iters=reps or self.reps, warmup=self.warmup,
-                                       args_cycle=sets)
-            return {"status": "ok", "ms": _timing.median(times), "ms_min": min(times), "sets": len(sets)}
+            times = _timing.time_calls(fn, self.device, iters=reps, warmup=self.warmup, args_cycle=sets)
+            ms = _timing.median(times)
+            m = {"status": "ok", "ms": ms, "eager_ms": ms, "ms_min": min(times), "sets": len(sets)}
         except (BackendUnavailableError, ImportError) as e:
             return {"status": "unavailable", "reason": str(e)}
         except torch.OutOfMemoryError as e:
@@ -285,9 +329,44 @@ class Harness:
             msg = str(e).splitlines()[0][:300] if str(e) else ""
             return {"status": "error", "reason": f"{type(e).__name__}: {msg}"}
         finally:
+            self.free_cache()
+        try:
+            m.update(self.measure_graph(fn, sets, ms, reps))
+        finally:
             del sets
-            if self.device.type == "cuda":
+            self.free_cache()
+        return m
+
+    def free_cache(self) -> None:
+        """Return cached blocks to the device between measurements; a failure here must not stop the run."""
+        if self.device.type == "cuda":
+            try:
                 torch.cuda.empty_cache()
+            except Exception:
+                pass
+
+    def measure_graph(self, fn, sets, eager_ms: float, reps: int) -> dict:
+        """``fn`` over ``sets`` captured into a CUDA graph: {"graph_status", "graph_ms", ...}; never raises."""
+        if not self.graphs:
+            return {"graph_status": "skipped", "graph_reason": "--no-graphs"}
+        if self.device.type != "cuda":
+            return {"graph_status": "skipped", "graph_reason": "no CUDA device"}
+        if self.over_budget():
+            return {"graph_status": "skipped", "graph_reason": f"time budget of {self.budget:g} s spent"}
+        try:
+            calls = _timing.graph_calls(len(sets), eager_ms)
+            replays = max(15, math.ceil(reps / calls))
+            self.progress.step(f"graph ({calls} calls x {replays} replays)")
+            times = _timing.time_graph(fn, self.device, replays, args_cycle=sets, calls_per_replay=calls)
+            return {"graph_status": "ok", "graph_ms": _timing.median(times), "graph_ms_min": min(times),
+                    "graph_calls_per_replay": calls, "graph_replays": replays}
+        except Exception as e:  # a capture failure (or anything else) must not stop the run
+            reason = _timing._first_line(e)
+            try:  # is the device still usable? say so in the record if not
+                torch.cuda.synchronize(self.device)
+            except Exception as e2:
+                reason += f"; then the device failed to synchronise: {_timing._first_line(e2)}"
+            return {"graph_status": "failed", "graph_reason": reason}
 
 
 def _unavailable(backend: str, device) -> str | None:
@@ -307,7 +386,7 @@ def _unavailable(backend: str, device) -> str | None:
 
 def run_sections(args, device, dtype, ceilings, record, save, progress):
     gpu = torch.device(device).type == "cuda"
-    h = Harness(device, args.warmup, args.reps, args.time_budget, progress)
+    h = Harness(device, args.warmup, args.reps, args.time_budget, progress, graphs=args.graphs)
     bw = ceilings["copy"]["gbps"] * 1e9
     peak = ceilings["matmul"]["tflops"] * 1e12
     es = torch.empty((), dtype=dtype).element_size()
@@ -321,12 +400,16 @@ def run_sections(args, device, dtype, ceilings, record, save, progress):
             r["floor_ms"] = floor_bytes / bw * 1e3
         if flops is not None:
             r["flops"] = flops
-        if m.get("status") == "ok":
+        # "x_floor", "tflops", "frac_matmul": from the eager time (what the baseline doc compares);
+        # the "_graph" figures from the CUDA-graph time (kernel time, no launch latency)
+        for suffix, key in (("", "ms"), ("_eager", "ms"), ("_graph", "graph_ms")):
+            if m.get("status") != "ok" or not m.get(key):
+                continue
             if floor_bytes is not None:
-                r["x_floor"] = m["ms"] / r["floor_ms"]
-            if flops is not None:
-                r["tflops"] = flops / (m["ms"] * 1e-3) / 1e12
-                r["frac_matmul"] = flops / (m["ms"] * 1e-3) / peak
+                r["x_floor" + suffix] = m[key] / r["floor_ms"]
+            if flops is not None and suffix != "_eager":
+                r["tflops" + suffix] = flops / (m[key] * 1e-3) / 1e12
+                r["frac_matmul" + suffix] = flops / (m[key] * 1e-3) / peak
         record["results"].append(r)
         save()  # after every measurement: a run cut short by a timeout keeps what it measured
 
@@ -378,13 +461,24 @@ def run_sections(args, device, dtype, ceilings, record, save, progress):
                         progress.finish_task()
 
 
+def _pct(x) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
+
+
+def _times(x) -> str:
+    return "" if x is None else f"{x:.1f}x"
+
+
 def render(record: dict) -> str:
-    env, cei = record["env"], record["ceilings"]
+    env, cei, cfg = record["env"], record["ceilings"], record["config"]
     out = [f"fastmae bench_ops on {env['card']} | torch {env['torch']} | triton {env['triton']} | "
            f"commit {env['git_commit'][:12]} | {env['date']}",
            f"ceilings measured in this run: copy {num(cei['copy']['gbps'])} GB/s (read + write), "
-           f"matmul {num(cei['matmul']['tflops'])} TFLOP/s ({cei['matmul']['dtype']} {cei['matmul']['n']}^3); "
-           f"median of {record['config']['reps']} calls after {record['config']['warmup']} warm-up"]
+           f"matmul {num(cei['matmul']['tflops'])} TFLOP/s ({cei['matmul']['dtype']} {cei['matmul']['n']}^3)",
+           f"eager ms: median of {cfg['reps']} calls after {cfg['warmup']} warm-up, each between CUDA events and "
+           f"synchronised (wall clock on the CPU), dispatch and launch latency included as in the stock baseline;",
+           "graph ms: the same calls captured into a CUDA graph, median over replays (kernel time); "
+           "'x floor' = time / memory-traffic floor"]
     for section in ("ops", "attention", "long"):
         rows = [r for r in record["results"] if r["section"] == section]
         if not rows:
@@ -394,15 +488,20 @@ def render(record: dict) -> str:
         for r in rows:
             shape = r["shape_label"] + ("" if section == "ops" else f" {tuple(r['shape'])}")
             if r["status"] == "ok":
-                table.append([r["op"], shape, r["backend"], r["direction"], num(r["ms"]), num(r.get("floor_ms")),
-                              f"{r['x_floor']:.1f}x" if "x_floor" in r else "",
-                              num(r.get("tflops"), na=""),
-                              f"{100 * r['frac_matmul']:.1f}%" if "frac_matmul" in r else "", ""])
+                gs = r.get("graph_status", "skipped")
+                graph = num(r.get("graph_ms")) if gs == "ok" else gs
+                why = r.get("graph_reason", "")
+                note = "" if gs == "ok" or why == "no CUDA device" else f"graph {gs}: {why}"[:100]
+                table.append([r["op"], shape, r["backend"], r["direction"], num(r.get("eager_ms", r["ms"])), graph,
+                              num(r.get("floor_ms")), _times(r.get("x_floor_graph")), _times(r.get("x_floor")),
+                              num(r.get("tflops_graph"), na=""), num(r.get("tflops"), na=""),
+                              _pct(r.get("frac_matmul_graph")), note])
             else:
-                table.append([r["op"], shape, r["backend"], r["direction"], r["status"], "", "", "", "",
+                table.append([r["op"], shape, r["backend"], r["direction"], r["status"], "", "", "", "", "", "", "",
                               r["reason"][:100]])
-        out.append(format_table(["op", "shape", "backend", "direction", "ms", "floor ms", "x floor", "TFLOP/s",
-                                 "of matmul", "note"], table, right={4, 5, 6, 7, 8}))
+        out.append(format_table(["op", "shape", "backend", "direction", "eager ms", "graph ms", "floor ms",
+                                 "x floor graph", "x floor eager", "TFLOP/s graph", "TFLOP/s eager",
+                                 "of matmul graph", "note"], table, right=set(range(4, 12))))
     return "\n".join(out)
 
 
@@ -420,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 5; 2 on CPU)")
     p.add_argument("--reps", type=int, default=None, help="timed calls, median reported (default 30; 5 on CPU)")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; later measurements are skipped")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false",
+                   help="skip the CUDA-graph timing (eager times only)")
     p.add_argument("--device", default=None, help="cuda (default) or cpu (tiny shapes: a test of the harness)")
     p.add_argument("--out", default=None, help="folder for the JSON record (default benchmarks/results on a GPU, "
                                                "./bench-out on CPU)")
@@ -459,10 +560,10 @@ def main(argv=None) -> int:
 
     env = _timing.environment(device, shlex.join(["python", "-m", "benchmarks.bench_ops", *argv]))
     ceilings = {"copy": _timing.copy_bandwidth(device), "matmul": _timing.matmul_rate(device, torch.bfloat16)}
-    record = {"kind": "ops", "schema": 1, "env": env, "ceilings": ceilings,
+    record = {"kind": "ops", "schema": 2, "env": env, "ceilings": ceilings,
               "config": {"sections": args.sections, "models": args.models, "batch": args.batch,
                          "dtype": args.dtype, "warmup": args.warmup, "reps": args.reps, "backends": args.backends,
-                         "mask_ratio": MASK_RATIO, "time_budget": args.time_budget},
+                         "mask_ratio": MASK_RATIO, "time_budget": args.time_budget, "graphs": args.graphs},
               "results": []}
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"ops-{_timing.slug(env['card'])}-{env['timestamp']}.json")
@@ -476,7 +577,11 @@ def main(argv=None) -> int:
     progress.close()
     save()
     print(render(record))
-    print(f"\nwrote {path}")
+    measured = [r for r in record["results"] if r["status"] == "ok"]
+    counts = {k: sum(r.get("graph_status") == k for r in measured) for k in ("ok", "failed", "skipped")}
+    print(f"\ngraph timing: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
+          f"of {len(measured)} eager measurements")
+    print(f"wrote {path}")
     return 1 if any(r["status"] in ("error", "oom") for r in record["results"]) else 0
 
 

@@ -1,7 +1,11 @@
 """Timing helpers shared by ``fastmae bench``, ``fastmae validate`` and ``benchmarks/bench_ops.py``.
 
 * :func:`time_calls`: per-call times in ms (CUDA events around each call, synchronised,
-  on a GPU; ``time.perf_counter`` on the CPU), after a warm-up;
+  on a GPU; ``time.perf_counter`` on the CPU), after a warm-up. On a GPU such a time
+  includes the call's Python dispatch and launch latency (the GPU idles between the start
+  event and the first kernel): what an eager user sees;
+* :func:`time_graph`: the same calls captured into a CUDA graph and replayed: kernel time,
+  without the host's share (the figure to put against a memory-traffic floor);
 * :func:`matmul_rate` and :func:`copy_bandwidth`: the card's ceilings, measured in the
   same run as the figures they are compared with;
 * :func:`environment`: what a record must carry to be reproducible (card, versions,
@@ -33,6 +37,9 @@ __all__ = [
     "ProgressBar",
     "synchronize",
     "time_calls",
+    "time_graph",
+    "graph_calls",
+    "GraphCaptureError",
     "median",
     "matmul_rate",
     "copy_bandwidth",
@@ -143,6 +150,136 @@ def time_calls(fn, device, iters: int, warmup: int = 0, args_cycle=None, on_call
         if on_call is not None:
             on_call(warmup + i + 1, total)
     return times
+
+
+class GraphCaptureError(RuntimeError):
+    """A callable could not be captured into a CUDA graph; the message says why."""
+
+
+def graph_calls(n_sets: int, est_ms: float | None, target_ms: float = 1.0, min_calls: int = 2,
+                max_calls: int = 64) -> int:
+    """How many calls one graph replay should hold: whole rotations of the ``n_sets`` input sets.
+
+    Enough calls that a replay lasts about ``target_ms`` (``est_ms``: one call's time, e.g.
+    the eager median, an upper bound on its GPU time), so the graph's own launch latency is
+    amortised and the host stays ahead of the GPU; at least ``min_calls`` (rounded up to
+    whole rotations), at most ``max_calls`` (or one rotation, when that is longer).
+    """
+    n_sets = max(int(n_sets), 1)
+    want = max_calls if not est_ms or est_ms <= 0 else max(min_calls, math.ceil(target_ms / est_ms))
+    want = min(want, max_calls)
+    rotations = math.ceil(want / n_sets)
+    if n_sets * rotations > max_calls:
+        rotations = max(1, max_calls // n_sets)
+    return n_sets * rotations
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0][:300]}" if msg else type(e).__name__
+
+
+def _end_failed_capture(pool) -> None:
+    """Undo what a failed capture left in PyTorch's caching allocator.
+
+    ``CUDAGraph.capture_end`` raises on an invalidated capture (a host sync inside it, say)
+    before it tells the allocator to stop routing allocations to the graph's memory pool.
+    Left so, every later ``torch.cuda.empty_cache()`` (``torch.cuda.graph`` calls it when a
+    capture begins) fails an internal assert, and every later capture with it. So: stop
+    allocating to ``pool`` and release it, as ``torch.cuda.use_mem_pool`` does on exit. When
+    the capture got past that point, ending fails and the graph releases its pool itself.
+    """
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None) or getattr(
+        torch._C, "_cuda_endAllocateCurrentStreamToPool", None)  # the name before torch 2.8
+    release = getattr(torch._C, "_cuda_releasePool", None)
+    if end is None:
+        return
+    device = torch.cuda.current_device()
+    try:
+        end(device, pool)
+    except Exception:
+        return
+    if release is not None:
+        try:
+            release(device, pool)
+        except Exception:
+            pass
+
+
+def _capture(graph, stream, fn, sets, calls: int) -> None:
+    """Capture ``calls`` calls of ``fn`` over ``sets`` into ``graph`` on ``stream``.
+
+    An error raised by ``fn`` itself (e.g. a host synchronisation, not allowed while
+    capturing) is reported rather than the less telling "capture invalidated" error that
+    ending the capture raises after it.
+    """
+    pool = torch.cuda.graph_pool_handle()  # known to us, so a failed capture can be cleaned up
+    body_error = None
+    try:
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
+            try:
+                for i in range(calls):
+                    fn(*sets[i % len(sets)])  # outputs dropped: their memory is reused by the next call
+            except Exception as e:
+                body_error = _first_line(e)
+    except Exception as e:
+        _end_failed_capture(pool)
+        raise GraphCaptureError(f"capture failed: {body_error or _first_line(e)}") from None
+    if body_error is not None:  # the capture itself ended cleanly: the graph owns its pool
+        raise GraphCaptureError(f"capture failed: {body_error}")
+
+
+def time_graph(fn, device, replays: int, args_cycle=None, calls_per_replay: int | None = None,
+               warmup: int = 3) -> list[float]:
+    """Per-call times in ms of ``fn`` captured into a CUDA graph: one figure per replay.
+
+    ``fn`` is first called ``warmup`` times (and at least once on every input set) on a side
+    stream, as PyTorch's CUDA-graph docs require (lazy initialisation, Triton compilation
+    and autotuning all happen there, never inside the capture); then ``calls_per_replay``
+    calls (default: one rotation, a multiple of ``len(args_cycle)``) rotating through the
+    fixed input sets of ``args_cycle`` are captured into one graph. The graph is replayed
+    once (upload), then ``replays`` times back to back, each replay bracketed by CUDA
+    events; each figure is a replay's time divided by ``calls_per_replay``.
+
+    ``fn`` must be capture-safe: no host synchronisation, no ``.grad`` accumulation (use
+    ``torch.autograd.grad``). Raises :class:`GraphCaptureError` when the capture fails and
+    ``ValueError`` without a CUDA device.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ValueError("CUDA graphs need a CUDA device")
+    sets = list(args_cycle or [()])
+    calls = calls_per_replay or len(sets)
+    if calls % len(sets):
+        raise ValueError(f"calls_per_replay={calls} is not a whole number of rotations of {len(sets)} input sets")
+    with torch.cuda.device(device):
+        caller = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(caller)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # the outer context restores the caller's stream even when a failed capture leaves
+            # torch.cuda.graph's own stream context unexited
+            with torch.cuda.stream(side):
+                for i in range(max(warmup, len(sets))):
+                    fn(*sets[i % len(sets)])
+                side.synchronize()
+                _capture(graph, side, fn, sets, calls)
+            caller.wait_stream(side)
+            graph.replay()  # the first replay uploads the graph
+            torch.cuda.synchronize(device)
+            pairs = []
+            for _ in range(replays):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                pairs.append((start, end))
+            torch.cuda.synchronize(device)
+            return [s.elapsed_time(e) / calls for s, e in pairs]
+        finally:
+            del graph
 
 
 def median(xs) -> float:

@@ -205,12 +205,16 @@ def test_bench_ops_cpu_smoke_run(tmp_path, capsys):
     assert {(r["op"], r["direction"]) for r in ops_rows if r["status"] == "ok"} == {
         (op, d) for op in bench_ops.DATA_OPS for d in ("fwd", "fwd+bwd")}
     for r in ops_rows:
-        assert r["x_floor"] == pytest.approx(r["ms"] / r["floor_ms"])
+        assert r["x_floor"] == pytest.approx(r["ms"] / r["floor_ms"]) == r["x_floor_eager"]
+        assert r["eager_ms"] == r["ms"]
+        assert r["graph_status"] == "skipped" and "x_floor_graph" not in r  # no CUDA graphs on the CPU
+    assert rec["schema"] == 2 and rec["config"]["graphs"] is True
     att = [r for r in rec["results"] if r["section"] == "attention"]
     assert {r["backend"] for r in att} == {"sdpa:flash", "sdpa:efficient", "sdpa:cudnn", "sdpa:math"}
     math_row = next(r for r in att if r["backend"] == "sdpa:math" and r["direction"] == "fwd")
     assert math_row["status"] == "ok" and 0 < math_row["frac_matmul"]
-    assert "[ops]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "[ops]" in out and "graph ms" in out and "graph timing: 0 ok, 0 failed" in out
 
 
 def test_bench_ops_refuses_to_guess_a_device(capsys):
@@ -218,6 +222,210 @@ def test_bench_ops_refuses_to_guess_a_device(capsys):
         pytest.skip("has a GPU")
     assert bench_ops.main(["--quiet"]) == 2
     assert "--device cpu" in capsys.readouterr().err
+
+
+def _leaves(args):
+    return [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+
+_STEP_CASES = [("data", op) for op in bench_ops.DATA_OPS] + [
+    ("attention", "attention_qkvpacked"), ("attention", "attention")]
+
+
+def _case(kind, op, direction):
+    if kind == "data":
+        return bench_ops._data_case(op, bench_ops._dims(bench_ops.CPU_SHAPES["tiny"], 3), direction, "torch",
+                                    "cpu", torch.float32)
+    return bench_ops._attention_case(op, (2, 2, 9, 8), direction, "sdpa:math" if op == "attention_qkvpacked"
+                                     else "torch", "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("kind, op", _STEP_CASES)
+def test_fwd_bwd_step_is_capture_safe(kind, op, monkeypatch):
+    """The timed forward + backward callable returns its gradients (torch.autograd.grad with the
+    fixed gradient among its inputs), never touches ``.grad`` and never calls ``.backward()``, so
+    repeated calls (and CUDA-graph replays) give the same result and carry no state."""
+    make, step = _case(kind, op, "fwd+bwd")
+    _, forward = _case(kind, op, "fwd")  # the same op, forward only: the oracle below
+    args = make()
+    leaves = _leaves(args)
+    assert leaves
+    seed = torch.seed()
+
+    def no_backward(*a, **k):
+        raise AssertionError("the timed step must not call .backward()")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.Tensor, "backward", no_backward)
+        torch.manual_seed(seed)  # random_masking and encoder_input draw their noise: the same in each call
+        grads = step(*args)
+        torch.manual_seed(seed)
+        again = step(*args)
+    assert isinstance(grads, tuple) and len(grads) == len(leaves)
+    assert all(leaf.grad is None for leaf in leaves)
+    # the oracle: .backward() on copies, with the same gradient (the last input, or 1 for the scalar loss)
+    copies = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args]
+    torch.manual_seed(seed)
+    out = forward(*copies)
+    out.backward(None if out.dim() == 0 else copies[-1])
+    for g, g2, c in zip(grads, again, _leaves(copies)):
+        assert g.shape == c.shape
+        # the same ops on the same inputs on the CPU: bitwise equal, and no accumulation between calls
+        assert torch.equal(g, c.grad) and torch.equal(g2, g)
+
+
+@pytest.mark.parametrize("kind, op", _STEP_CASES)
+def test_fwd_step_returns_the_output_and_builds_no_graph(kind, op):
+    make, step = _case(kind, op, "fwd")
+    args = make()
+    assert not _leaves(args)
+    out = step(*args)
+    assert isinstance(out, torch.Tensor) and not out.requires_grad
+
+
+def test_graph_calls_are_whole_rotations():
+    assert _timing.graph_calls(1, 0.01) == 64  # 1 ms of 10 us calls wants 100, capped at 64
+    assert _timing.graph_calls(1, 0.1) == 10
+    assert _timing.graph_calls(1, 5.0) == 2  # at least 2
+    assert _timing.graph_calls(3, 0.1) == 12  # 10 rounded up to whole rotations of 3 sets
+    assert _timing.graph_calls(16, 0.01) == 64
+    assert _timing.graph_calls(16, 5.0) == 16  # one rotation even when it is longer than wanted
+    assert _timing.graph_calls(80, 0.01) == 80
+    assert _timing.graph_calls(2, None) == 64
+    for n in range(1, 20):
+        for est in (1e-3, 0.05, 0.3, 2.0, 40.0):
+            c = _timing.graph_calls(n, est)
+            assert c % n == 0 and c >= min(max(n, 2), 64) and c <= max(n, 64)
+
+
+def test_time_graph_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(ValueError, match="CUDA"):
+        _timing.time_graph(lambda: None, "cpu", replays=3)
+
+
+class _FakeCapture:
+    """Stands in for torch.cuda.graph: ``exit_error`` is what ending the capture raises."""
+
+    exit_error = None
+
+    def __init__(self, graph, pool=None, stream=None):
+        self.pool = pool
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.exit_error is not None:
+            raise self.exit_error
+
+
+@pytest.mark.parametrize("body_error, exit_error, cleaned_up", [
+    (RuntimeError("CUDA error: operation not permitted when stream is capturing"),
+     RuntimeError("CUDA error: operation failed due to a previous error during capture"), True),
+    (None, RuntimeError("CUDA error: operation failed due to a previous error during capture"), True),
+    (ValueError("bad shape"), None, False),  # the capture itself ended: the graph releases its own pool
+])
+def test_a_failed_capture_leaves_the_allocator_clean(monkeypatch, body_error, exit_error, cleaned_up):
+    """The control flow of _timing._capture, with torch's capture machinery faked (no GPU here):
+    when ending the capture fails, the allocator is told to stop routing to the graph's pool and
+    the pool is released (else every later empty_cache asserts); the message names the first error."""
+    log = []
+    pool = (0, random.randrange(1, 1000))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: pool)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "graph", type("G", (_FakeCapture,), {"exit_error": exit_error}))
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda d, p: log.append(("end", d, p)), raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda d, p: log.append(("release", d, p)), raising=False)
+    calls = []
+
+    def fn(a):
+        calls.append(a)
+        if body_error is not None:
+            raise body_error
+
+    with pytest.raises(_timing.GraphCaptureError) as info:
+        _timing._capture(object(), None, fn, [(1,), (2,)], 4)
+    first = body_error or exit_error
+    assert str(info.value) == f"capture failed: {type(first).__name__}: {first}"
+    assert calls == ([1] if body_error else [1, 2, 1, 2])
+    assert log == ([("end", 0, pool), ("release", 0, pool)] if cleaned_up else [])
+
+    # the capture got past the allocator hand-off before failing: ending again fails, nothing is released
+    def already_ended(d, p):
+        raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", already_ended, raising=False)
+    log.clear()
+    with pytest.raises(_timing.GraphCaptureError):
+        _timing._capture(object(), None, fn, [(1,)], 1)
+    assert log == []
+
+
+def _quiet_harness(device="cpu", **kw):
+    return bench_ops.Harness(device, warmup=1, reps=2, budget=None, progress=_timing.ProgressBar(1, enabled=False),
+                             **kw)
+
+
+def test_harness_skips_graphs_on_cpu_and_on_request():
+    make, step = _case("data", "patchify", "fwd+bwd")
+    m = _quiet_harness().measure(make, step)
+    assert m["status"] == "ok" and m["eager_ms"] == m["ms"] > 0
+    assert m["graph_status"] == "skipped" and m["graph_reason"] == "no CUDA device" and "graph_ms" not in m
+    m = _quiet_harness(graphs=False).measure(make, step)
+    assert m["graph_status"] == "skipped" and m["graph_reason"] == "--no-graphs"
+    assert bench_ops.build_parser().parse_args(["--no-graphs"]).graphs is False
+    assert bench_ops.build_parser().parse_args([]).graphs is True
+
+
+def test_a_failed_capture_is_recorded_not_raised(monkeypatch):
+    calls = []
+
+    def failing(fn, device, replays, args_cycle=None, calls_per_replay=None, warmup=3):
+        calls.append((device, replays, len(args_cycle), calls_per_replay))
+        raise _timing.GraphCaptureError("capture failed: RuntimeError: operation not permitted when stream is "
+                                        "capturing\nsecond line")
+
+    h = _quiet_harness()
+    h.device = torch.device("cuda")  # as if on a GPU: only the graph path looks at the device here
+    monkeypatch.setattr(_timing, "time_graph", failing)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    m = h.measure_graph(lambda: None, [()], eager_ms=0.05, reps=30)
+    assert m == {"graph_status": "failed", "graph_reason": "GraphCaptureError: capture failed: RuntimeError: "
+                                                           "operation not permitted when stream is capturing"}
+    assert calls == [(torch.device("cuda"), 15, 1, 20)]  # 1 ms of 50 us calls; at least 15 replays
+
+    def broken(device=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", broken)
+    m = h.measure_graph(lambda: None, [()], eager_ms=0.05, reps=30)
+    assert m["graph_status"] == "failed" and "failed to synchronise: RuntimeError: CUDA error: an illegal" in (
+        m["graph_reason"])
+    h.budget, h.t0 = 1.0, time.perf_counter() - 2
+    assert h.measure_graph(lambda: None, [()], 0.05, 30)["graph_status"] == "skipped"
+
+
+def test_render_shows_eager_and_graph_side_by_side():
+    env = {"card": "Synthetic GPU 9000", "torch": "9.9", "triton": "9.9", "git_commit": "f" * 40,
+           "date": "2031-01-02T03:04:05+00:00"}
+    base = {"section": "ops", "op": "patchify", "shape_label": "vit_b16", "shape": [256, 224, 16, 768, 512],
+            "backend": "triton", "direction": "fwd", "status": "ok", "ms": 0.09, "eager_ms": 0.09,
+            "floor_ms": 0.03, "x_floor": 3.0, "x_floor_eager": 3.0}
+    rows = [dict(base, graph_status="ok", graph_ms=0.045, x_floor_graph=1.5),
+            dict(base, direction="fwd+bwd", graph_status="failed", graph_reason="GraphCaptureError: capture failed: x"),
+            dict(base, backend="cuda", status="unavailable", reason="fastmae._C is not built")]
+    rec = {"env": env, "ceilings": {"copy": {"gbps": 4000.0}, "matmul": {"tflops": 700.0, "dtype": "bf16", "n": 8192}},
+           "config": {"reps": 30, "warmup": 5}, "results": rows}
+    text = bench_ops.render(rec)
+    head = next(line for line in text.splitlines() if line.startswith("op "))
+    assert head.index("eager ms") < head.index("graph ms") < head.index("x floor graph") < head.index("x floor eager")
+    ok = next(line for line in text.splitlines() if "triton" in line and " fwd " in line)
+    assert " 0.09 " in ok and " 0.045 " in ok and " 1.5x " in ok and " 3.0x" in ok
+    failed = next(line for line in text.splitlines() if "fwd+bwd" in line)
+    assert "failed" in failed and "graph failed: GraphCaptureError: capture failed: x" in failed
+    assert "fastmae._C is not built" in text
 
 
 # ---------------------------------------------------------------------------- RESULTS.md
@@ -316,3 +524,99 @@ def test_bench_ops_gpu_quick(tmp_path):
             assert (op, b, "fwd+bwd") in ok
     assert ("attention_qkvpacked", "triton", "fwd+bwd") in ok
     assert ("attention_qkvpacked", "sdpa:math", "fwd+bwd") in ok
+    # every eager measurement has a graph verdict, and fastmae's own ops capture
+    rows = [r for r in rec["results"] if r["status"] == "ok"]
+    assert all(r["graph_status"] in ("ok", "failed") for r in rows)
+    graphed = {(r["op"], r["backend"], r["direction"]) for r in rows if r["graph_status"] == "ok"}
+    for op in bench_ops.DATA_OPS:
+        for b in ("torch", "triton"):
+            for d in ("fwd", "fwd+bwd"):
+                why = [r.get("graph_reason") for r in rows if (r["op"], r["backend"]) == (op, b)]
+                assert (op, b, d) in graphed, why
+    assert ("attention_qkvpacked", "triton", "fwd+bwd") in graphed
+    for r in rows:
+        if r["graph_status"] == "ok":
+            assert r["graph_ms"] > 0 and r["x_floor_graph"] == pytest.approx(r["graph_ms"] / r["floor_ms"])
+            assert r["graph_calls_per_replay"] % r["sets"] == 0
+
+
+@pytest.mark.gpu
+def test_graph_time_of_a_large_copy_agrees_with_eager():
+    # 2 x 512 MiB: ~0.3 ms of DRAM traffic, so the eager call's launch latency is a few percent of it
+    a = torch.empty(2**28, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    eager = _timing.median(_timing.time_calls(lambda: b.copy_(a), "cuda", iters=10, warmup=2))
+    calls = _timing.graph_calls(1, eager)
+    graph = _timing.time_graph(lambda: b.copy_(a), "cuda", replays=10, calls_per_replay=calls)
+    assert len(graph) == 10 and all(t > 0 for t in graph)
+    assert 0.7 < _timing.median(graph) / eager < 1.1
+    assert torch.equal(b, a)
+
+
+@pytest.mark.gpu
+def test_graph_time_excludes_launch_latency_and_replays_really_run():
+    x = torch.zeros(1024, device="cuda")
+    fn = lambda: x.add_(1)
+    eager = _timing.median(_timing.time_calls(fn, "cuda", iters=20, warmup=3))
+    before = x[0].item()
+    calls = _timing.graph_calls(1, eager)
+    graph = _timing.time_graph(fn, "cuda", replays=12, calls_per_replay=calls, warmup=3)
+    # a one-element-per-thread kernel: the eager time is mostly launch latency, the graph's is not
+    assert _timing.median(graph) < eager
+    # 3 warm-up calls, nothing during the capture, then 1 + 12 replays of `calls` calls each
+    assert x[0].item() == before + 3 + 13 * calls
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction", ["fwd", "fwd+bwd"])
+def test_graph_timing_of_triton_ops(direction):
+    d = bench_ops._dims(bench_ops.MODEL_SHAPES["vit_b16"], 8)
+    h = _quiet_harness("cuda")
+    for op in ("patchify", "random_masking", "mae_loss"):
+        make, step = bench_ops._data_case(op, d, direction, "triton", "cuda", torch.bfloat16)
+        m = h.measure(make, step)
+        assert m["status"] == "ok", m
+        assert m["graph_status"] == "ok", m.get("graph_reason")
+        assert 0 < m["graph_ms"] and m["graph_replays"] >= 15
+    make, step = bench_ops._attention_case("attention_qkvpacked", (2, 4, 50, 64), direction, "triton", "cuda",
+                                           torch.bfloat16)
+    m = h.measure(make, step)
+    assert m["status"] == "ok" and m["graph_status"] == "ok", m
+
+
+@pytest.mark.gpu
+def test_graph_replay_computes_what_the_eager_step_computes():
+    # a captured fwd+bwd step replayed on its fixed inputs gives the eager step's gradients
+    d = bench_ops._dims(bench_ops.MODEL_SHAPES["vit_b16"], 4)
+    make, step = bench_ops._data_case("patchify", d, "fwd+bwd", "triton", "cuda", torch.float32)
+    args = make()
+    want = step(*args)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step(*args)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        got = step(*args)
+    args[1].normal_()  # a new fixed gradient, read by the replay
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(got[0], bench_ops._data_case("patchify", d, "fwd+bwd", "torch", "cuda", torch.float32)[1](
+        *args)[0])
+    assert not torch.equal(got[0], want[0]) and args[0].grad is None
+
+
+@pytest.mark.gpu
+def test_a_capture_failure_is_recorded_and_the_device_stays_usable():
+    h = _quiet_harness("cuda")
+    x = torch.randn(1000, device="cuda")
+    m = h.measure(lambda: (x,), lambda t: t.sum().item())  # a host sync: cannot be captured
+    assert m["status"] == "ok" and m["graph_status"] == "failed", m
+    assert "capture" in m["graph_reason"].lower() and "synchronise" not in m["graph_reason"]
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.cuda.empty_cache()  # asserts inside the allocator if the failed capture's pool was left routed to
+    y = torch.randn(1000, device="cuda")
+    m = h.measure(lambda: (y,), lambda t: t.mul(2))
+    assert m["status"] == "ok" and m["graph_status"] == "ok", m
