@@ -142,14 +142,19 @@ def _render_ops(rec: dict) -> str:
         for r in rows:
             shape = r["shape_label"] + ("" if section == "ops" else f" {tuple(r['shape'])}")
             if r["status"] == "ok":
-                table.append([r["op"], shape, r["backend"], r["direction"], _num(r["ms"]), _num(r.get("floor_ms")),
-                              f"{r['x_floor']:.1f}x" if "x_floor" in r else "", _num(r.get("tflops"), na=""),
+                graph_ok = r.get("graph_status") == "ok"
+                table.append([r["op"], shape, r["backend"], r["direction"], _num(r["ms"]),
+                              _num(r.get("graph_ms")) if graph_ok else r.get("graph_status", ""),
+                              _num(r.get("floor_ms")),
+                              f"{r['x_floor_graph']:.1f}x" if graph_ok and "x_floor_graph" in r else "",
+                              f"{r['x_floor']:.1f}x" if "x_floor" in r else "",
+                              _num(r.get("tflops_graph") if graph_ok else r.get("tflops"), na=""),
                               f"{100 * r['frac_matmul']:.1f}%" if "frac_matmul" in r else ""])
             else:
                 table.append([r["op"], shape, r["backend"], r["direction"],
-                              f"{r['status']}: {r.get('reason', '')[:100]}", "", "", "", ""])
-        out.append(_md_table(["op", "shape", "backend", "direction", "ms", "floor ms", "x floor", "TFLOP/s",
-                              "of matmul"], table))
+                              f"{r['status']}: {r.get('reason', '')[:100]}", "", "", "", "", "", ""])
+        out.append(_md_table(["op", "shape", "backend", "direction", "eager ms", "graph ms", "floor ms",
+                              "x floor (graph)", "x floor (eager)", "TFLOP/s", "of matmul (eager)"], table))
     return "\n".join(out) + "\n"
 
 

@@ -160,7 +160,9 @@ for r in recs:
               f"matmul {r['ceilings']['matmul']['tflops']:.0f} TFLOP/s)")
         for x in ok:
             if x["section"] == "ops" and x["shape_label"] == "vit_b16" and x["direction"] == "fwd+bwd":
-                print(f"  {x['op']:18s} {x['backend']:7s} fwd+bwd {x['ms']:8.3f} ms  {x['x_floor']:6.1f}x floor")
+                g = (f"graph {x['graph_ms']:8.3f} ms {x['x_floor_graph']:6.1f}x floor"
+                     if x.get("graph_status") == "ok" else f"graph {x.get('graph_status', 'n/a')}")
+                print(f"  {x['op']:18s} {x['backend']:7s} fwd+bwd eager {x['ms']:8.3f} ms {x['x_floor']:6.1f}x floor | {g}")
     elif r.get("kind") == "bench":
         print(f"\nbench on {r['env']['card']} ({r['config']['dtype']}):")
         print(f"  {'model':8s} {'batch':>5s} {'mask':>5s} {'backend':8s} {'encoder':12s} {'img/s':>9s} {'ms/step':>8s} {'GiB':>6s}")
