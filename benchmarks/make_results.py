@@ -22,6 +22,8 @@ import json
 import os
 import sys
 
+from fastmae.bench import num as _num
+
 __all__ = ["load_records", "render", "main"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -59,17 +61,6 @@ def load_records(results_dir: str) -> tuple[list[dict], list[str]]:
         records.append(rec)
     records.sort(key=lambda r: (r["env"].get("date", ""), r["kind"], r["_file"]))
     return records, warnings
-
-
-def _num(x, na: str = "n/a") -> str:
-    if x is None:
-        return na
-    ax = abs(x)
-    if ax >= 100:
-        return f"{x:,.0f}"
-    if ax >= 1:
-        return f"{x:.2f}"
-    return f"{x:.3g}"
 
 
 def _md_table(headers: list[str], rows: list[list]) -> str:
