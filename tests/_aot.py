@@ -26,9 +26,8 @@ process-wide switch read when a kernel is decorated:
    default the jobs are thinned to a covering set (see :func:`_select`); ``full`` keeps
    them all.
 3. ``compile`` (interpreter off, a pool of processes): ``triton.compile`` each job for
-   its targets (sm_90; one job a kernel also for sm_80) and read the cubin's registers
-   and local memory (register spills) with ``cuobjdump -res-usage`` (bundled with
-   triton) and its shared memory from the kernel's metadata.
+   its targets (sm_90; one job a kernel also for sm_80) and read registers, spills and
+   serialised wgmma from ptxas' verbose log and shared memory from the kernel's metadata.
 
 ``python tests/_aot.py report [--full] [--json out.json]`` runs them all and prints a
 table; ``tests/test_sm90_compile.py`` runs them under pytest, one test per job.
@@ -40,6 +39,7 @@ import argparse
 import contextlib
 import hashlib
 import importlib
+import io
 import json
 import os
 import re
@@ -608,13 +608,6 @@ def plan(records: list[dict], full: bool = False) -> list[dict]:
 
 
 # ========================================================================== 3. compile
-def _tool(name: str) -> str | None:
-    import triton.backends.nvidia as nv
-
-    path = Path(nv.__file__).parent / "bin" / name
-    return str(path) if path.exists() else None
-
-
 def triton_api_missing() -> list[str]:
     """The Triton internals this module uses that the installed triton lacks (checked
     against 3.9; other versions may name them differently)."""
@@ -656,19 +649,44 @@ def ptxas_available() -> tuple[bool, str]:
         return False, f"triton's NVIDIA backend cannot run ptxas here: {e!r}"
 
 
-def _resource_usage(cubin: bytes) -> dict:
-    """Registers, local memory (spills) and stack per thread, from ``cuobjdump -res-usage``."""
-    tool = _tool("cuobjdump")
-    if tool is None:
-        return {}
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
-    if not m:
-        return {}
-    return {"regs": int(m[1]), "stack": int(m[2]), "local": int(m[4])}
+_PTXAS_RE = {
+    "regs": r"Used (\d+) registers",
+    "stack": r"(\d+) bytes stack frame",
+    "spill_stores": r"(\d+) bytes spill stores",
+    "spill_loads": r"(\d+) bytes spill loads",
+}
+
+
+def _parse_ptxas_log(log: str) -> dict:
+    """Registers, stack frame and spills per thread from ``ptxas -v``; ``wgmma_serialized``:
+    ptxas had to serialise the sm_90 warpgroup MMAs for want of registers (C7512)."""
+    out = {k: int(m[1]) for k, rx in _PTXAS_RE.items() if (m := re.search(rx, log))}
+    out["wgmma_serialized"] = "wgmma.mma_async instructions are serialized" in log
+    return out
+
+
+def _ptxas_usage(kernel, capability: int, fresh_log: str) -> dict:
+    """ptxas' resource report of ``kernel``: the log of this compile when it ran ptxas, else
+    the one kept from when it did (keyed by the kernel's hash), else ptxas run again on the
+    PTX with the flags that matter to register allocation."""
+    from triton import knobs
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    store = Path(knobs.cache.dir).parent / "fastmae_ptxas_logs" / f"{kernel.hash}-sm{capability}.log"
+    log = fresh_log if "Used " in fresh_log else (store.read_text() if store.exists() else "")
+    if "Used " not in log:
+        with tempfile.TemporaryDirectory() as d:
+            ptx = Path(d) / "k.ptx"
+            ptx.write_text(kernel.asm["ptx"])
+            arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+            cmd = [get_ptxas(capability).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", str(ptx),
+                   "-o", str(Path(d) / "k.o")]  # fmt: skip
+            log = subprocess.run(cmd, capture_output=True, text=True).stderr
+    if "Used " in log and not store.exists():
+        with contextlib.suppress(OSError):
+            store.parent.mkdir(parents=True, exist_ok=True)
+            store.write_text(log)
+    return _parse_ptxas_log(log)
 
 
 def _init_worker():
@@ -707,15 +725,18 @@ def compile_job(job: dict, capability: int) -> dict:
     try:
         fn, signature, constexprs, attrs, options = bind(job["kernel"], job["params"], job["options"], capability)
         res["signature"] = _format_signature(fn, signature, constexprs, attrs)
-        prev = knobs.compilation.listener
+        prev = knobs.compilation.listener, knobs.nvidia.dump_ptxas_log
         knobs.compilation.listener = lambda **kw: hits.append(kw.get("cache_hit"))
+        knobs.nvidia.dump_ptxas_log = True  # printed: caught here
+        log = io.StringIO()
         try:
-            k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", capability, 32),
-                               options=options.__dict__)  # fmt: skip
+            with contextlib.redirect_stdout(log):
+                k = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                   target=GPUTarget("cuda", capability, 32), options=options.__dict__)  # fmt: skip
         finally:
-            knobs.compilation.listener = prev
+            knobs.compilation.listener, knobs.nvidia.dump_ptxas_log = prev
         res.update(ok=True, shared=int(k.metadata.shared), num_warps=k.metadata.num_warps,
-                   num_stages=k.metadata.num_stages, **_resource_usage(k.asm["cubin"]))  # fmt: skip
+                   num_stages=k.metadata.num_stages, **_ptxas_usage(k, capability, log.getvalue()))  # fmt: skip
     except Exception as e:  # noqa: BLE001
         msg = "".join(traceback.format_exception_only(type(e), e))
         res.update(ok=False, error=msg[-6000:], traceback=traceback.format_exc()[-6000:])
@@ -810,24 +831,35 @@ def run_compile(jobs: list[dict], workers: int = 2, timeout: float = 1200, archs
         return json.loads(dst.read_text())
 
 
+def _flags(r: dict) -> str:
+    flags = []
+    if r.get("spill_stores"):
+        flags.append("SPILLS")
+    if r.get("wgmma_serialized"):
+        flags.append("WGMMA-SERIALIZED")
+    if r["shared"] > MAX_SHARED[r["arch"]]:
+        flags.append("OVER-SMEM")
+    return " ".join(flags)
+
+
 def format_table(jobs: list[dict], results: list[dict]) -> str:
     """Registers, spills, shared memory and compile time per job and target."""
     by_id = {j["id"]: j for j in jobs}
     rows = []
     for r in sorted(results, key=lambda r: (by_id[r["id"]]["kernel"], r["id"], -r["arch"])):
-        job = by_id[r["id"]]
-        tuner = job.get("tuner") or ""
+        tuner = by_id[r["id"]].get("tuner") or ""
         if r["ok"]:
-            over = " OVER-SMEM" if r["shared"] > MAX_SHARED[r["arch"]] else ""
-            spill = f"{r.get('local', '?')}" + (" SPILL" if r.get("local") else "")
-            rows.append(f"sm{r['arch']}  {r.get('regs', '?'):>4}  {spill:>10}  {r['shared']:>7}{over:<10} "
-                        f"{r['seconds']:>6.2f}{'c' if r['cache_hit'] else ' '}  {tuner:<22} {r['id']}")  # fmt: skip
+            spills = f"{r.get('spill_stores', '?')}/{r.get('spill_loads', '?')}"
+            hit = "c" if r["cache_hit"] else " "
+            rows.append(f"sm{r['arch']}  {r.get('regs', '?'):>4}  {spills:>11}  {r['shared']:>7}  "
+                        f"{r['seconds']:>6.2f}{hit}  {tuner:<22} {r['id']}  {_flags(r)}")
         else:
-            first = r["error"].strip().splitlines()[-1][:100] if r["error"].strip() else "?"
-            rows.append(f"sm{r['arch']}  FAILED {first}  {r['id']}")
-    head = (f"arch  regs  local(B/t)  shared(B)           time(s)  {'autotuner':<22} job\n"
-            "      (c = triton cache hit; local memory per thread = register spills; OVER-SMEM: above the "
-            "per-block limit)")  # fmt: skip
+            last = r["error"].strip().splitlines()[-1][:100] if r["error"].strip() else "?"
+            rows.append(f"sm{r['arch']}  FAILED {last}  {r['id']}")
+    head = (f"arch  regs  spill(st/ld)  smem(B)  time(s)  {'autotuner':<22} job  flags\n"
+            "  per thread: registers, bytes of register spill stores/loads (ptxas -v); smem: shared memory a block;\n"
+            "  c: triton cache hit; WGMMA-SERIALIZED: ptxas serialised the wgmma MMAs for want of registers;\n"
+            f"  OVER-SMEM: above the block limit ({MAX_SHARED})")  # fmt: skip
     return head + "\n" + "\n".join(rows)
 
 
