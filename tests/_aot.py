@@ -881,6 +881,7 @@ def main(argv=None) -> int:
     r.add_argument("--workers", type=int, default=2)
     r.add_argument("--archs", type=int, nargs="+", default=[90, 80])
     r.add_argument("--match", help="only the jobs whose id matches this regular expression")
+    r.add_argument("--every-arch", action="store_true", help="every job for every --archs (default: sm_80 for a few)")
     r.add_argument("--json", help="write jobs and results here")
     a = ap.parse_args(argv)
     if a.cmd == "capture":
@@ -903,6 +904,8 @@ def main(argv=None) -> int:
     elif a.cmd == "report":
         t0 = time.perf_counter()
         jobs = [j for j in make_plan(a.full)["jobs"] if not a.match or re.search(a.match, j["id"])]
+        for j in jobs if a.every_arch else ():
+            j["targets"] = list(a.archs)
         t1 = time.perf_counter()
         results = run_compile(jobs, a.workers, timeout=24 * 3600, archs=tuple(a.archs))
         t2 = time.perf_counter()
