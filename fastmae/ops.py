@@ -19,7 +19,6 @@ Arguments are validated here, once, whatever the backend: bad input raises a
 
 from __future__ import annotations
 
-import functools
 import importlib
 
 import torch
@@ -52,7 +51,6 @@ _IMPLS: dict[str, dict[str, str]] = {
 }
 
 
-@functools.cache
 def _impl(op: str, backend: str):
     target = _IMPLS[op][backend]
     module, fn = target.split(":")
