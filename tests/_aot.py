@@ -86,11 +86,11 @@ def source_hash(full: bool) -> str:
     for path in sorted((REPO / "fastmae").rglob("*.py")) + [Path(__file__).resolve()]:
         h.update(str(path.relative_to(REPO)).encode())
         h.update(path.read_bytes())
-    try:
-        import importlib.metadata as md
+    try:  # the imported modules' versions (a triton on PYTHONPATH shadows the venv's, see the Makefile)
+        import torch
+        import triton
 
-        for pkg in ("triton", "torch"):
-            h.update(f"{pkg}={md.version(pkg)}".encode())
+        h.update(f"triton={triton.__version__} torch={torch.__version__}".encode())
     except Exception:
         pass
     h.update(b"full" if full else b"core")
@@ -402,7 +402,8 @@ def _specialize(kernel_name: str, params: dict, options: dict, capability: int):
     # as JITFunction.run does
     kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # triton >= 3.7; 3.6 (the GPU machine's) lacks it
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
     bound, spec, opts = binder(**kwargs)
     return fn, backend, kwargs, bound, spec, opts
 
@@ -610,7 +611,7 @@ def plan(records: list[dict], full: bool = False) -> list[dict]:
 # ========================================================================== 3. compile
 def triton_api_missing() -> list[str]:
     """The Triton internals this module uses that the installed triton lacks (checked
-    against 3.9; other versions may name them differently)."""
+    against 3.9 and 3.6; other versions may name them differently)."""
     needed = {
         "triton.runtime.jit": ["create_function_from_signature", "JITFunction._pack_args"],
         "triton.runtime.interpreter": ["InterpretedFunction.run"],
