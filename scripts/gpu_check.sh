@@ -2,11 +2,11 @@
 # scripts/gpu_check.sh OUT_DIR -- everything fastmae needs a GPU for, in one time-boxed run.
 #
 # Made for a short GPU lease (15 minutes, no internet; torch and triton preinstalled): it
-# installs fastmae (pip install -e . --no-deps, no build isolation), runs the GPU tests
-# (pytest -m gpu) and the kernel test files, `fastmae validate`, the kernel
-# micro-benchmarks (benchmarks/bench_ops.py) and `fastmae bench` (its default GPU
-# configuration), each under `timeout`, the whole within ~9 minutes. Everything is written
-# under OUT_DIR:
+# runs fastmae from this checkout (PYTHONPATH; nothing is installed unless
+# GPU_CHECK_INSTALL=1), the GPU tests (pytest -m gpu), `fastmae bench` (its default GPU
+# configuration), the kernel micro-benchmarks (benchmarks/bench_ops.py), `fastmae
+# validate` and the kernel test files, in that order (most wanted first), each under
+# `timeout`, the whole within ~9 minutes. Everything is written under OUT_DIR:
 #
 #   OUT_DIR/env.txt          nvidia-smi, python, torch, triton
 #   OUT_DIR/logs/<step>.log  the full output of each step
@@ -20,7 +20,10 @@
 # Records carry the git commit (git rev-parse); in a copied tree without .git pass it as
 # FASTMAE_GIT_COMMIT=<hash>, or the records say "unknown".
 # Environment: PYTHON (default python3), GPU_CHECK_BUDGET_S (default 540 seconds),
-# GPU_CHECK_SKIP_INSTALL=1 to use the checkout as it is (PYTHONPATH) without pip.
+# GPU_CHECK_BENCH_ARGS (extra `fastmae bench` arguments; default the three models of the
+# issue's table, ViT-B/16, ViT-L/16 and ViT-H/14, at their default batch sizes),
+# GPU_CHECK_INSTALL=1 to pip-install the checkout first (editable, no deps; not needed:
+# everything runs as `python -m ...` from the checkout).
 set -u
 
 if [ $# -ne 1 ]; then
@@ -28,12 +31,13 @@ if [ $# -ne 1 ]; then
     exit 2
 fi
 PY=${PYTHON:-python3}
+BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:---models vit_b16,vit_l16,vit_h14}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
 mkdir -p "$OUT/logs" "$OUT/bench" "$OUT/ops" "$OUT/validate" "$OUT/records"
 cd "$REPO" || exit 2
-# fastmae imports from the checkout even if the editable install below fails
+# fastmae imports from the checkout; nothing needs it installed
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
@@ -90,37 +94,49 @@ step() {
 cat "$OUT/env.txt"
 
 # --------------------------------------------------------------------------- steps
-if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
+if [ -n "${GPU_CHECK_INSTALL:-}" ]; then
     step install 60 "$PY" -m pip install -e . --no-deps --no-build-isolation --no-input
 fi
 
-if "$PY" -c 'import pytest' 2>/dev/null; then
-    # addopts is cleared: it names pytest-benchmark's --benchmark-disable, which may not be installed here
-    PYTEST=("$PY" -m pytest -o addopts= -p no:cacheprovider -ra --durations=8)
+HAVE_PYTEST=0
+"$PY" -c 'import pytest' 2>/dev/null && HAVE_PYTEST=1
+# addopts is cleared: it names pytest-benchmark's --benchmark-disable, which may not be installed here
+PYTEST=("$PY" -m pytest -o addopts= -p no:cacheprovider -ra --durations=8)
+
+if ((HAVE_PYTEST)); then
     step gpu_tests 70 "${PYTEST[@]}" -m gpu -x -q tests
+else
+    SUMMARY+=("gpu_tests|skipped (pytest not installed)|0")
+    FAILED=1
+fi
+
+# the harnesses stop starting new measurements at their budget and keep what they measured
+B=$(($(left) - 300))
+((B > 120)) && B=120
+((B < 30)) && B=30
+# shellcheck disable=SC2086  # word-split on purpose
+step bench $((B + 30)) "$PY" -m fastmae bench --quiet --out "$OUT/bench" --time-budget "$B" $BENCH_ARGS
+
+B=$(($(left) - 180))
+((B > 80)) && B=80
+((B < 20)) && B=20
+step bench_ops $((B + 20)) "$PY" -m benchmarks.bench_ops --quiet --out "$OUT/ops" --time-budget "$B"
+
+B=$(($(left) - 90))
+((B > 70)) && B=70
+((B < 20)) && B=20
+step validate $((B + 20)) "$PY" -m fastmae validate --quiet --out "$OUT/validate" --time-budget "$B"
+
+if ((HAVE_PYTEST)); then
     mapfile -t KERNEL_TESTS < <(ls tests/test_kernel_*.py 2>/dev/null)
     if ((${#KERNEL_TESTS[@]})); then
-        step kernel_tests 70 "${PYTEST[@]}" -q -m "not gpu" "${KERNEL_TESTS[@]}"
+        step kernel_tests 80 "${PYTEST[@]}" -q -m "not gpu" "${KERNEL_TESTS[@]}"
     else
         SUMMARY+=("kernel_tests|skipped (no tests/test_kernel_*.py)|0")
     fi
 else
-    SUMMARY+=("gpu_tests|skipped (pytest not installed)|0" "kernel_tests|skipped (pytest not installed)|0")
-    FAILED=1
+    SUMMARY+=("kernel_tests|skipped (pytest not installed)|0")
 fi
-
-step validate 90 "$PY" -m fastmae validate --quiet --out "$OUT/validate" --time-budget 70
-
-# the harnesses stop starting new measurements at their budget and keep what they measured
-B=$(($(left) - 170))
-((B > 80)) && B=80
-((B < 20)) && B=20
-step bench_ops 100 "$PY" -m benchmarks.bench_ops --quiet --out "$OUT/ops" --time-budget "$B"
-
-B=$(($(left) - 30))
-((B > 120)) && B=120
-((B < 20)) && B=20
-step bench 150 "$PY" -m fastmae bench --quiet --out "$OUT/bench" --time-budget "$B"
 
 # --------------------------------------------------------------------------- records
 cp "$OUT"/bench/*.json "$OUT"/ops/*.json "$OUT"/validate/*.json "$OUT/records/" 2>/dev/null
