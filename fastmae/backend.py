@@ -123,8 +123,9 @@ def _cuda_problem(device: torch.device) -> str | None:
     err = _import_error("fastmae._C")
     if err is not None:
         return (
-            "the CUDA backend needs fastmae's compiled extension fastmae._C, which is not built "
-            "(build it on a machine with CUDA: FASTMAE_BUILD_CUDA=1 pip install -e .)"
+            "the CUDA backend needs fastmae's compiled extension fastmae._C, which is not built: "
+            "this version of fastmae has no CUDA kernels yet (csrc/ holds no sources), so there is "
+            "nothing to build; use backend='triton' on CUDA tensors"
         )
     if device.type != "cuda":
         return f"the CUDA backend runs on CUDA tensors; got a tensor on {device}"
