@@ -10,7 +10,9 @@
   same run as the figures they are compared with;
 * :func:`environment`: what a record must carry to be reproducible (card, versions,
   git commit, date, command line);
-* :class:`ProgressBar`: a dependency-free ``\\r`` bar on stderr.
+* :class:`ProgressBar`: a dependency-free ``\\r`` bar on stderr;
+* :func:`write_json`: records are rewritten after every measurement, atomically, so a
+  run killed at its time limit leaves a readable record of what it measured.
 
 Nothing here imports triton.
 """
@@ -18,6 +20,7 @@ Nothing here imports triton.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 import platform
@@ -48,6 +51,7 @@ __all__ = [
     "git_commit",
     "environment",
     "timestamp",
+    "write_json",
 ]
 
 
@@ -340,6 +344,21 @@ def card_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu: {_cpu_model()} ({os.cpu_count()} threads)"
+
+
+def write_json(path: str, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename: a process
+    killed mid-write leaves the previous version, never a truncated file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def slug(text: str) -> str:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import json
+import math
 import os
 import sys
 import time
@@ -196,7 +196,7 @@ class Config:
 @dataclass
 class Result:
     config: Config
-    status: str = "ok"  # ok | unavailable | error | oom | skipped
+    status: str = "ok"  # ok | unavailable | error | oom | skipped | incomplete
     reason: str = ""
     ms: list[float] = field(default_factory=list)
     peak_mem_gib: float | None = None
@@ -251,16 +251,23 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
     return f"backend {backend!r} is not available on {device}"
 
 
+def _gflop_per_image(cfg: Config) -> float:
+    return flops_per_image(model_config(cfg.model), cfg.mask_ratio, cfg.mask_tokens_in_encoder) / 1e9
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except Exception as e:  # a kernel fault leaves the CUDA context broken; say so, keep the record
+            print(f"fastmae bench: freeing GPU memory failed ({type(e).__name__}: {e}); "
+                  "later configurations will likely fail too", file=sys.stderr)
 
 
 def _run_config(cfg: Config, device: torch.device, dtype: torch.dtype, steps: int, warmup: int,
                 compile_: bool, progress: _timing.ProgressBar) -> Result:
-    res = Result(cfg, gflop_per_image=flops_per_image(model_config(cfg.model), cfg.mask_ratio,
-                                                      cfg.mask_tokens_in_encoder) / 1e9)
+    res = Result(cfg, gflop_per_image=_gflop_per_image(cfg))
     reason = _unavailable_reason(cfg.backend, device)
     if reason is not None:
         res.status, res.reason = "unavailable", reason
@@ -299,6 +306,9 @@ def _run_config(cfg: Config, device: torch.device, dtype: torch.dtype, steps: in
         if device.type == "cuda":
             res.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
         res.loss = float(last[0]) if last else None
+        if res.loss is not None and not math.isfinite(res.loss):
+            # timed, but a wrong result: not a throughput figure to compare
+            res.status, res.reason = "error", f"the loss is {res.loss} (not finite)"
     except (BackendUnavailableError, ImportError) as e:
         res.status, res.reason = "unavailable", f"{type(e).__name__}: {e}"
         res.ms = []
@@ -558,8 +568,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
 
     def save():
         record["encoder_only_speedup"], record["speedup_vs_stock"] = _speedups(record["results"])
-        with open(paths["json"], "w") as f:
-            json.dump(record, f, indent=1)
+        _timing.write_json(paths["json"], record)
         write_csv(record, paths["csv"])
 
     progress = _timing.ProgressBar(len(configs), enabled=not args.quiet)
@@ -568,14 +577,21 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         progress.start(cfg.label())
         if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
             res = Result(cfg, status="skipped", reason=f"time budget of {args.time_budget:g} s spent",
-                         gflop_per_image=flops_per_image(model_config(cfg.model), cfg.mask_ratio,
-                                                         cfg.mask_tokens_in_encoder) / 1e9)
+                         gflop_per_image=_gflop_per_image(cfg))
         else:
+            # on record before it starts: a run killed (time limit) or crashed (kernel fault)
+            # in this configuration leaves this row, not a silently missing one
+            record["results"].append(Result(
+                cfg, status="incomplete", reason="started but did not finish: the process was killed or crashed",
+                gflop_per_image=_gflop_per_image(cfg)).as_dict(peak))
+            save()
             res = _run_config(cfg, device, dtype, steps, warmup, args.compile, progress)
-            _free(device)
+            record["results"].pop()
         record["results"].append(res.as_dict(peak))
         progress.finish_task()
         save()
+        if res.status != "skipped":
+            _free(device)
     progress.close()
     if device.type == "cpu":
         import resource

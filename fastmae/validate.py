@@ -48,7 +48,6 @@ when any check fails, else 0.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -419,8 +418,11 @@ _CASES = {
 
 # ---------------------------------------------------------------------------- driver
 def validate(device, ops_=None, backends=None, dtypes=None, batch: int = 32, progress=None,
-             quick: bool = False, time_budget: float | None = None) -> list[Check]:
+             quick: bool = False, time_budget: float | None = None, on_case=None) -> list[Check]:
     """Run the checks; returns every :class:`Check` (skips and errors included).
+
+    ``on_case``: called with the checks so far after each (op, backend, dtype, shape) case
+    (``fastmae validate`` rewrites its JSON record there).
 
     ``quick``: the first shape of each kind and, unless ``dtypes`` is given, the first dtype only.
     ``time_budget``: seconds after which no new (op, backend, dtype, shape) is started; those
@@ -460,6 +462,8 @@ def validate(device, ops_=None, backends=None, dtypes=None, batch: int = 32, pro
                                             f"{type(e).__name__}: {msg}"))
                     if progress is not None:
                         progress.finish_task()
+                    if on_case is not None:
+                        on_case(checks)
                     if skipped is not None:
                         checks.append(Check(op, b, "-", "-", "-", "skip", 0.0, 0.0, True, skipped))
                         break
@@ -574,10 +578,24 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         names = [b for b in names if sel_b is None or b in sel_b]
         n_tasks += len(names) * len(sel_dt or default_dtypes(device, op)[: 1 if args.quick else None]) * (
             len(att_shapes) if op in _ATTENTION_OPS else len(img_shapes))
+    paths = [args.json] if args.json else []
+    if args.out:
+        paths.append(os.path.join(args.out, f"validate-{_timing.slug(env['card'])}-{env['timestamp']}.json"))
+
+    def save(checks: list[Check], complete: bool) -> None:
+        # rewritten after every case: a run killed at its time limit keeps what it checked
+        record = {"kind": "validate", "schema": 1, "env": env, "seed": seed,
+                  "passed": all(c.passed for c in checks), "complete": complete,
+                  "config": {"ops": sel_ops, "backends": sel_b, "dtypes": args.dtypes, "batch": args.batch,
+                             "quick": args.quick},
+                  "checks": [_jsonable(asdict(c)) for c in checks]}
+        for path in paths:
+            _timing.write_json(path, record)
+
     progress = _timing.ProgressBar(n_tasks, enabled=not args.quiet)
     t0 = time.perf_counter()
     checks = validate(device, sel_ops, sel_b, sel_dt, batch=args.batch, progress=progress, quick=args.quick,
-                      time_budget=args.time_budget)
+                      time_budget=args.time_budget, on_case=lambda c: save(c, complete=False))
     progress.close()
     table, ok = render(checks)
     print(table)
@@ -595,15 +613,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
           f"({time.perf_counter() - t0:.1f} s)")
     if n_late:
         print(f"warning: {n_late} op/backend/dtype/shape cases not run: time budget of {args.time_budget:g} s spent")
-    paths = [args.json] if args.json else []
-    if args.out:
-        paths.append(os.path.join(args.out, f"validate-{_timing.slug(env['card'])}-{env['timestamp']}.json"))
+    save(checks, complete=True)
     for path in paths:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"kind": "validate", "schema": 1, "env": env, "seed": seed, "passed": ok,
-                       "config": {"ops": sel_ops, "backends": sel_b, "dtypes": args.dtypes, "batch": args.batch,
-                                  "quick": args.quick},
-                       "checks": [_jsonable(asdict(c)) for c in checks]}, f, indent=1)
         print(f"wrote {path}")
     return 0 if ok else 1

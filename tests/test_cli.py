@@ -111,6 +111,49 @@ def test_bench_error_in_a_configuration_is_reported_and_fails(tmp_path, monkeypa
     assert "error" in out and "RuntimeError: kernel exploded" in out
 
 
+def test_bench_nan_loss_is_an_error_not_a_throughput(tmp_path, monkeypatch):
+    import fastmae.bench
+
+    real = fastmae.bench.build_model
+
+    def nan_model(*args, **kwargs):
+        model = real(*args, **kwargs)
+        forward = model.forward
+
+        def poisoned(*a, **k):
+            loss, pred, mask = forward(*a, **k)
+            return loss * float("nan"), pred, mask
+
+        model.forward = poisoned
+        return model
+
+    monkeypatch.setattr(fastmae.bench, "build_model", nan_model)
+    assert _small_bench(tmp_path, "--device", "cpu", "--encoder", "visible") == 1
+    (r,) = json.load(open(_one(str(tmp_path / "bench-*.json"))))["results"]
+    assert r["status"] == "error" and "not finite" in r["reason"]
+
+
+def test_bench_records_a_configuration_before_running_it(tmp_path, monkeypatch):
+    # A run killed inside a configuration (time limit, kernel fault) leaves it on record
+    # as "incomplete"; once it finishes, its result replaces that row.
+    import fastmae.bench
+
+    seen = []
+    real = fastmae.bench._run_config
+
+    def spy(cfg, *args, **kwargs):
+        rec = json.load(open(_one(str(tmp_path / "bench-*.json"))))
+        seen.append([(r["encoder"], r["status"]) for r in rec["results"]])
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(fastmae.bench, "_run_config", spy)
+    assert _small_bench(tmp_path, "--device", "cpu") == 0
+    assert seen == [[("visible", "incomplete")], [("visible", "ok"), ("mask_tokens", "incomplete")]]
+    rec = json.load(open(_one(str(tmp_path / "bench-*.json"))))
+    assert [(r["encoder"], r["status"]) for r in rec["results"]] == [("visible", "ok"), ("mask_tokens", "ok")]
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
 @pytest.mark.parametrize("ratios", ["0.95", "0.3", "0.5..0.95", "abc"])
 def test_bench_rejects_bad_mask_ratios(tmp_path, ratios, capsys):
     assert _small_bench(tmp_path, "--mask-ratios", ratios) == 2
@@ -167,6 +210,27 @@ def _fake_triton(monkeypatch, impls):
     pytest.importorskip("triton")
     real = fastmae.ops._impl
     monkeypatch.setattr(fastmae.ops, "_impl", lambda op, b: impls[op] if op in impls else real(op, b))
+
+
+def test_validate_rewrites_its_record_after_every_case(tmp_path, monkeypatch):
+    # a run killed at its time limit keeps the record of what it checked
+    from fastmae import _timing
+
+    writes = []
+    real = _timing.write_json
+
+    def spy(path, obj):
+        writes.append((obj["complete"], len(obj["checks"])))
+        real(path, obj)
+
+    monkeypatch.setattr(_timing, "write_json", spy)
+    path = tmp_path / "v.json"
+    assert main(["validate", "--quick", "--quiet", "--ops", "patchify,mae_loss", "--backends", "torch",
+                 "--json", str(path)]) == 0
+    assert len(writes) >= 3 and [c for c, _ in writes] == [False] * (len(writes) - 1) + [True]
+    assert [n for _, n in writes] == sorted(n for _, n in writes) and writes[0][1] > 0
+    rec = json.load(open(path))
+    assert rec["complete"] and rec["passed"] and len(rec["checks"]) == writes[-1][1]
 
 
 def test_validate_fails_on_a_wrong_forward(monkeypatch, capsys):
