@@ -153,6 +153,14 @@ class _Tty(io.StringIO):
         return True
 
 
+def test_write_json_is_atomic(tmp_path):
+    path = str(tmp_path / "r" / "rec.json")
+    _timing.write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        _timing.write_json(path, {"a": 2, "b": object()})  # fails mid-write
+    assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path / "r") == ["rec.json"]
+
+
 def test_progress_bar():
     tty = _Tty()
     bar = _timing.ProgressBar(2, stream=tty)
@@ -377,6 +385,37 @@ def test_harness_skips_graphs_on_cpu_and_on_request():
     assert m["graph_status"] == "skipped" and m["graph_reason"] == "--no-graphs"
     assert bench_ops.build_parser().parse_args(["--no-graphs"]).graphs is False
     assert bench_ops.build_parser().parse_args([]).graphs is True
+
+
+def test_harness_enters_the_sdpa_kernel_context_once_not_per_call(monkeypatch):
+    import contextlib
+
+    entered = []
+
+    @contextlib.contextmanager
+    def counting(kernel):
+        entered.append(kernel)
+        yield
+
+    monkeypatch.setattr(bench_ops, "_sdpa_context", counting)
+    make, step = bench_ops._attention_case("attention_qkvpacked", (2, 2, 9, 8), "fwd+bwd", "sdpa:math", "cpu",
+                                           torch.float32)
+    m = _quiet_harness().measure(make, step)
+    assert m["status"] == "ok" and entered == ["math"]
+    step(*make())  # called on its own, the step still runs inside the context
+    assert entered == ["math", "math"]
+    make, step = bench_ops._attention_case("attention_qkvpacked", (2, 2, 9, 8), "fwd", "torch", "cpu",
+                                           torch.float32)
+    assert not hasattr(step, "hoisted")
+
+
+def test_bench_ops_runs_sections_in_the_order_given(tmp_path):
+    assert bench_ops.main(["--device", "cpu", "--out", str(tmp_path), "--quiet", "--reps", "2", "--warmup", "1",
+                           "--sections", "attention,ops", "--backends", "torch,sdpa"]) == 0
+    (path,) = tmp_path.glob("ops-*.json")
+    sections = [r["section"] for r in json.load(open(path))["results"]]
+    first_ops = sections.index("ops")
+    assert set(sections[:first_ops]) == {"attention"} and set(sections[first_ops:]) == {"ops"}
 
 
 def test_a_failed_capture_is_recorded_not_raised(monkeypatch):
