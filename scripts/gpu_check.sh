@@ -29,6 +29,7 @@
 # GPU_CHECK_WORKERS (pytest-xdist workers, default 8),
 # GPU_CHECK_BENCH_ARGS (extra `fastmae bench` arguments; default the three models of the
 # issue's table, ViT-B/16, ViT-L/16 and ViT-H/14, at their default batch sizes),
+# GPU_CHECK_VALIDATE_ARGS (extra `fastmae validate` arguments; default --dtypes bf16),
 # GPU_CHECK_INSTALL=1 to pip-install the checkout first (editable, no deps; not needed:
 # everything runs as `python -m ...` from the checkout).
 set -u
@@ -39,6 +40,7 @@ if [ $# -ne 1 ]; then
 fi
 PY=${PYTHON:-python3}
 BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:---models vit_b16,vit_l16,vit_h14}
+VALIDATE_ARGS=${GPU_CHECK_VALIDATE_ARGS:---dtypes bf16}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
@@ -136,10 +138,14 @@ else
 fi
 
 B=$(budget 100 80)
-step bench_ops $((B + 20)) "$PY" -m benchmarks.bench_ops --quiet --out "$OUT/ops" --time-budget "$B"
+# attention first (the issue-4 shapes against SDPA's kernels), then the data-path ops at ViT-B/L
+step bench_ops $((B + 20)) "$PY" -m benchmarks.bench_ops --quiet --out "$OUT/ops" --time-budget "$B" \
+    --sections attention,ops,long --models vit_b16,vit_l16
 
 B=$(budget 60 60)
-step validate $((B + 20)) "$PY" -m fastmae validate --quiet --out "$OUT/validate" --time-budget "$B"
+# bf16 only: the dtype the CPU interpreter cannot check (fp32/fp16 on the GPU: kernel_tests below)
+# shellcheck disable=SC2086
+step validate $((B + 20)) "$PY" -m fastmae validate --quiet --out "$OUT/validate" --time-budget "$B" $VALIDATE_ARGS
 
 if ((HAVE_PYTEST)); then
     mapfile -t KERNEL_TESTS < <(ls tests/test_kernel_*.py 2>/dev/null)
@@ -183,6 +189,8 @@ for r in recs:
         late = [c for c in checks if c.get("oracle") == "not run"]
         if late:
             print(f"  {len(late)} cases not run (time budget)")
+        if not r.get("complete", True):
+            print("  record incomplete: validate was stopped before it finished")
     elif r.get("kind") == "ops":
         res = r.get("results", [])
         ok = [x for x in res if x.get("status") == "ok"]
