@@ -50,6 +50,8 @@ cd "$REPO" || exit 2
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_AUTOTUNING=1
+# compiled kernels and autotune choices: shared by the steps, outside OUT_DIR (not sent back)
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/fastmae-triton-cache}
 
 START=$(date +%s)
 DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-570}))
