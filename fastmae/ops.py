@@ -24,7 +24,7 @@ import importlib
 import torch
 
 from . import reference as ref
-from .backend import BackendUnavailableError, resolve
+from .backend import BackendUnavailableError, get_backend, resolve
 
 __all__ = [
     "patchify",
@@ -35,7 +35,13 @@ __all__ = [
     "mae_loss",
     "attention",
     "attention_qkvpacked",
+    "TRITON_ATTENTION_MAX_HEAD_DIM",
 ]
+
+# The Triton attention kernels hold whole head rows in their tiles (D padded to a power of
+# two): head dims up to this are compiled for sm_90 in CI (tests/_aot.py) and tested. Above
+# it ``backend="auto"`` takes SDPA and ``backend="triton"`` is a ValueError.
+TRITON_ATTENTION_MAX_HEAD_DIM = 128
 
 # op -> {backend: "module:function"}; modules are imported on first use, so that
 # ``import fastmae`` never needs triton, xformers or the CUDA extension.
@@ -63,6 +69,16 @@ def _impl(op: str, backend: str):
 def _backend(op: str, backend, device: torch.device, attention: bool = False) -> str:
     implemented = {"torch", *_IMPLS[op]} | ({"sdpa", "xformers"} if attention else set())
     return resolve(backend, device, attention=attention, implemented=implemented)
+
+
+def _attention_backend(op: str, backend, device: torch.device, head_dim: int) -> str:
+    b = _backend(op, backend, device, attention=True)
+    if b == "triton" and head_dim > TRITON_ATTENTION_MAX_HEAD_DIM:
+        if (get_backend() if backend is None else backend) == "auto":
+            return "sdpa"
+        raise ValueError(f"head dim D={head_dim} (the last dim of q, k, v) is above the Triton attention "
+                         f"kernels' limit of {TRITON_ATTENTION_MAX_HEAD_DIM}; use backend='sdpa' or 'auto'")
+    return b
 
 
 def patchify(imgs: torch.Tensor, patch_size: int, *, backend: str | None = None) -> torch.Tensor:
@@ -142,12 +158,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     """Non-causal softmax attention; q, k, v and the result are (B, N, H, D).
 
     Backends: ``torch`` (plain math), ``sdpa`` (torch's scaled_dot_product_attention),
-    ``triton`` (fastmae's memory-efficient kernel), ``xformers``; ``auto`` picks Triton
-    for CUDA tensors (SDPA when Triton is missing) and the reference for CPU tensors.
+    ``triton`` (fastmae's memory-efficient kernel, head dims up to
+    :data:`TRITON_ATTENTION_MAX_HEAD_DIM`), ``xformers``; ``auto`` picks Triton for CUDA
+    tensors (SDPA when Triton is missing or D is above that limit) and the reference for
+    CPU tensors.
     """
     ref.check_attention(q, k, v)
     _check_scale(scale)
-    b = _backend("attention", backend, q.device, attention=True)
+    b = _attention_backend("attention", backend, q.device, q.shape[-1])
     if b == "torch":
         return ref.attention(q, k, v, scale)
     if b == "sdpa":
@@ -165,7 +183,7 @@ def attention_qkvpacked(qkv: torch.Tensor, *, scale: float | None = None, backen
     """
     ref.check_attention_qkvpacked(qkv)
     _check_scale(scale)
-    b = _backend("attention_qkvpacked", backend, qkv.device, attention=True)
+    b = _attention_backend("attention_qkvpacked", backend, qkv.device, qkv.shape[-1])
     if b == "torch":
         return ref.attention_qkvpacked(qkv, scale)
     q, k, v = qkv.unbind(2)

@@ -65,9 +65,10 @@ MAX_SHARED = {90: 232448, 80: 166912}
 
 # MAE attention shapes: encoder N = 1 + 49 (ViT-B/L at mask 0.75) or 1 + 64 (ViT-H/14),
 # decoder N = 197 or 257 (224 px, patch 16 or 14), and a long sequence beyond the one-tile
-# paths; head dims of ViT-S/B/L/H, the decoders and others.
+# paths; head dims of ViT-S/B/L/H, the decoders, the tiny bench model (8, 16) and others
+# up to fastmae.ops.TRITON_ATTENTION_MAX_HEAD_DIM.
 ATTN_N = (50, 65, 197, 257, 1024)
-ATTN_D = (32, 64, 80, 96, 128)
+ATTN_D = (8, 16, 32, 64, 80, 96, 128)
 ATTN_DTYPES = ("float32", "float16", "bfloat16")
 
 

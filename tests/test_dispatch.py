@@ -114,3 +114,32 @@ def test_import_without_triton_xformers_or_extension():
 def test_available_backends_on_cpu():
     names = fastmae.available_backends("cpu", attention=True)
     assert "torch" in names and "sdpa" in names and "cuda" not in names and "xformers" not in names
+
+
+def test_attention_head_dims_above_the_triton_limit(monkeypatch):
+    # backend="triton" names the limit; "auto" takes SDPA there (and Triton up to it)
+    import fastmae.ops as ops_mod
+
+    limit = ops_mod.TRITON_ATTENTION_MAX_HEAD_DIM
+    q, k, v = (torch.randn(2, 5, 2, limit + 32) for _ in range(3))
+    with pytest.raises(ValueError, match=f"head dim D={limit + 32}.*limit of {limit}"):
+        ops.attention(q, k, v, backend="triton")
+    with pytest.raises(ValueError, match="head dim"):
+        ops.attention_qkvpacked(torch.stack((q, k, v), 2), backend="triton")
+
+    called = []
+    monkeypatch.setattr(ops_mod, "_backend", lambda *a, **kw: "triton")  # as auto on a GPU
+    monkeypatch.setattr(ops_mod, "_impl", lambda op, b: lambda *a: called.append((op, b)))
+    torch.testing.assert_close(ops.attention(q, k, v), ref.attention(q, k, v))
+    torch.testing.assert_close(ops.attention_qkvpacked(torch.stack((q, k, v), 2), backend="auto"),
+                               ref.attention(q, k, v))
+    assert called == []
+    small = [t[..., :limit] for t in (q, k, v)]
+    ops.attention(*small)
+    assert called == [("attention", "triton")]
+    fastmae.set_backend("triton")
+    try:
+        with pytest.raises(ValueError, match="head dim"):
+            ops.attention(q, k, v)
+    finally:
+        fastmae.set_backend("auto")

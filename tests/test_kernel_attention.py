@@ -28,7 +28,7 @@ from fastmae.kernels import attention as A  # noqa: E402
 
 # (N, D): N = 1 (one key), 50 (ViT-B/16 encoder at 75% masking), 65 (ViT-H/14 encoder),
 # 197 (ViT-B/16 decoder), D = 80 and 96 (padded to a 128-wide tile) and 128 at small N.
-SHAPES = [(1, 32), (50, 64), (65, 80), (197, 32), (17, 96), (33, 128)]
+SHAPES = [(1, 32), (50, 64), (65, 80), (197, 32), (17, 96), (33, 128), (5, 8), (40, 16)]
 DTYPES = [torch.float32, torch.float16]
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -287,6 +287,15 @@ def test_cpu_fallbacks_are_the_reference():
     g = A._attention_backward_cpu(dout, q, k, v, out, lse, 0.3)
     want = torch.autograd.grad(ref.attention_qkvpacked(qkv.requires_grad_(True), 0.3), qkv, dout)[0]
     assert torch.equal(g, want)
+
+
+def test_head_dim_above_the_limit_is_a_clear_error(kernel_device):
+    D = A.MAX_HEAD_DIM + 1
+    q = torch.randn(1, 4, 1, D, device=kernel_device)
+    with pytest.raises(ValueError, match=f"head dim D={D}"):
+        A.attention(q, q, q)
+    with pytest.raises(ValueError, match=f"head dim D={D}"):
+        A.attention_qkvpacked(torch.stack((q, q, q), 2))
 
 
 # ----------------------------------------------------------------------------- GPU only

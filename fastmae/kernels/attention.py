@@ -35,12 +35,18 @@ Backward (FlashAttention-2)
       keys accumulating dK, dV over all query blocks; one program per block of queries
       accumulating dQ over all key blocks. No atomics: the result is deterministic.
 
-Any sequence length: padded keys get ``-inf`` scores, padded query rows read zeros (and a
-``+inf`` logsumexp, so their probabilities are 0) and are never written. Head dims are
-padded to BLOCK_D = the next power of two (80 -> 128) with masks on the D axis. fp16 and
-bf16 inputs are multiplied on the tensor cores with fp32 accumulation (``P`` and ``dS``
-are rounded to the input dtype before their products, as in FlashAttention); fp32 inputs
-use ``input_precision="ieee"`` (no TF32).
+Reproducibility: with no atomics, a launch with a given config gives the same bits every
+time. Which config runs is the autotuner's choice per (N, D, dtypes), made once per
+process from timings; two processes may pick differently (near ties) and so round
+differently. ``TRITON_CACHE_AUTOTUNING=1`` keeps the first choice on disk for later
+processes.
+
+Head dims up to :data:`MAX_HEAD_DIM` (128), any sequence length: padded keys get ``-inf``
+scores, padded query rows read zeros (and a ``+inf`` logsumexp, so their probabilities are
+0) and are never written. Head dims are padded to BLOCK_D = the next power of two
+(80 -> 128) with masks on the D axis. fp16 and bf16 inputs are multiplied on the tensor
+cores with fp32 accumulation (``P`` and ``dS`` are rounded to the input dtype before their
+products, as in FlashAttention); fp32 inputs use ``input_precision="ieee"`` (no TF32).
 """
 
 import math
@@ -52,6 +58,7 @@ import triton.language as tl
 
 from fastmae import reference
 from fastmae._library import empty, interpreting, kernel_op, launch, register_cpu_fallback
+from fastmae.ops import TRITON_ATTENTION_MAX_HEAD_DIM as MAX_HEAD_DIM
 
 __all__ = ["attention", "attention_qkvpacked"]
 
@@ -647,10 +654,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
 
     ``scale`` defaults to ``D ** -0.5``. Differentiable.
     """
+    _check_head_dim(q.shape[-1])
     return _attention_op(q, k, v, scale)[0]
 
 
 def attention_qkvpacked(qkv: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
     """:func:`attention` on the fused projection output ``qkv`` (B, N, 3, H, D), read in place;
     its gradient is written in the same packed layout."""
+    _check_head_dim(qkv.shape[-1])
     return _attention_qkvpacked_op(qkv, scale)[0]
+
+
+def _check_head_dim(D: int) -> None:
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim D={D} is above the Triton attention kernels' limit of {MAX_HEAD_DIM}")
