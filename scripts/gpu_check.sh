@@ -171,51 +171,6 @@ for row in "${SUMMARY[@]}"; do
     IFS='|' read -r name status secs <<<"$row"
     printf '%-14s %-28s %6s\n' "$name" "$status" "$secs"
 done
-"$PY" - "$OUT/records" <<'EOF' 2>&1
-import glob, json, os, sys
-
-recs = []
-for p in sorted(glob.glob(os.path.join(sys.argv[1], "*.json"))):
-    try:
-        recs.append(json.load(open(p)))
-    except Exception as e:
-        print(f"unreadable record {p}: {e}")
-for r in recs:
-    if r.get("kind") == "validate":
-        checks = r.get("checks", [])
-        ran = [c for c in checks if c.get("oracle") not in ("skip", "not run")]
-        bad = [c for c in ran if not c.get("passed")]
-        print(f"\nvalidate: {len(ran)} checks, {len(bad)} failed")
-        for c in bad[:10]:
-            print(f"  FAIL {c['op']} {c['backend']} {c['dtype']} {c['shape']} {c['quantity']} {c['detail']}")
-        late = [c for c in checks if c.get("oracle") == "not run"]
-        if late:
-            print(f"  {len(late)} cases not run (time budget)")
-        if not r.get("complete", True):
-            print("  record incomplete: validate was stopped before it finished")
-    elif r.get("kind") == "ops":
-        res = r.get("results", [])
-        ok = [x for x in res if x.get("status") == "ok"]
-        print(f"\nbench_ops: {len(ok)} of {len(res)} measurements ok (copy {r['ceilings']['copy']['gbps']:.0f} GB/s, "
-              f"matmul {r['ceilings']['matmul']['tflops']:.0f} TFLOP/s)")
-        for x in ok:
-            if x["section"] == "ops" and x["shape_label"] == "vit_b16" and x["direction"] == "fwd+bwd":
-                g = (f"graph {x['graph_ms']:8.3f} ms {x['x_floor_graph']:6.1f}x floor"
-                     if x.get("graph_status") == "ok" else f"graph {x.get('graph_status', 'n/a')}")
-                print(f"  {x['op']:18s} {x['backend']:7s} fwd+bwd eager {x['ms']:8.3f} ms {x['x_floor']:6.1f}x floor | {g}")
-    elif r.get("kind") == "bench":
-        print(f"\nbench on {r['env']['card']} ({r['config']['dtype']}):")
-        print(f"  {'model':8s} {'batch':>5s} {'mask':>5s} {'backend':8s} {'encoder':12s} {'img/s':>9s} {'ms/step':>8s} {'GiB':>6s}")
-        for x in r.get("results", []):
-            if x["status"] == "ok":
-                print(f"  {x['model']:8s} {x['batch_size']:5d} {x['mask_ratio']:5.2f} {x['backend']:8s} {x['encoder']:12s} "
-                      f"{x['images_per_s']:9.1f} {x['ms_per_step']:8.2f} {x['peak_mem_gib'] or 0:6.1f}")
-            else:
-                print(f"  {x['model']:8s} {x['batch_size']:5d} {x['mask_ratio']:5.2f} {x['backend']:8s} {x['encoder']:12s} "
-                      f"{x['status']}: {x['reason'][:70]}")
-        for e in r.get("encoder_only_speedup", []):
-            print(f"  encoder-only speedup {e['model']} {e['backend']}: {e['encoder_only_speedup']:.2f}x")
-        for s in r.get("speedup_vs_stock", []):
-            print(f"  {s['backend']} vs stock {s['model']} {s['encoder']}: {s['speedup_vs_stock']:.2f}x")
-EOF
+echo
+"$PY" -m benchmarks.gpu_summary "$OUT/records" 2>&1
 exit $FAILED

@@ -659,3 +659,38 @@ def test_a_capture_failure_is_recorded_and_the_device_stays_usable():
     y = torch.randn(1000, device="cuda")
     m = h.measure(lambda: (y,), lambda t: t.mul(2))
     assert m["status"] == "ok" and m["graph_status"] == "ok", m
+
+
+# ---------------------------------------------------------------------------- gpu_check summary
+def test_gpu_summary_of_every_record_kind(tmp_path):
+    from benchmarks import gpu_summary
+
+    rng = random.Random()
+    bench = _synthetic_bench_record(rng)
+    bench["results"].append(dict(bench["results"][0], model="vit_h14", status="incomplete", images_per_s=None,
+                                 ms_per_step=None, reason="started but did not finish: the process was killed"))
+    json.dump(bench, open(tmp_path / "bench-x.json", "w"))
+    tri, sdpa_ms = round(rng.uniform(0.1, 1.0), 3), {"sdpa:flash": 0.9, "sdpa:efficient": 0.7, "sdpa:cudnn": 0.8}
+    att = {"section": "attention", "op": "attention_qkvpacked", "shape_label": "vit_b16 enc",
+           "shape": [256, 12, 50, 64], "direction": "fwd+bwd", "status": "ok", "ms": 9.0, "graph_status": "ok"}
+    rows = [dict(att, backend="triton", graph_ms=tri)] + [dict(att, backend=b, graph_ms=m) for b, m in sdpa_ms.items()]
+    rows += [dict(att, backend="sdpa:math", status="unsupported", reason="no kernel"),
+             {"section": "ops", "op": "mae_loss", "shape_label": "vit_b16", "shape": [1], "backend": "triton",
+              "direction": "fwd+bwd", "status": "ok", "ms": 0.2, "x_floor": 2.0, "graph_status": "failed"}]
+    json.dump({"kind": "ops", "ceilings": {"copy": {"gbps": 4000.0}, "matmul": {"tflops": 700.0}}, "results": rows},
+              open(tmp_path / "ops-x.json", "w"))
+    checks = [{"op": "patchify", "backend": "triton", "dtype": "bf16", "shape": "s", "quantity": "out",
+               "oracle": "exact", "passed": False, "detail": "mismatch"},
+              {"op": "patchify", "backend": "triton", "dtype": "bf16", "shape": "t", "quantity": "-",
+               "oracle": "not run", "passed": True, "detail": ""}]
+    json.dump({"kind": "validate", "complete": False, "checks": checks}, open(tmp_path / "validate-x.json", "w"))
+    (tmp_path / "zz-broken.json").write_text("{not json")
+
+    text = gpu_summary.summarize(str(tmp_path))
+    assert "bench on Synthetic GPU 9000 (bf16)" in text and "incomplete: started but did not finish" in text
+    assert f"attention vit_b16 enc (256, 12, 50, 64) triton fwd+bwd {tri:.3f} ms (graph)" in text
+    assert f"fastest SDPA sdpa:efficient 0.700 ms (graph), speedup {0.7 / tri:.2f}x" in text
+    assert "mae_loss" in text and "graph failed" in text
+    assert "validate: 1 checks, 1 failed" in text and "1 cases not run" in text and "record incomplete" in text
+    assert "zz-broken.json: unreadable record" in text
+    assert gpu_summary.summarize(str(tmp_path / "none")).startswith("no records")
