@@ -427,6 +427,11 @@ def run_sections(args, device, dtype, ceilings, record, save, progress):
         record["results"].append(r)
         save()  # after every measurement: a run cut short by a timeout keeps what it measured
 
+    def measure(backend, case, **kw) -> dict:
+        """``h.measure`` of the (make, fn) that ``case()`` builds, or why ``backend`` cannot run."""
+        why = _unavailable(backend, device)
+        return {"status": "unavailable", "reason": why} if why else h.measure(*case(), **kw)
+
     def ops_section():
         shapes = {m: (MODEL_SHAPES if gpu else CPU_SHAPES)[m] for m in args.models}
         for model, s in shapes.items():
@@ -435,12 +440,7 @@ def run_sections(args, device, dtype, ceilings, record, save, progress):
                 for backend in [b for b in backends if b in ("torch", "triton", "cuda")]:
                     for direction in ("fwd", "fwd+bwd"):
                         progress.start(f"ops {model} {op} {backend} {direction}")
-                        why = _unavailable(backend, device)
-                        if why:
-                            m = {"status": "unavailable", "reason": why}
-                        else:
-                            make, fn = _data_case(op, d, direction, backend, device, dtype)
-                            m = h.measure(make, fn)
+                        m = measure(backend, partial(_data_case, op, d, direction, backend, device, dtype))
                         shape = (d["N"], d["img"], d["p"], d["D"], d["Dd"])
                         row("ops", op, model, shape, backend, direction, m,
                             floor_bytes=data_op_bytes(op, d, direction, es))
@@ -459,12 +459,8 @@ def run_sections(args, device, dtype, ceilings, record, save, progress):
                 for backend in names:
                     for direction in ("fwd", "fwd+bwd"):
                         progress.start(f"{section} {label} {op} {backend} {direction}")
-                        why = _unavailable(backend, device)
-                        if why:
-                            m = {"status": "unavailable", "reason": why}
-                        else:
-                            make, fn = _attention_case(op, shape, direction, backend, device, dtype)
-                            m = h.measure(make, fn, reps=None if N <= 1024 else max(args.reps // 2, 5))
+                        m = measure(backend, partial(_attention_case, op, shape, direction, backend, device, dtype),
+                                    reps=None if N <= 1024 else max(args.reps // 2, 5))
                         row(section, op, label, shape, backend, direction, m,
                             floor_bytes=attention_bytes(B, N, H, D, direction, es),
                             flops=attention_flops(B, N, H, D, direction))

@@ -667,4 +667,5 @@ def attention_qkvpacked(qkv: torch.Tensor, scale: Optional[float] = None) -> tor
 
 def _check_head_dim(D: int) -> None:
     if D > MAX_HEAD_DIM:
-        raise ValueError(f"head dim D={D} is above the Triton attention kernels' limit of {MAX_HEAD_DIM}")
+        raise ValueError(f"head dim D={D} (the last dim of q, k, v) is above the Triton attention kernels' "
+                         f"limit of {MAX_HEAD_DIM}; use backend='sdpa' or 'auto'")
