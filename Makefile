@@ -1,11 +1,11 @@
 # fastmae developer entry points. `make bench` and `make test` set up .venv on first use.
 #
-# TORCH is the torch requirement installed into the venv. The default is the CPU build
-# (torch==2.13.0, on local disk on the project's machines); an unpinned `torch` pulls a
+# TORCH is the torch requirement installed into the venv. The default is the CUDA 13.0 build
+# of torch 2.14.1 with torchvision 0.29.1 (on local disk on the project's machines; it runs on the CPU too, and builds the CUDA extension); an unpinned `torch` pulls a
 # multi-GB CUDA build. On a GPU machine: make TORCH=torch test (or any CUDA build you have).
 PYTHON ?= python3
 VENV   ?= .venv
-TORCH  ?= torch==2.13.0
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
 BIN     = $(VENV)/bin
 # The triton of the GPU machines fastmae is measured on (older than the venv's): every
 # kernel must also compile with it, see test-device-triton.
@@ -18,7 +18,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
