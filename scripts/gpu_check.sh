@@ -12,15 +12,24 @@
 # compiles and times 6 to 50 configs): TRITON_CACHE_AUTOTUNING=1 keeps each choice on
 # disk so a later step reuses it, the bench tunes alone (its choices are the ones timed),
 # and the correctness tests run in parallel (pytest-xdist, when installed) so the
-# compiles use the machine's cores. Everything is written under OUT_DIR:
+# compiles use the machine's cores.
 #
-#   OUT_DIR/env.txt          nvidia-smi, python, torch, triton
-#   OUT_DIR/logs/<step>.log  the full output of each step
-#   OUT_DIR/bench/           fastmae bench: JSON, CSV (and PNG when matplotlib is there)
-#   OUT_DIR/ops/             bench_ops JSON record
-#   OUT_DIR/validate/        fastmae validate JSON record
-#   OUT_DIR/records/         copies of every JSON record: copy these into benchmarks/results/
-#                            and run `python -m benchmarks.make_results`
+# The device tool sends back at most 8 files from $OUT (16 MiB each), so the steps write
+# into a work folder outside OUT_DIR (GPU_CHECK_WORK, default a new /tmp/fastmae-gpu-check.*):
+#
+#   WORK/env.txt          nvidia-smi, python, torch, triton
+#   WORK/logs/<step>.log  the full output of each step
+#   WORK/bench/           fastmae bench: JSON, CSV (and PNG when matplotlib is there)
+#   WORK/ops/             bench_ops JSON record
+#   WORK/validate/        fastmae validate JSON record
+#   WORK/records/         copies of every JSON record
+#   WORK/summary.txt      the step table and the summary
+#
+# and after every step `python -m benchmarks.gpu_pack WORK OUT_DIR` rewrites OUT_DIR's few
+# files: records.tar.gz (all of WORK), summary.txt and the PNG plots, at most 8 in all, so a
+# lease that ends mid-run still returns what the finished steps wrote. Unpack with
+# `tar xzf OUT_DIR/records.tar.gz -C DIR`, copy DIR/records/*.json into benchmarks/results/
+# and run `python -m benchmarks.make_results`.
 #
 # A summary table comes last. Exit status: 0 when every step passed, else 1.
 # Records carry the git commit (git rev-parse); in a copied tree without .git pass it as
@@ -31,7 +40,8 @@
 # issue's table, ViT-B/16, ViT-L/16 and ViT-H/14, at their default batch sizes),
 # GPU_CHECK_VALIDATE_ARGS (extra `fastmae validate` arguments; default --dtypes bf16),
 # GPU_CHECK_INSTALL=1 to pip-install the checkout first (editable, no deps; not needed:
-# everything runs as `python -m ...` from the checkout).
+# everything runs as `python -m ...` from the checkout), GPU_CHECK_STEPS (a comma list of
+# the steps to run, e.g. `bench_ops,validate` for a rerun; default all).
 set -u
 
 if [ $# -ne 1 ]; then
@@ -44,7 +54,14 @@ VALIDATE_ARGS=${GPU_CHECK_VALIDATE_ARGS:---dtypes bf16}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mkdir -p "$1"
 OUT=$(cd "$1" && pwd)
-mkdir -p "$OUT/logs" "$OUT/bench" "$OUT/ops" "$OUT/validate" "$OUT/records"
+WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/fastmae-gpu-check.XXXXXX)}
+mkdir -p "$WORK"
+WORK=$(cd "$WORK" && pwd)
+case "$WORK/" in "$OUT"/*)
+    echo "GPU_CHECK_WORK ($WORK) must be outside OUT_DIR ($OUT): its files would count against the 8 returned" >&2
+    exit 2 ;;
+esac
+mkdir -p "$WORK/logs" "$WORK/bench" "$WORK/ops" "$WORK/validate" "$WORK/records"
 cd "$REPO" || exit 2
 # fastmae imports from the checkout; nothing needs it installed
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -61,11 +78,25 @@ FAILED=0
 
 left() { echo $((DEADLINE - $(date +%s) - RESERVE)); }
 
+# pack: copy the JSON records into WORK/records and rewrite OUT_DIR's files (benchmarks/gpu_pack.py)
+pack() {
+    cp "$WORK"/bench/*.json "$WORK"/ops/*.json "$WORK"/validate/*.json "$WORK/records/" 2>/dev/null
+    "$PY" -m benchmarks.gpu_pack "$WORK" "$OUT" >/dev/null 2>>"$WORK/logs/pack.log" ||
+        echo "gpu_pack failed, see $WORK/logs/pack.log" >&2
+}
+trap 'pack; exit 1' INT TERM
+
+wanted() { [ -z "${GPU_CHECK_STEPS:-}" ] || [[ ",${GPU_CHECK_STEPS}," == *",$1,"* ]]; }
+
 # step NAME MAX_SECONDS CMD... : run CMD under timeout (MAX_SECONDS, or less when the
-# deadline is nearer), log to OUT/logs/NAME.log, show its tail, record the outcome.
+# deadline is nearer), log to WORK/logs/NAME.log, show its tail, record the outcome, pack.
 step() {
     local name=$1 max=$2
     shift 2
+    if ! wanted "$name"; then
+        SUMMARY+=("$name|not asked for (GPU_CHECK_STEPS)|0")
+        return
+    fi
     local t
     t=$(left)
     ((t > max)) && t=$max
@@ -78,7 +109,7 @@ step() {
     echo "== $name (timeout ${t}s): $*"
     local t0 rc status
     t0=$(date +%s)
-    timeout -k 5 "$t" "$@" >"$OUT/logs/$name.log" 2>&1
+    timeout -k 5 "$t" "$@" >"$WORK/logs/$name.log" 2>&1
     rc=$?
     if ((rc == 0)); then
         status=ok
@@ -89,8 +120,9 @@ step() {
         status="FAILED (exit $rc)"
         FAILED=1
     fi
-    tail -n 30 "$OUT/logs/$name.log"
+    tail -n 30 "$WORK/logs/$name.log"
     SUMMARY+=("$name|$status|$(($(date +%s) - t0))")
+    pack
 }
 
 # --------------------------------------------------------------------------- environment
@@ -102,8 +134,9 @@ step() {
     "$PY" -c 'import pytest; print("pytest", pytest.__version__)' 2>&1
     "$PY" -c 'import matplotlib; print("matplotlib", matplotlib.__version__)' 2>&1
     echo "commit: $(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo "${FASTMAE_GIT_COMMIT:-unknown} (no git)")"
-} >"$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+} >"$WORK/env.txt" 2>&1
+cat "$WORK/env.txt"
+pack
 
 # --------------------------------------------------------------------------- steps
 if [ -n "${GPU_CHECK_INSTALL:-}" ]; then
@@ -128,7 +161,7 @@ budget() {
 # The harnesses stop starting new measurements at their budget and keep what they measured.
 B=$(budget 330 190)
 # shellcheck disable=SC2086  # word-split on purpose
-step bench $((B + 30)) "$PY" -m fastmae bench --quiet --out "$OUT/bench" --time-budget "$B" $BENCH_ARGS
+step bench $((B + 30)) "$PY" -m fastmae bench --quiet --out "$WORK/bench" --time-budget "$B" $BENCH_ARGS
 
 if ((HAVE_PYTEST)); then
     step gpu_tests 120 "${PYTEST[@]}" "${PARALLEL[@]}" -m gpu tests --ignore=tests/test_bench_harness.py --ignore=tests/test_sm90_compile.py
@@ -141,13 +174,13 @@ fi
 
 B=$(budget 100 80)
 # attention first (the issue-4 shapes against SDPA's kernels), then the data-path ops at ViT-B/L
-step bench_ops $((B + 20)) "$PY" -m benchmarks.bench_ops --quiet --out "$OUT/ops" --time-budget "$B" \
+step bench_ops $((B + 20)) "$PY" -m benchmarks.bench_ops --quiet --out "$WORK/ops" --time-budget "$B" \
     --sections attention,ops,long --models vit_b16,vit_l16
 
 B=$(budget 60 60)
 # bf16 only: the dtype the CPU interpreter cannot check (fp32/fp16 on the GPU: kernel_tests below)
 # shellcheck disable=SC2086
-step validate $((B + 20)) "$PY" -m fastmae validate --quiet --out "$OUT/validate" --time-budget "$B" $VALIDATE_ARGS
+step validate $((B + 20)) "$PY" -m fastmae validate --quiet --out "$WORK/validate" --time-budget "$B" $VALIDATE_ARGS
 
 if ((HAVE_PYTEST)); then
     mapfile -t KERNEL_TESTS < <(ls tests/test_kernel_*.py 2>/dev/null)
@@ -160,17 +193,19 @@ else
     SUMMARY+=("kernel_tests|skipped (pytest not installed)|0")
 fi
 
-# --------------------------------------------------------------------------- records
-cp "$OUT"/bench/*.json "$OUT"/ops/*.json "$OUT"/validate/*.json "$OUT/records/" 2>/dev/null
-
 # --------------------------------------------------------------------------- summary
-echo
-echo "================ gpu_check summary ($(($(date +%s) - START)) s, records in $OUT/records) ================"
-printf '%-14s %-28s %6s\n' step result seconds
-for row in "${SUMMARY[@]}"; do
-    IFS='|' read -r name status secs <<<"$row"
-    printf '%-14s %-28s %6s\n' "$name" "$status" "$secs"
-done
-echo
-"$PY" -m benchmarks.gpu_summary "$OUT/records" 2>&1
+pack
+{
+    echo
+    echo "================ gpu_check summary ($(($(date +%s) - START)) s, records in $WORK/records) ================"
+    printf '%-14s %-28s %6s\n' step result seconds
+    for row in "${SUMMARY[@]}"; do
+        IFS='|' read -r name status secs <<<"$row"
+        printf '%-14s %-28s %6s\n' "$name" "$status" "$secs"
+    done
+    echo
+    "$PY" -m benchmarks.gpu_summary "$WORK/records" 2>&1
+} | tee "$WORK/summary.txt"
+pack
+echo "returned files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit $FAILED

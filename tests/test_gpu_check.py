@@ -1,0 +1,118 @@
+"""scripts/gpu_check.sh returns everything in at most 8 files (the device tool's limit).
+
+The packer (benchmarks/gpu_pack.py) is tested on a synthetic work folder shaped like a full
+run's (every step's log, every record kind, the bench's CSV and plots, one oversized log);
+the script itself is run on the CPU for its cheapest step (a tiny-model bench), which goes
+through the same packing.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from benchmarks import gpu_pack  # noqa: E402
+
+STEPS = ("bench", "gpu_tests", "harness_tests", "bench_ops", "validate", "kernel_tests", "build_ext", "pack")
+
+
+def _full_run_work(work: Path, pngs: int = 9) -> set[str]:
+    """A work folder with what a full gpu_check run leaves (more PNGs than can be returned)."""
+    names = set()
+
+    def put(rel, data):
+        p = work / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data if isinstance(data, bytes) else data.encode())
+        names.add(rel)
+
+    put("env.txt", "torch 2.11\n")
+    for s in STEPS:
+        put(f"logs/{s}.log", f"{s} output {os.urandom(8).hex()}\n" * 50)
+    for kind, sub in (("bench", "bench"), ("ops", "ops"), ("validate", "validate")):
+        rec = json.dumps({"kind": kind, "nonce": os.urandom(8).hex()})
+        put(f"{sub}/{kind}-h200-20261201.json", rec)
+        put(f"records/{kind}-h200-20261201.json", rec)
+    put("bench/bench-h200-20261201.csv", "a,b\n1,2\n")
+    for i in range(pngs):
+        put(f"bench/plot{i}.png", b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    put("summary.txt", "step table\n")
+    return names
+
+
+def _returned(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if p.is_file()]
+
+
+def test_pack_returns_at_most_8_files_holding_everything(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    names = _full_run_work(work)
+    big = work / "logs" / "huge.log"
+    big.write_bytes(b"x" * (gpu_pack.MAX_LOG_BYTES * 3))
+    names.add("logs/huge.log")
+    written = gpu_pack.pack(str(work), str(out))
+    files = _returned(out)
+    assert 1 <= len(files) <= gpu_pack.MAX_FILES == 8
+    assert sorted(p.name for p in files) == sorted(written)
+    assert all(p.parent == out for p in files)  # nothing in sub-folders
+    assert all(p.stat().st_size <= gpu_pack.MAX_FILE_BYTES for p in files)
+    assert (out / "summary.txt").read_text() == "step table\n"
+    with tarfile.open(out / "records.tar.gz") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert set(members) == names
+        # records and logs arrive byte for byte; the oversized log is cut to head + tail
+        for rel in names - {"logs/huge.log"}:
+            assert tar.extractfile(members[rel]).read() == (work / rel).read_bytes(), rel
+        huge = tar.extractfile(members["logs/huge.log"]).read()
+    assert len(huge) < gpu_pack.MAX_LOG_BYTES + 100 and b"bytes cut" in huge
+    assert sum(p.suffix == ".png" for p in files) == gpu_pack.MAX_PNGS
+
+
+def test_pack_is_rerunnable_and_refuses_a_work_folder_inside_out(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    _full_run_work(work, pngs=1)
+    first = gpu_pack.pack(str(work), str(out))
+    (work / "records" / "late.json").write_text("{}")
+    second = gpu_pack.pack(str(work), str(out))  # after a later step: rewritten, not added to
+    assert first == second and len(_returned(out)) == len(second) <= 8
+    with tarfile.open(out / "records.tar.gz") as tar:
+        assert "records/late.json" in tar.getnames()
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    (out / "inner").mkdir()
+    with pytest.raises(ValueError, match="outside"):
+        gpu_pack.pack(str(out / "inner"), str(out))
+    with pytest.raises(ValueError, match="does not exist"):
+        gpu_pack.pack(str(tmp_path / "missing"), str(out))
+
+
+def test_gpu_check_script_leaves_at_most_8_files(tmp_path):
+    """The real script, its cheapest step only (tiny-model bench on the CPU), then the summary."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_STEPS="bench", GPU_CHECK_BENCH_ARGS="--models tiny",
+               GPU_CHECK_WORK=str(work), GPU_CHECK_BUDGET_S="200", TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    files = _returned(out)
+    assert len(files) <= 8 and all(p.parent == out for p in files), [str(p) for p in files]
+    assert {"records.tar.gz", "summary.txt"} <= {p.name for p in files}
+    with tarfile.open(out / "records.tar.gz") as tar:
+        got = tar.getnames()
+    assert "env.txt" in got and "logs/bench.log" in got and "summary.txt" in got
+    assert any(n.startswith("records/bench-") and n.endswith(".json") for n in got)
+    assert "not asked for" in (out / "summary.txt").read_text()
+
+
+def test_gpu_check_refuses_a_work_folder_inside_out(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_WORK=str(out / "w"))
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "outside OUT_DIR" in r.stderr
