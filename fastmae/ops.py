@@ -11,6 +11,7 @@ decoder_unshuffle   :func:`fastmae.reference.decoder_unshuffle` :mod:`fastmae.ke
 mae_loss            :func:`fastmae.reference.mae_loss`         :mod:`fastmae.kernels.loss`
 attention           :func:`fastmae.reference.attention`        :mod:`fastmae.kernels.attention`
 attention_qkvpacked :func:`fastmae.reference.attention_qkvpacked` :mod:`fastmae.kernels.attention`
+bias_gelu           :func:`fastmae.reference.bias_gelu`        :mod:`fastmae.kernels.bias_gelu`
 =================== =============================== ==========================================
 
 Arguments are validated here, once, whatever the backend: bad input raises a
@@ -35,6 +36,7 @@ __all__ = [
     "mae_loss",
     "attention",
     "attention_qkvpacked",
+    "bias_gelu",
     "TRITON_ATTENTION_MAX_HEAD_DIM",
 ]
 
@@ -54,6 +56,7 @@ _IMPLS: dict[str, dict[str, str]] = {
     "mae_loss": {"triton": "fastmae.kernels.loss:mae_loss"},
     "attention": {"triton": "fastmae.kernels.attention:attention"},
     "attention_qkvpacked": {"triton": "fastmae.kernels.attention:attention_qkvpacked"},
+    "bias_gelu": {"triton": "fastmae.kernels.bias_gelu:bias_gelu"},
 }
 
 
@@ -192,3 +195,25 @@ def attention_qkvpacked(qkv: torch.Tensor, *, scale: float | None = None, backen
     if b == "xformers":
         return _xformers_attention(q, k, v, scale)
     return _impl("attention_qkvpacked", b)(qkv, scale)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """``gelu(x + bias)``, the exact (erf) GELU, float32 math, in ``x``'s dtype: the MLP's fc1 bias + activation.
+
+    ``x`` (..., H) fp32/fp16/bf16, any strides; ``bias`` (H,) any float dtype (the fp32
+    parameter under autocast). Differentiable in both; the backward recomputes ``x + bias``
+    from the saved ``x`` and fuses the bias gradient (see :mod:`fastmae.kernels.bias_gelu`).
+    The Triton kernels compute in float32: float64 inputs take the reference on
+    ``backend="auto"`` and are a TypeError on ``backend="triton"``.
+    """
+    ref.check_bias_gelu(x, bias)
+    b = _backend("bias_gelu", backend, x.device)
+    if b != "torch" and torch.float64 in (x.dtype, bias.dtype):
+        if (get_backend() if backend is None else backend) == "auto":
+            b = "torch"
+        else:
+            raise TypeError(f"backend={b!r} bias_gelu computes in float32: x and bias must be float32, float16 or "
+                            f"bfloat16, got x {x.dtype} and bias {bias.dtype}; use backend='torch' for float64")
+    if b == "torch":
+        return ref.bias_gelu(x, bias)
+    return _impl("bias_gelu", b)(x, bias)

@@ -32,6 +32,7 @@ __all__ = [
     "mae_loss",
     "attention",
     "attention_qkvpacked",
+    "bias_gelu",
     "get_2d_sincos_pos_embed",
     "num_kept",
 ]
@@ -346,6 +347,36 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     """Attention through ``torch.nn.functional.scaled_dot_product_attention`` (B, N, H, D)."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return out.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- bias + GELU
+def check_bias_gelu(x, bias) -> None:
+    """Validate :func:`bias_gelu`'s arguments: x (..., H) float, bias (H,) float on x's device."""
+    _check_tensor("x", x)
+    _check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension (..., H), got shape {tuple(x.shape)}")
+    _check_tensor("bias", bias)
+    H = x.shape[-1]
+    if tuple(bias.shape) != (H,):
+        raise ValueError(f"bias must have shape (H,) = ({H},) (the last dim of x), got {tuple(bias.shape)}")
+    _check_float("bias", bias)
+    if bias.device != x.device:
+        raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``gelu(x + bias)`` with the exact GELU ``0.5 v (1 + erf(v / sqrt 2))``, ``v = x + bias``.
+
+    Computed in float32 (float64 when an input is float64) from both inputs upcast, and
+    returned in ``x``'s dtype: the MLP's fc1 bias and activation, with ``x`` the output of
+    ``F.linear(x, fc1.weight)`` (bf16 under autocast) and ``bias`` the fp32 parameter.
+    Differentiable in both; the bias gradient is the sum over rows of the float32
+    gradient of ``v``.
+    """
+    check_bias_gelu(x, bias)
+    m = torch.float64 if torch.float64 in (x.dtype, bias.dtype) else torch.float32
+    return F.gelu(x.to(m) + bias.to(m)).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- pos embed
