@@ -325,3 +325,12 @@ def mae_vit_huge_patch14_dec512d8b(**kwargs):
 mae_vit_base_patch16 = mae_vit_base_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
 mae_vit_large_patch16 = mae_vit_large_patch16_dec512d8b  # decoder: 512 dim, 8 blocks
 mae_vit_huge_patch14 = mae_vit_huge_patch14_dec512d8b  # decoder: 512 dim, 8 blocks
+
+
+def mae_vit_tiny_patch8(**kwargs):
+    """Not an official configuration: a tiny MAE for CPU demos and tests (``fastmae pretrain`` with
+    no arguments): 64 px images, 8 px patches, a 4-block 192-wide encoder, a 2-block 128-wide decoder."""
+    cfg = dict(img_size=64, patch_size=8, embed_dim=192, depth=4, num_heads=3, decoder_embed_dim=128,
+               decoder_depth=2, decoder_num_heads=4, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    cfg.update(kwargs)
+    return MaskedAutoencoderViT(**cfg)
