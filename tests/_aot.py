@@ -330,6 +330,32 @@ def _scenarios():
 
                     yield f"attention{'_qkvpacked' if packed else ''} N={N} D={D} {dt_name}", run
 
+    # ------------------------------------------------------------------- bias + GELU
+    # MLP fc1 outputs, rows x 4D at batch 256: ViT-B encoder (256 x 50 visible tokens, 3072),
+    # the decoder (256 x 197, 2048), ViT-L / ViT-H encoders (4096, 5120 at 256 x 65), the
+    # bench's tiny model and odd widths; the model under autocast (bf16 / fp16 activations,
+    # fp32 bias), one dtype throughout, an fp32 activation with an fp16 bias.
+    bg_shapes = ((12800, 3072), (50432, 2048), (12800, 4096), (16640, 5120), (18, 256), (197, 100), (3, 40), (1, 8))
+    bg_dtypes = ((bf16, f32), (f16, f32), (f32, f32), (bf16, bf16), (f16, f16), (f32, f16))
+    for M, H in bg_shapes:
+        for x_dt, b_dt in bg_dtypes:
+
+            def run(M=M, H=H, x_dt=x_dt, b_dt=b_dt):
+                backward(ops.bias_gelu(rnd(M, H, dtype=x_dt), rnd(H, dtype=b_dt), backend=T))
+
+            yield f"bias_gelu M={M} H={H} x={x_dt} bias={b_dt}", run
+
+    def bg_layouts():
+        # x with its last dim strided (a transposed view) and a row slice at an odd offset;
+        # a stride-0 (expanded) gradient
+        xt = rnd(3072, 256, dtype=bf16, grad=False).t().requires_grad_(True)
+        backward(ops.bias_gelu(xt, rnd(3072), backend=T))
+        xs = rnd(200, 2049, dtype=bf16, grad=False)[1:, 1:].requires_grad_(True)
+        y = ops.bias_gelu(xs, rnd(2048), backend=T)
+        torch.autograd.backward([y], [torch.empty((), dtype=bf16).expand(y.shape)])
+
+    yield "bias_gelu strided x, expanded grad", bg_layouts
+
 
 def capture(gpu_constants: dict | None = None) -> tuple[list[dict], list[str]]:
     """(every launch the scenarios make, the module constants overridden with their GPU
