@@ -27,6 +27,7 @@ from .models import (
     mae_vit_large_patch16,
     mae_vit_large_patch16_dec512d8b,
 )
+from .patching import apply_fastmae, remove_fastmae  # torch and fastmae.ops only
 
 __version__ = "0.1.0"
 
@@ -46,4 +47,6 @@ __all__ = [
     "mae_vit_huge_patch14_dec512d8b",
     "mae_vit_large_patch16",
     "mae_vit_large_patch16_dec512d8b",
+    "apply_fastmae",
+    "remove_fastmae",
 ]

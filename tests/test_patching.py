@@ -1,0 +1,439 @@
+"""fastmae.apply_fastmae on the official MaskedAutoencoderViT (re-created in tests/official_mae.py on
+timm's Blocks) and on HF transformers' ViTMAEForPreTraining (built from a tiny config, no download).
+
+Oracle (the attention tests' convention, at model level): the unpatched model run in float64 on
+the same inputs and noise is the exact answer; the patched fp32 model passes when
+
+    max|patched - exact64| <= 2 * max|unpatched_fp32 - exact64| + floor
+
+for the loss, the prediction and every parameter's gradient; ``floor`` is two fp32 ulps at the
+exact value's magnitude (for results that the fp32 model happens to get exactly right). The stock
+models have two fp32 attention paths (timm: ``fused_attn`` SDPA or its explicit softmax; HF:
+``sdpa`` or ``eager``), which round differently; PyTorch's own fp32 error is the larger of the
+two (with one alone, ~1 in 500 gradient tensors of the patched model lands just above 2x: 17 vs
+7 ulps). Masks and ids_restore are compared for equality. The state dict is compared by keys,
+data pointers and values.
+"""
+
+import contextlib
+import copy
+from unittest import mock
+
+import official_mae
+import pytest
+import torch
+import torch.nn as nn
+
+import fastmae
+from fastmae import ops
+from fastmae.patching import apply_fastmae, is_patched, remove_fastmae
+
+FLAGS = ("patchify", "masking", "unshuffle", "loss", "attention")
+OPS = ("patchify", "encoder_input", "decoder_unshuffle", "mae_loss", "attention_qkvpacked")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _floor(exact: torch.Tensor) -> float:
+    mag = exact.double().abs().max().item()
+    return 2 * torch.finfo(torch.float32).eps * max(mag, 1e-30)
+
+
+def _assert_oracle(name, got, lows, exact):
+    err = (got.double() - exact.double()).abs().max().item()
+    base = max((low.double() - exact.double()).abs().max().item() for low in lows)
+    bound = 2 * base + _floor(exact)
+    assert err <= bound, f"{name}: max error {err:.3g} > 2 * {base:.3g} (unpatched fp32) + floor = {bound:.3g}"
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _official_run(model, imgs, seed, mask_ratio=0.75, noise=None):
+    """loss, pred, mask and grads; the official forward has no noise argument, so its masking noise
+    comes from the seeded torch.rand it draws (the patched model draws the same one without noise)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    if noise is None:
+        loss, pred, mask = model(imgs, mask_ratio)
+    else:
+        loss, pred, mask = model(imgs, mask_ratio, noise=noise)
+    loss.backward()
+    return loss.detach(), pred.detach(), mask, _grads(model)
+
+
+def _eager_attention(model):
+    """A copy of a stock model on its other fp32 attention path (timm: explicit softmax; HF: eager)."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+        if hasattr(m, "config"):
+            m.config._attn_implementation = "eager"
+    return model
+
+
+def _stock_runs(stock, run, imgs):
+    """The unpatched fp32 model's results on both its attention paths (see the module docstring)."""
+    return [run(stock, imgs), run(_eager_attention(stock), imgs)]
+
+
+def _compare(got, lows, exact):
+    low = lows[0]
+    for i, name in enumerate(("loss", "pred")):
+        _assert_oracle(name, got[i], [r[i] for r in lows], exact[i])
+    for r in lows:
+        assert torch.equal(got[2], r[2]) and got[2].dtype == r[2].dtype, "mask"
+    assert got[3].keys() == low[3].keys() == exact[3].keys()
+    for n in got[3]:
+        _assert_oracle(f"grad {n}", got[3][n], [r[3][n] for r in lows], exact[3][n])
+
+
+@contextlib.contextmanager
+def _spy():
+    """Counts the calls of fastmae's ops (the patched methods look them up on fastmae.ops)."""
+    calls = dict.fromkeys(OPS, 0)
+    patches = []
+    for op in OPS:
+        real = getattr(ops, op)
+
+        def wrapper(*a, _op=op, _real=real, **k):
+            calls[_op] += 1
+            return _real(*a, **k)
+
+        patches.append(mock.patch.object(ops, op, wrapper))
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        yield calls
+
+
+def _snapshot(model):
+    return {k: (v.data_ptr(), v.detach().clone()) for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(model, snap):
+    sd = model.state_dict()
+    assert list(sd) == list(snap)
+    for k, v in sd.items():
+        assert v.data_ptr() == snap[k][0], k
+        assert torch.equal(v, snap[k][1]), k
+
+
+# ----------------------------------------------------------------------------- official model
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_official_outputs_and_grads_match(norm_pix_loss, _fresh_seed):
+    stock = official_mae.tiny(norm_pix_loss=norm_pix_loss)
+    exact = copy.deepcopy(stock).double()
+    fast = apply_fastmae(copy.deepcopy(stock))
+    imgs = torch.randn(3, 3, 16, 16)
+    low = _stock_runs(stock, lambda m, x: _official_run(m, x, _fresh_seed), imgs)
+    ref64 = _official_run(exact, imgs.double(), _fresh_seed)
+    got = _official_run(fast, imgs, _fresh_seed)
+    _compare(got, low, ref64)
+    assert got[2].sum(1).eq(12).all()  # int(16 * 0.25) = 4 visible of 16
+
+
+def test_official_noise_argument_equals_seeded_draw(_fresh_seed):
+    stock = official_mae.tiny()
+    fast = apply_fastmae(copy.deepcopy(stock))
+    imgs = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(_fresh_seed)
+    noise = torch.rand(2, 16)
+    a = _official_run(stock, imgs, _fresh_seed, mask_ratio=0.5)
+    b = _official_run(fast, imgs, 12345, mask_ratio=0.5, noise=noise)  # another seed: the noise decides
+    assert torch.equal(a[2], b[2])
+    ids_keep = noise.argsort(1)[:, :8]
+    assert torch.equal(b[2].gather(1, ids_keep), torch.zeros(2, 8))
+
+
+@pytest.mark.parametrize("only", FLAGS)
+def test_official_each_flag_alone(only, _fresh_seed):
+    stock = official_mae.tiny(depth=1)
+    exact = copy.deepcopy(stock).double()
+    fast = apply_fastmae(copy.deepcopy(stock), **{f: f == only for f in FLAGS})
+    imgs = torch.randn(2, 3, 16, 16)
+    low = _stock_runs(stock, lambda m, x: _official_run(m, x, _fresh_seed), imgs)
+    ref64 = _official_run(exact, imgs.double(), _fresh_seed)
+    with _spy() as calls:
+        got = _official_run(fast, imgs, _fresh_seed)
+    _compare(got, low, ref64)
+    want = {"patchify": {"patchify"}, "masking": {"encoder_input"}, "unshuffle": {"decoder_unshuffle"},
+            "loss": {"mae_loss"}, "attention": {"attention_qkvpacked"}}[only]
+    assert {op for op, n in calls.items() if n} == want
+
+
+def test_official_methods_patched_individually(_fresh_seed):
+    stock = official_mae.tiny()
+    fast = apply_fastmae(copy.deepcopy(stock))
+    imgs = torch.randn(2, 3, 16, 16)
+    assert torch.equal(fast.patchify(imgs), stock.patchify(imgs))
+    x = torch.randn(2, 16, 48)
+    assert torch.equal(fast.unpatchify(x), stock.unpatchify(x))
+    tokens = torch.randn(2, 16, 32)
+    torch.manual_seed(_fresh_seed)
+    a = stock.random_masking(tokens, 0.75)
+    torch.manual_seed(_fresh_seed)
+    b = fast.random_masking(tokens, 0.75)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+def test_state_dict_untouched():
+    for model in (official_mae.tiny(), _hf_tiny()):
+        snap = _snapshot(model)
+        named = {n: id(m) for n, m in model.named_modules()}
+        apply_fastmae(model)
+        _assert_same_state(model, snap)
+        assert {n: id(m) for n, m in model.named_modules()} == named  # no module added or replaced
+        model.load_state_dict({k: v[1] for k, v in snap.items()}, strict=True)
+        remove_fastmae(model)
+        _assert_same_state(model, snap)
+
+
+
+def test_instance_scope_two_models_of_one_class(_fresh_seed):
+    """Patching one instance leaves its class and every other instance as they were (Liger issue 242)."""
+    cls = official_mae.MaskedAutoencoderViT
+    attn_cls = type(official_mae.tiny().blocks[0].attn)
+    before = {c: dict(vars(c)) for c in (cls, attn_cls)}
+    plain = official_mae.tiny()
+    patched = apply_fastmae(copy.deepcopy(plain))
+    assert {c: dict(vars(c)) for c in (cls, attn_cls)} == before
+    for m in (plain, *plain.modules()):
+        assert "forward" not in vars(m) and "forward_encoder" not in vars(m)
+    imgs = torch.randn(2, 3, 16, 16)
+    with _spy() as calls:
+        a = _official_run(plain, imgs, _fresh_seed)
+    assert not any(calls.values())  # the unpatched twin runs none of fastmae's ops
+    with _spy() as calls:
+        _official_run(patched, imgs, _fresh_seed)
+    assert calls == {"patchify": 0, "encoder_input": 1, "decoder_unshuffle": 1, "mae_loss": 1,
+                     "attention_qkvpacked": 3}  # 2 encoder + 1 decoder blocks; the loss patchifies inside
+    with pytest.raises(TypeError):
+        plain(imgs, 0.75, noise=torch.rand(2, 16))  # the official forward has no noise argument
+    b = _official_run(plain, imgs, _fresh_seed)  # and still computes what it did
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
+    # a model built after patching is unpatched too
+    later = official_mae.tiny()
+    assert "forward_encoder" not in vars(later)
+
+
+def test_patch_twice_is_idempotent_and_removable(_fresh_seed):
+    stock = official_mae.tiny()
+    fast = apply_fastmae(copy.deepcopy(stock))
+    once = {(n, k): v.__func__ for n, m in fast.named_modules() for k, v in vars(m).items()
+            if callable(v) and hasattr(v, "__func__")}
+    imgs = torch.randn(2, 3, 16, 16)
+    a = _official_run(fast, imgs, _fresh_seed)
+    assert apply_fastmae(fast) is fast
+    twice = {(n, k): v.__func__ for n, m in fast.named_modules() for k, v in vars(m).items()
+             if callable(v) and hasattr(v, "__func__")}
+    assert once == twice and len(once) == 7 + 3  # 7 model methods, 3 attention blocks
+    b = _official_run(fast, imgs, _fresh_seed)
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
+    # the last call's flags are what is patched
+    apply_fastmae(fast, attention=False)
+    assert is_patched(fast)["flags"]["attention"] is False
+    assert all("forward" not in vars(blk.attn) for blk in fast.blocks)
+    remove_fastmae(fast)
+    assert is_patched(fast) is None
+    for m in fast.modules():
+        assert not any(isinstance(v, type(fast.forward)) for v in vars(m).values())
+        assert "_fastmae_backend" not in vars(m)
+    c = _official_run(fast, imgs, _fresh_seed)
+    d = _official_run(stock, imgs, _fresh_seed)
+    assert all(torch.equal(x, y) for x, y in zip(c[:3], d[:3]))
+
+
+def test_fastmae_model_gets_its_backend():
+    m = fastmae.MaskedAutoencoderViT(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2,
+                                     decoder_embed_dim=24, decoder_depth=1, decoder_num_heads=2)
+    assert apply_fastmae(m, backend="torch") is m
+    assert m.backend == "torch" and m.blocks[0].attn.backend == "sdpa"
+    assert "forward" not in vars(m)
+
+
+def test_unrecognised_model_names_what_is_missing():
+    with pytest.raises(ValueError, match=r"attribute 'blocks'.*method 'random_masking'.*attribute 'vit'"):
+        apply_fastmae(nn.Linear(3, 3))
+    m = official_mae.tiny()
+    del m.decoder_blocks
+    with pytest.raises(ValueError, match=r"missing attribute 'decoder_blocks'"):
+        apply_fastmae(m)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        apply_fastmae(object())
+
+
+def test_refuses_what_it_cannot_patch_exactly():
+    from timm.models.vision_transformer import Block
+
+    m = official_mae.tiny()
+    m.blocks[1] = Block(32, 2, 2.0, qkv_bias=True, qk_norm=True, norm_layer=nn.LayerNorm)
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn uses qk-norm"):
+        apply_fastmae(m)
+    assert is_patched(m) is None and "forward_encoder" not in vars(m)  # refused: left as it was
+    apply_fastmae(m, attention=False)  # the data path alone is fine
+    assert is_patched(m)["flags"]["attention"] is False
+
+    m = official_mae.tiny()
+    m.decoder_blocks[0] = Block(24, 2, 2.0, qkv_bias=True, attn_drop=0.1, norm_layer=nn.LayerNorm)
+    with pytest.raises(ValueError, match=r"decoder_blocks\.0\.attn has attention dropout p=0.1"):
+        apply_fastmae(m)
+
+    class Fork(official_mae.MaskedAutoencoderViT):  # a fork whose masking takes something else
+        def forward_encoder(self, x, mask_sequence=None):
+            return super().forward_encoder(x, 0.75)
+
+    m = Fork(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=24,
+             decoder_depth=1, decoder_num_heads=2)
+    with pytest.raises(ValueError, match=r"forward_encoder\(x, mask_sequence\) is not the official"):
+        apply_fastmae(m)
+    apply_fastmae(m, masking=False)
+
+
+def test_argument_errors():
+    m = official_mae.tiny()
+    with pytest.raises(NotImplementedError, match="fused_blocks"):
+        apply_fastmae(m, fused_blocks=True)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        apply_fastmae(m, backend="tpu")
+    with pytest.raises(TypeError, match="masking must be a bool"):
+        apply_fastmae(m, masking=1)
+    assert is_patched(m) is None
+    apply_fastmae(m)
+    with pytest.raises(ValueError, match="mask_ratio must be in"):
+        m(torch.randn(1, 3, 16, 16), 1.0)
+    with pytest.raises(ValueError, match="attn_mask"):
+        m.blocks[0].attn(torch.randn(1, 5, 32), attn_mask=torch.zeros(5, 5))
+
+
+def test_official_triton_backend_matches(kernel_device, _fresh_seed):
+    """The kernels themselves (CPU: Triton's interpreter) inside the patched official model."""
+    dev = kernel_device
+    stock = official_mae.tiny(depth=1).to(dev)
+    exact = copy.deepcopy(stock).double()
+    fast = apply_fastmae(copy.deepcopy(stock), backend="triton")
+    imgs = torch.randn(2, 3, 16, 16, device=dev)
+    low = _stock_runs(stock, lambda m, x: _official_run(m, x, _fresh_seed), imgs)
+    ref64 = _official_run(exact, imgs.double(), _fresh_seed)
+    got = _official_run(fast, imgs, _fresh_seed)
+    _compare(got, low, ref64)
+
+
+# ----------------------------------------------------------------------------- HF ViTMAE
+def _hf_tiny(**kw):
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    cfg = dict(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+               num_attention_heads=2, intermediate_size=64, decoder_hidden_size=24, decoder_num_hidden_layers=1,
+               decoder_num_attention_heads=2, decoder_intermediate_size=48, norm_pix_loss=True)
+    cfg.update(kw)
+    return ViTMAEForPreTraining(ViTMAEConfig(**cfg))
+
+
+def _hf_run(model, imgs, noise, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(imgs, noise=noise, **kw)
+    out.loss.backward()
+    return out.loss.detach(), out.logits.detach(), out.mask, _grads(model), out.ids_restore
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(norm_pix_loss=False, mask_ratio=0.5)])
+def test_hf_outputs_and_grads_match(cfg):
+    stock = _hf_tiny(**cfg)
+    exact = copy.deepcopy(stock).double()
+    fast = apply_fastmae(copy.deepcopy(stock))
+    imgs = torch.randn(3, 3, 16, 16)
+    noise = torch.rand(3, 16)
+    low = _stock_runs(stock, lambda m, x: _hf_run(m, x, noise), imgs)
+    ref64 = _hf_run(exact, imgs.double(), noise.double())
+    with _spy() as calls:
+        got = _hf_run(fast, imgs, noise)
+    _compare(got, low, ref64)
+    assert torch.equal(got[4], low[0][4])  # ids_restore
+    assert calls["encoder_input"] == calls["decoder_unshuffle"] == calls["mae_loss"] == 1
+    keep = int(16 * (1 - stock.config.mask_ratio))
+    assert got[2].sum(1).eq(16 - keep).all()
+
+
+def test_hf_interpolate_pos_encoding_and_tuple_output():
+    stock = _hf_tiny()
+    exact = copy.deepcopy(stock).double()
+    fast = apply_fastmae(copy.deepcopy(stock))
+    imgs = torch.randn(2, 3, 24, 24)  # 36 patches on a 16-patch model
+    noise = torch.rand(2, 36)
+    low = _stock_runs(stock, lambda m, x: _hf_run(m, x, noise, interpolate_pos_encoding=True), imgs)
+    ref64 = _hf_run(exact, imgs.double(), noise.double(), interpolate_pos_encoding=True)
+    got = _hf_run(fast, imgs, noise, interpolate_pos_encoding=True)
+    _compare(got, low, ref64)
+    kw = dict(noise=noise[:1], interpolate_pos_encoding=True, return_dict=False)
+    a, b = stock(imgs[:1], **kw), fast(imgs[:1], **kw)
+    assert isinstance(b, tuple) and len(a) == len(b) == 4
+    with pytest.raises(ValueError, match="doesn't match model"):
+        fast(imgs, noise=noise)
+
+
+@pytest.mark.parametrize("only", FLAGS)
+def test_hf_each_flag_alone(only):
+    stock = _hf_tiny(num_hidden_layers=1)
+    exact = copy.deepcopy(stock).double()
+    fast = apply_fastmae(copy.deepcopy(stock), **{f: f == only for f in FLAGS})
+    imgs = torch.randn(2, 3, 16, 16)
+    noise = torch.rand(2, 16)
+    low = _stock_runs(stock, lambda m, x: _hf_run(m, x, noise), imgs)
+    ref64 = _hf_run(exact, imgs.double(), noise.double())
+    with _spy() as calls:
+        got = _hf_run(fast, imgs, noise)
+    _compare(got, low, ref64)
+    want = {"patchify": {"patchify"}, "masking": {"encoder_input"}, "unshuffle": {"decoder_unshuffle"},
+            "loss": {"mae_loss"}, "attention": set()}[only]
+    assert {op for op, n in calls.items() if n} == want
+
+
+def test_hf_methods_and_noise_free_masking(_fresh_seed):
+    stock = _hf_tiny()
+    fast = apply_fastmae(copy.deepcopy(stock))
+    imgs = torch.randn(2, 3, 16, 16)
+    assert torch.equal(fast.patchify(imgs), stock.patchify(imgs))
+    x = torch.randn(2, 16, 48)
+    assert torch.equal(fast.unpatchify(x), stock.unpatchify(x))
+    torch.manual_seed(_fresh_seed)
+    a = stock(imgs)
+    torch.manual_seed(_fresh_seed)
+    b = fast(imgs)  # no noise: the same torch.rand draw as HF's
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.ids_restore, b.ids_restore)
+    with pytest.raises(ValueError, match="squared size"):
+        fast.patchify(torch.randn(1, 3, 16, 12))
+
+
+def test_hf_instance_scope():
+    plain = _hf_tiny()
+    cls_dicts = {c: dict(vars(c)) for m in plain.modules() for c in type(m).__mro__ if c.__module__.startswith(
+        "transformers.models.vit_mae")}
+    fast = apply_fastmae(copy.deepcopy(plain))
+    assert {c: dict(vars(c)) for c in cls_dicts} == cls_dicts
+    assert not any("forward" in vars(m) for m in plain.modules())
+    attn = [m for m in fast.modules() if hasattr(m, "q_proj") or hasattr(m, "query")]
+    assert len(attn) == 3 and all("forward" in vars(m) for m in attn)  # 2 encoder + 1 decoder layers
+    assert "forward" in vars(fast.vit.embeddings) and "forward" in vars(fast.decoder)
+
+
+def test_hf_refuses_attention_dropout():
+    m = _hf_tiny(attention_probs_dropout_prob=0.1)
+    with pytest.raises(ValueError, match="attention dropout p=0.1"):
+        apply_fastmae(m)
+    apply_fastmae(m, attention=False)
+
+
+def test_hf_triton_backend_matches(kernel_device):
+    dev = kernel_device
+    stock = _hf_tiny(num_hidden_layers=1).to(dev)
+    exact = copy.deepcopy(stock).double()
+    fast = apply_fastmae(copy.deepcopy(stock), backend="triton")
+    imgs = torch.randn(2, 3, 16, 16, device=dev)
+    noise = torch.rand(2, 16, device=dev)
+    low = _stock_runs(stock, lambda m, x: _hf_run(m, x, noise), imgs)
+    ref64 = _hf_run(exact, imgs.double(), noise.double())
+    got = _hf_run(fast, imgs, noise)
+    _compare(got, low, ref64)
