@@ -20,6 +20,16 @@ Sections:
 ``long``       the same at long sequences, N = 1024, 2048, 4096 with D = 64 and 128
                (B = 16384 / N, H = 2048 / D, the FlashAttention benchmark's sizes); SDPA's
                math kernel is left out there.
+``norms``      (not in the default set: ``--sections norms``) ``add_layer_norm`` and
+               ``layer_norm`` at the ViT-B encoder shape (12,800 x 768: 256 x 50 visible
+               tokens) and the decoder's (50,432 x 512: 256 x 197), as the model uses them:
+               activations in ``--dtype`` (bf16), the residual stream and the parameters in
+               fp32; ``add_layer_norm(x, residual)`` gives y in bf16 and s in fp32,
+               ``layer_norm`` takes the fp32 stream and gives y in bf16. Backends triton,
+               cuda and torch, which is the stock eager path at the stock dtypes: ``s = x +
+               residual`` (fp32 by promotion), ``F.layer_norm(s)`` in fp32 and the cast of y to
+               bf16 that autocast makes at the next matmul (see :func:`norm_op_bytes` for
+               the floor).
 
 Method: two times per case, side by side.
 
@@ -79,7 +89,8 @@ from fastmae import _timing, ops
 from fastmae.backend import BackendUnavailableError, available_backends
 from fastmae.bench import format_table, num
 
-__all__ = ["main", "data_op_bytes", "attention_bytes", "attention_flops", "input_sets_needed", "capture_safe_step"]
+__all__ = ["main", "data_op_bytes", "attention_bytes", "attention_flops", "input_sets_needed", "capture_safe_step",
+           "norm_op_bytes"]
 
 MODEL_SHAPES = {
     "vit_b16": dict(img=224, p=16, D=768, Dd=512),
@@ -96,6 +107,10 @@ LONG_SHAPES = [(f"N={n} D={d}", (16384 // n, 2048 // d, n, d)) for d in (64, 128
 CPU_ATTENTION_SHAPES = [("tiny", (4, 2, 17, 16))]
 CPU_LONG_SHAPES = [("tiny long", (1, 2, 256, 32))]
 SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
+# norms section: (label, rows M, D)
+NORM_SHAPES = [("ViT-B encoder", 12800, 768), ("decoder", 50432, 512)]
+CPU_NORM_SHAPES = [("tiny", 48, 64)]
+NORM_OPS = ("add_layer_norm", "layer_norm")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -145,6 +160,28 @@ def attention_flops(B: int, N: int, H: int, D: int, direction: str) -> float:
     """``4 B H N^2 D`` forward; backward 2.5x forward (FlashAttention's convention)."""
     fwd = 4.0 * B * H * N * N * D
     return fwd if direction == "fwd" else 3.5 * fwd
+
+
+def norm_op_bytes(op: str, M: int, D: int, direction: str, x_es: int = 2, r_es: int = 4, p_es: int = 4) -> int:
+    """Bytes of ``add_layer_norm`` / ``layer_norm`` over ``M`` rows of ``D``: activations (x, y and
+    their gradients) of ``x_es`` bytes, the residual stream (residual, s) of ``r_es``, weight and bias
+    of ``p_es``; the per-row mean and rstd (fp32) saved for the backward are counted.
+
+    add_layer_norm forward: read x, residual, weight, bias; write y, s, mean, rstd. Backward: read
+    dy, ds (the stream's gradient), s, mean, rstd, weight; write dx, d residual, dW, dB.
+    layer_norm (x is the fp32 stream, y an activation): forward read x, weight, bias; write y,
+    mean, rstd. Backward: read dy, x, mean, rstd, weight; write dx, dW, dB. ``"fwd+bwd"`` is the sum.
+    """
+    MD, stats = M * D, 2 * M * 4
+    if op == "add_layer_norm":
+        fwd = MD * (x_es + r_es) + 2 * D * p_es + MD * (x_es + r_es) + stats
+        bwd = MD * (x_es + 2 * r_es) + stats + D * p_es + MD * (x_es + r_es) + 2 * D * p_es
+    elif op == "layer_norm":
+        fwd = MD * r_es + 2 * D * p_es + MD * x_es + stats
+        bwd = MD * (x_es + r_es) + stats + D * p_es + MD * r_es + 2 * D * p_es
+    else:
+        raise ValueError(op)
+    return fwd if direction == "fwd" else fwd + bwd
 
 
 def input_sets_needed(nbytes: int, l2_bytes: int | None, max_sets: int = 16) -> int:
@@ -281,6 +318,45 @@ def _attention_case(op: str, shape, direction: str, backend: str, device, dtype)
         # the kernels timed, and only the SDPA rows would pay it.
         step.hoisted = (lambda: _sdpa_context(sdpa_kernel), inner)
     return make, step
+
+
+def _norm_case(op: str, M: int, D: int, direction: str, backend: str, device, dtype):
+    """(make_inputs() -> args, step(*args)) for a norms-section op: x / y in ``dtype``, the stream and
+    the parameters fp32. ``backend="torch"``: the stock eager path (x + residual, F.layer_norm in fp32,
+    y cast to ``dtype``)."""
+    grad = direction != "fwd"
+    f32 = dict(device=device, dtype=torch.float32)
+
+    def params():
+        return (1 + torch.randn(D, **f32)).requires_grad_(grad), torch.randn(D, **f32).requires_grad_(grad)
+
+    if op == "add_layer_norm":
+        def make():
+            return (torch.randn(M, D, device=device, dtype=dtype).requires_grad_(grad),
+                    torch.randn(M, D, **f32).requires_grad_(grad), *params(),
+                    torch.randn(M, D, device=device, dtype=dtype), torch.randn(M, D, **f32))
+
+        def forward(x, r, w, b, gy, gs):
+            if backend == "torch":
+                s = x + r
+                return torch.nn.functional.layer_norm(s, (D,), w, b, 1e-6).to(dtype), s
+            return ops.add_layer_norm(x, r, w, b, 1e-6, out_dtype=dtype, backend=backend)
+
+        def fwd_bwd(x, r, w, b, gy, gs):  # both outputs carry a gradient: y's and the stream's
+            return torch.autograd.grad(forward(x, r, w, b, gy, gs), (x, r, w, b), (gy, gs))
+    elif op == "layer_norm":
+        def make():
+            return (torch.randn(M, D, **f32).requires_grad_(grad), *params(),
+                    torch.randn(M, D, device=device, dtype=dtype))
+
+        def forward(x, w, b, gy):
+            if backend == "torch":
+                return torch.nn.functional.layer_norm(x, (D,), w, b, 1e-6).to(dtype)
+            return ops.layer_norm(x, w, b, 1e-6, out_dtype=dtype, backend=backend)
+        fwd_bwd = capture_safe_step(forward, (0, 1, 2), 3, True)
+    else:
+        raise ValueError(op)
+    return make, (fwd_bwd if grad else capture_safe_step(forward))
 
 
 def _nbytes(args) -> int:
@@ -466,8 +542,20 @@ def run_sections(args, device, dtype, ceilings, record, save, progress):
                             flops=attention_flops(B, N, H, D, direction))
                         progress.finish_task()
 
+    def norms_section():
+        for label, M, D in NORM_SHAPES if gpu else CPU_NORM_SHAPES:
+            for op in NORM_OPS:
+                for backend in [b for b in backends if b in ("torch", "triton", "cuda")]:
+                    for direction in ("fwd", "fwd+bwd"):
+                        progress.start(f"norms {label} {op} {backend} {direction}")
+                        m = measure(backend, partial(_norm_case, op, M, D, direction, backend, device, dtype))
+                        row("norms", op, label, (M, D), backend, direction, m,
+                            floor_bytes=norm_op_bytes(op, M, D, direction, x_es=es))
+                        progress.finish_task()
+
     sections = {
         "ops": ops_section,
+        "norms": norms_section,
         "attention": partial(attention_section, "attention", ATTENTION_SHAPES if gpu else CPU_ATTENTION_SHAPES,
                              SDPA_KERNELS),
         "long": partial(attention_section, "long", LONG_SHAPES if gpu else CPU_LONG_SHAPES,
@@ -495,7 +583,7 @@ def render(record: dict) -> str:
            f"synchronised (wall clock on the CPU), dispatch and launch latency included as in the stock baseline;",
            "graph ms: the same calls captured into a CUDA graph, median over replays (kernel time); "
            "'x floor' = time / memory-traffic floor"]
-    for section in ("ops", "attention", "long"):
+    for section in ("ops", "attention", "long", "norms"):
         rows = [r for r in record["results"] if r["section"] == section]
         if not rows:
             continue
@@ -524,7 +612,8 @@ def render(record: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_ops", description=__doc__.split("\n\n")[0])
     p.add_argument("--sections", default="ops,attention,long",
-                   help="comma-separated from ops, attention, long, run in the order given (default: all three)")
+                   help="comma-separated from ops, attention, long, norms, run in the order given "
+                        "(default: ops,attention,long)")
     p.add_argument("--models", default=None, help="for the ops section (default vit_b16,vit_l16,vit_h14; tiny on CPU)")
     p.add_argument("--batch", type=int, default=None,
                    help="images per batch for the ops section (default 256; 8 on CPU)")
@@ -561,7 +650,7 @@ def main(argv=None) -> int:
     args.models = [m.strip() for m in args.models.split(",")] if args.models else list(
         MODEL_SHAPES if gpu else CPU_SHAPES)
     table = MODEL_SHAPES if gpu else CPU_SHAPES
-    bad = [s for s in args.sections if s not in ("ops", "attention", "long")] + [
+    bad = [s for s in args.sections if s not in ("ops", "attention", "long", "norms")] + [
         m for m in args.models if m not in table]
     args.backends = [b.strip() for b in args.backends.split(",")] if args.backends else (
         ["torch", "triton", "cuda", "xformers", "sdpa"] if gpu else ["torch", "sdpa"])
@@ -611,6 +700,9 @@ def _count_tasks(args, gpu: bool) -> int:
         n += len(ATTENTION_SHAPES if gpu else CPU_ATTENTION_SHAPES) * 2 * (2 * att + (4 if sd else 0))
     if "long" in args.sections:
         n += len(LONG_SHAPES if gpu else CPU_LONG_SHAPES) * 2 * (2 * att + (3 if sd else 0))
+    if "norms" in args.sections:
+        n += len(NORM_SHAPES if gpu else CPU_NORM_SHAPES) * len(NORM_OPS) * 2 * len(
+            [b for b in args.backends if b in ("torch", "triton", "cuda")])
     return max(n, 1)
 
 

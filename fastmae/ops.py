@@ -11,6 +11,8 @@ decoder_unshuffle   :func:`fastmae.reference.decoder_unshuffle` :mod:`fastmae.ke
 mae_loss            :func:`fastmae.reference.mae_loss`         :mod:`fastmae.kernels.loss`
 attention           :func:`fastmae.reference.attention`        :mod:`fastmae.kernels.attention`
 attention_qkvpacked :func:`fastmae.reference.attention_qkvpacked` :mod:`fastmae.kernels.attention`
+layer_norm          :func:`fastmae.reference.layer_norm`       :mod:`fastmae.kernels.layer_norm`
+add_layer_norm      :func:`fastmae.reference.add_layer_norm`   :mod:`fastmae.kernels.layer_norm`
 bias_gelu           :func:`fastmae.reference.bias_gelu`        :mod:`fastmae.kernels.bias_gelu`
 =================== =============================== ==========================================
 
@@ -38,12 +40,18 @@ __all__ = [
     "attention_qkvpacked",
     "bias_gelu",
     "TRITON_ATTENTION_MAX_HEAD_DIM",
+    "layer_norm",
+    "add_layer_norm",
+    "TRITON_LAYER_NORM_MAX_DIM",
 ]
 
 # The Triton attention kernels hold whole head rows in their tiles (D padded to a power of
 # two): head dims up to this are compiled for sm_90 in CI (tests/_aot.py) and tested. Above
 # it ``backend="auto"`` takes SDPA and ``backend="triton"`` is a ValueError.
 TRITON_ATTENTION_MAX_HEAD_DIM = 128
+# The Triton LayerNorm kernels hold a whole row in registers: D up to this. Above it
+# ``backend="auto"`` takes the reference and ``backend="triton"`` is a ValueError.
+TRITON_LAYER_NORM_MAX_DIM = 2048
 
 # op -> {backend: "module:function"}; modules are imported on first use, so that
 # ``import fastmae`` never needs triton, xformers or the CUDA extension.
@@ -57,6 +65,8 @@ _IMPLS: dict[str, dict[str, str]] = {
     "attention": {"triton": "fastmae.kernels.attention:attention"},
     "attention_qkvpacked": {"triton": "fastmae.kernels.attention:attention_qkvpacked"},
     "bias_gelu": {"triton": "fastmae.kernels.bias_gelu:bias_gelu"},
+    "layer_norm": {"triton": "fastmae.kernels.layer_norm:layer_norm"},
+    "add_layer_norm": {"triton": "fastmae.kernels.layer_norm:add_layer_norm"},
 }
 
 
@@ -217,3 +227,37 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: str | None = None
     if b == "torch":
         return ref.bias_gelu(x, bias)
     return _impl("bias_gelu", b)(x, bias)
+
+
+def _layer_norm_backend(op: str, backend, device: torch.device, D: int) -> str:
+    b = _backend(op, backend, device)
+    if b == "triton" and D > TRITON_LAYER_NORM_MAX_DIM:
+        if (get_backend() if backend is None else backend) == "auto":
+            return "torch"
+        raise ValueError(f"x's last dim D={D} is above the Triton LayerNorm kernels' limit of "
+                         f"{TRITON_LAYER_NORM_MAX_DIM}; use backend='torch' or 'auto'")
+    return b
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-6, *,
+               out_dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
+    """LayerNorm over the last dim, float32 math, ``y`` in ``out_dtype`` (default ``x.dtype``);
+    ``weight`` / ``bias`` (D,) or None (see :func:`fastmae.reference.layer_norm`)."""
+    ref.check_layer_norm(x, weight, bias, eps, out_dtype)
+    b = _layer_norm_backend("layer_norm", backend, x.device, x.shape[-1])
+    if b == "torch":
+        return ref.layer_norm(x, weight, bias, eps, out_dtype)
+    return _impl("layer_norm", b)(x, weight, bias, eps, out_dtype)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float = 1e-6, *, out_dtype: torch.dtype | None = None,
+                   residual_dtype: torch.dtype | None = None, backend: str | None = None):
+    """Residual add fused with LayerNorm -> ``(y, s)``: ``s = x + residual`` in ``residual_dtype``
+    (default ``residual.dtype``), ``y = layer_norm(s)`` in ``out_dtype`` (default ``x.dtype``),
+    float32 math; both differentiable (see :func:`fastmae.reference.add_layer_norm`)."""
+    ref.check_add_layer_norm(x, residual, weight, bias, eps, out_dtype, residual_dtype)
+    b = _layer_norm_backend("add_layer_norm", backend, x.device, x.shape[-1])
+    if b == "torch":
+        return ref.add_layer_norm(x, residual, weight, bias, eps, out_dtype, residual_dtype)
+    return _impl("add_layer_norm", b)(x, residual, weight, bias, eps, out_dtype, residual_dtype)

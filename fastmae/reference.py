@@ -32,6 +32,8 @@ __all__ = [
     "mae_loss",
     "attention",
     "attention_qkvpacked",
+    "layer_norm",
+    "add_layer_norm",
     "bias_gelu",
     "get_2d_sincos_pos_embed",
     "num_kept",
@@ -347,6 +349,87 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     """Attention through ``torch.nn.functional.scaled_dot_product_attention`` (B, N, H, D)."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return out.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- layer norm
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
+
+
+def _check_dtype_arg(name: str, dtype) -> None:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"{name} must be None or a floating-point torch.dtype, got {dtype!r}")
+
+
+def check_layer_norm(x, weight, bias, eps, out_dtype=None) -> None:
+    """Validate :func:`layer_norm`'s arguments: x (..., D) float, weight / bias None or (D,) float."""
+    _check_tensor("x", x)
+    _check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension (..., D), got shape {tuple(x.shape)}")
+    D = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        _check_tensor(name, t)
+        if tuple(t.shape) != (D,):
+            raise ValueError(f"{name} must have shape (D,) = ({D},) (the last dim of x), got {tuple(t.shape)}")
+        _check_float(name, t)
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    _check_eps(eps)
+    _check_dtype_arg("out_dtype", out_dtype)
+
+
+def check_add_layer_norm(x, residual, weight, bias, eps, out_dtype=None, residual_dtype=None) -> None:
+    """Validate :func:`add_layer_norm`'s arguments (those of :func:`check_layer_norm`, and residual
+    None or a float tensor of x's shape)."""
+    check_layer_norm(x, weight, bias, eps, out_dtype)
+    if residual is not None:
+        _check_tensor("residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        _check_float("residual", residual)
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+    _check_dtype_arg("residual_dtype", residual_dtype)
+
+
+def layer_norm_math_dtype(*tensors) -> torch.dtype:
+    """The dtype LayerNorm computes in: float64 when any input is float64, else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float = 1e-6, out_dtype: torch.dtype | None = None,
+                   residual_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add fused with LayerNorm over the last dim: returns ``(y, s)``.
+
+    ``s = x + residual`` computed in float32 (float64 if an input is) and stored in
+    ``residual_dtype`` (default ``residual.dtype``; with ``residual=None``, ``s = x`` in
+    ``residual_dtype`` or ``x.dtype``); ``y = layer_norm(s)`` of that stored ``s`` in float32
+    math (``torch.nn.functional.layer_norm``, biased variance, ``eps`` inside the square
+    root), affine with ``weight`` / ``bias`` when given, stored in ``out_dtype`` (default
+    ``x.dtype``). Both outputs are differentiable.
+    """
+    check_add_layer_norm(x, residual, weight, bias, eps, out_dtype, residual_dtype)
+    m = layer_norm_math_dtype(x, residual, weight, bias)
+    if residual is None:
+        s = x.to(residual_dtype or x.dtype)
+    else:
+        s = (x.to(m) + residual.to(m)).to(residual_dtype or residual.dtype)
+    y = F.layer_norm(s.to(m), (x.shape[-1],), None if weight is None else weight.to(m),
+                     None if bias is None else bias.to(m), eps)
+    return y.to(out_dtype or x.dtype), s
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-6,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """LayerNorm over the last dim in float32 math, stored in ``out_dtype`` (default ``x.dtype``):
+    ``add_layer_norm(x, None, weight, bias, eps, out_dtype)[0]``."""
+    check_layer_norm(x, weight, bias, eps, out_dtype)
+    return add_layer_norm(x, None, weight, bias, eps, out_dtype)[0]
 
 
 # --------------------------------------------------------------------------- bias + GELU

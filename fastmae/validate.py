@@ -30,6 +30,10 @@ one of three oracles:
     where accumulation order rather than rounding of intermediates dominates, SDPA's
     online softmax is up to ~4x less accurate than the math path, and an fp32 kernel is
     held to twice SDPA's error rather than to a bound SDPA itself would fail.
+    For ``layer_norm`` / ``add_layer_norm`` ``lowp`` is the reference in the tested dtypes
+    (float32 math, outputs and gradients rounded to their dtypes) and ``ref64`` the reference
+    with every input and output in float64; ``s = x + residual`` is ``exact`` against the
+    reference (one float32 addition, rounded once).
 ``rel``
     the loss value: ``|loss - ref32| / |ref32| <= 1e-5`` with ``ref32`` the fp32
     reference on the same inputs. Both sum ``N L`` patch losses of ``P`` squares in fp32;
@@ -62,7 +66,7 @@ from .backend import ATTENTION_BACKENDS, BACKENDS, BackendUnavailableError
 __all__ = ["OPS", "Check", "validate", "add_arguments", "run", "two_x_tolerance"]
 
 OPS = ("patchify", "unpatchify", "random_masking", "encoder_input", "decoder_unshuffle", "mae_loss",
-       "attention", "attention_qkvpacked")
+       "attention", "attention_qkvpacked", "layer_norm", "add_layer_norm")
 _ATTENTION_OPS = ("attention", "attention_qkvpacked")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MASK_RATIO = 0.75
@@ -404,6 +408,55 @@ def _case_attention(b, dt, shape, dev, packed: bool):
             yield f"grad {n}", "2x", _two_x(got[i], want64[i], [g[i] for _, g in lowp], dt)
 
 
+def _case_norm(b, dt, s, dev, add: bool):
+    """(add_)layer_norm at the encoder's visible-token rows (N (1+K), D) and the decoder's (N (1+L), Dd):
+    activations (x, y) in ``dt``; the residual stream (residual, s; layer_norm's input) and the
+    parameters in ``dt`` and, for low-precision ``dt``, in fp32 (the model under autocast). ``s``
+    (one fp32 addition rounded once) is exact; y and every gradient (from random gradients of y
+    and s) are held to the 2x rule against the float64 reference."""
+    eps = 1e-6
+    for label, M, D in (("encoder", s["N"] * (1 + s["K"]), s["D"]), ("decoder", s["N"] * (1 + s["L"]), s["Dd"])):
+        for pdt in _param_dtypes(dt):
+            tag = f" {label}" + ("" if pdt == dt else " (fp32 stream, params)")
+            x = (0.7 * torch.randn(M, D, device=dev) + 0.3).to(dt if add else pdt)
+            res = (2 * torch.randn(M, D, device=dev) - 0.5).to(pdt) if add else None
+            w = (1 + 0.5 * torch.randn(D, device=dev)).to(pdt)
+            bias = (0.3 * torch.randn(D, device=dev)).to(pdt)
+            gy = torch.randn(M, D, device=dev, dtype=dt)
+            gs = torch.randn(M, D, device=dev, dtype=pdt) if add else None
+            ins = [x, res, w, bias] if add else [x, w, bias]
+
+            def run(fn, ins, out_dtype, res_dtype, gy=gy, gs=gs):
+                leaves = [_leaf(t) for t in ins]
+                outs = fn(*leaves, out_dtype, res_dtype)
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                grads = _grad(list(outs), leaves, [gy, gs][: len(outs)])
+                return [o.detach() for o in outs], grads
+
+            if add:
+                def op(x, r, w, b_, o, rd):
+                    return _call(ops.add_layer_norm, x, r, w, b_, eps, out_dtype=o, residual_dtype=rd, backend=b)
+
+                def ref(x, r, w, b_, o, rd):
+                    return reference.add_layer_norm(x, r, w, b_, eps, o, rd)
+            else:
+                def op(x, w, b_, o, rd):
+                    return _call(ops.layer_norm, x, w, b_, eps, out_dtype=o, backend=b)
+
+                def ref(x, w, b_, o, rd):
+                    return reference.layer_norm(x, w, b_, eps, o)
+            got, g_got = run(op, ins, dt, None)
+            low, g_low = run(ref, ins, dt, None)
+            ex, g_ex = run(ref, [t.double() for t in ins], torch.float64, torch.float64,
+                           gy=gy.double(), gs=None if gs is None else gs.double())
+            yield "y" + tag, "2x", _two_x(got[0], ex[0], low[0], dt)
+            if add:
+                yield "s" + tag, "exact", _exact(got[1], low[1])
+            names = ("x", "residual", "weight", "bias") if add else ("x", "weight", "bias")
+            for name, g, gl, ge, t in zip(names, g_got, g_low, g_ex, ins):
+                yield f"grad {name}" + tag, "2x", _two_x(g, ge, gl, t.dtype)
+
+
 _CASES = {
     "patchify": _case_patchify,
     "unpatchify": _case_unpatchify,
@@ -413,6 +466,8 @@ _CASES = {
     "mae_loss": _case_mae_loss,
     "attention": lambda b, dt, s, dev: _case_attention(b, dt, s, dev, packed=False),
     "attention_qkvpacked": lambda b, dt, s, dev: _case_attention(b, dt, s, dev, packed=True),
+    "layer_norm": lambda b, dt, s, dev: _case_norm(b, dt, s, dev, add=False),
+    "add_layer_norm": lambda b, dt, s, dev: _case_norm(b, dt, s, dev, add=True),
 }
 
 

@@ -356,6 +356,37 @@ def _scenarios():
 
     yield "bias_gelu strided x, expanded grad", bg_layouts
 
+    # ------------------------------------------------------------ (add +) layer norm
+    # MAE rows x D: ViT-B encoder (256 x 50 visible tokens, 768), decoder (256 x 197, 512),
+    # ViT-L / ViT-H encoders (1024, 1280), the bench's tiny model, and the ends of the D range.
+    ln_shapes = ((12800, 768), (50432, 512), (12800, 1024), (16640, 1280), (18, 64), (3, 8), (197, 2048), (7, 100))
+    # (x, residual, weight/bias, out_dtype, residual_dtype): the model under autocast (bf16 / fp16
+    # sublayer output, fp32 stream and parameters), one dtype throughout, an fp32 stream with y in
+    # bf16, float64, residual None.
+    ln_dtypes = ((bf16, f32, f32, bf16, f32), (f16, f32, f32, f16, f32), (f32, f32, f32, f32, f32),
+                 (bf16, bf16, bf16, bf16, bf16), (f16, f16, f16, f16, f16), (f32, f32, f32, bf16, f32),
+                 (f64, f64, f64, f64, f64), (bf16, None, f32, bf16, f32), (f32, None, f32, bf16, f32))  # fmt: skip
+    for M, D in ln_shapes:
+        for x_dt, r_dt, w_dt, out_dt, res_dt in ln_dtypes:
+
+            def run(M=M, D=D, x_dt=x_dt, r_dt=r_dt, w_dt=w_dt, out_dt=out_dt, res_dt=res_dt):
+                x, w, b = rnd(M, D, dtype=x_dt), rnd(D, dtype=w_dt), rnd(D, dtype=w_dt)
+                r = None if r_dt is None else rnd(M, D, dtype=r_dt)
+                backward(*ops.add_layer_norm(x, r, w, b, out_dtype=out_dt, residual_dtype=res_dt, backend=T))
+                backward(ops.layer_norm(rnd(M, D, dtype=res_dt), w, b, out_dtype=out_dt, backend=T))
+
+            yield f"add_layer_norm M={M} D={D} x={x_dt} res={r_dt} w={w_dt} out={out_dt} s={res_dt}", run
+
+    def ln_layouts():
+        # strided rows and last dim, no weight / bias, only y's gradient
+        x = rnd(4, 60, 1536, dtype=bf16, grad=False)[:, 1:, ::2].requires_grad_(True)
+        r = rnd(60, 4, 768, grad=False).transpose(0, 1)[:, 1:].requires_grad_(True)
+        y, s = ops.add_layer_norm(x, r, None, None, backend=T)
+        backward(y)
+        backward(ops.layer_norm(x, rnd(768), None, backend=T))
+
+    yield "add_layer_norm strided, no weight/bias", ln_layouts
+
 
 def capture(gpu_constants: dict | None = None) -> tuple[list[dict], list[str]]:
     """(every launch the scenarios make, the module constants overridden with their GPU
