@@ -14,6 +14,7 @@ attention_qkvpacked :func:`fastmae.reference.attention_qkvpacked` :mod:`fastmae.
 layer_norm          :func:`fastmae.reference.layer_norm`       :mod:`fastmae.kernels.layer_norm`
 add_layer_norm      :func:`fastmae.reference.add_layer_norm`   :mod:`fastmae.kernels.layer_norm`
 bias_gelu           :func:`fastmae.reference.bias_gelu`        :mod:`fastmae.kernels.bias_gelu`
+normalize_images    :func:`fastmae.reference.normalize_images` :mod:`fastmae.kernels.normalize`
 =================== =============================== ==========================================
 
 Arguments are validated here, once, whatever the backend: bad input raises a
@@ -39,6 +40,7 @@ __all__ = [
     "attention",
     "attention_qkvpacked",
     "bias_gelu",
+    "normalize_images",
     "TRITON_ATTENTION_MAX_HEAD_DIM",
     "layer_norm",
     "add_layer_norm",
@@ -65,6 +67,7 @@ _IMPLS: dict[str, dict[str, str]] = {
     "attention": {"triton": "fastmae.kernels.attention:attention"},
     "attention_qkvpacked": {"triton": "fastmae.kernels.attention:attention_qkvpacked"},
     "bias_gelu": {"triton": "fastmae.kernels.bias_gelu:bias_gelu"},
+    "normalize_images": {"triton": "fastmae.kernels.normalize:normalize_images"},
     "layer_norm": {"triton": "fastmae.kernels.layer_norm:layer_norm"},
     "add_layer_norm": {"triton": "fastmae.kernels.layer_norm:add_layer_norm"},
 }
@@ -261,3 +264,17 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     if b == "torch":
         return ref.add_layer_norm(x, residual, weight, bias, eps, out_dtype, residual_dtype)
     return _impl("add_layer_norm", b)(x, residual, weight, bias, eps, out_dtype, residual_dtype)
+
+def normalize_images(imgs: torch.Tensor, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), *,
+                     out_dtype: torch.dtype = torch.float32, backend: str | None = None) -> torch.Tensor:
+    """uint8 images (N, C, H, W), any strides, C <= 4 -> ``(imgs / 255 - mean) / std`` in ``out_dtype``.
+
+    ToTensor + Normalize (ImageNet statistics by default) on the images' device, bitwise as
+    torchvision computes them on the CPU (see :func:`fastmae.reference.normalize_images`);
+    ``mean`` and ``std``: one float per channel. Used by :func:`fastmae.data.to_device`.
+    """
+    ref.check_normalize_images(imgs, mean, std, out_dtype)
+    b = _backend("normalize_images", backend, imgs.device)
+    if b == "torch":
+        return ref.normalize_images(imgs, mean, std, out_dtype)
+    return _impl("normalize_images", b)(imgs, mean, std, out_dtype)

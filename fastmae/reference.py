@@ -35,6 +35,7 @@ __all__ = [
     "layer_norm",
     "add_layer_norm",
     "bias_gelu",
+    "normalize_images",
     "get_2d_sincos_pos_embed",
     "num_kept",
 ]
@@ -460,6 +461,44 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     check_bias_gelu(x, bias)
     m = torch.float64 if torch.float64 in (x.dtype, bias.dtype) else torch.float32
     return F.gelu(x.to(m) + bias.to(m)).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- image normalisation
+NORMALIZE_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_normalize_images(imgs, mean, std, out_dtype) -> None:
+    _check_tensor("imgs", imgs, 4)
+    if imgs.dtype != torch.uint8:
+        raise TypeError(f"imgs must be a uint8 tensor (N, C, H, W), got {imgs.dtype}")
+    C = imgs.shape[1]
+    if not 1 <= C <= 4:
+        raise ValueError(f"imgs must have 1 to 4 channels (dim 1), got shape {tuple(imgs.shape)}")
+    for name, v in (("mean", mean), ("std", std)):
+        if isinstance(v, torch.Tensor) or not isinstance(v, (list, tuple)) or len(v) != C:
+            raise ValueError(f"{name} must be a list or tuple of {C} floats (one per channel of imgs), got {v!r}")
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v):
+            raise ValueError(f"{name} must hold finite floats, got {v!r}")
+    if not all(x > 0 for x in std):
+        raise ValueError(f"std must be positive, got {std!r}")
+    if out_dtype not in NORMALIZE_OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {NORMALIZE_OUT_DTYPES}, got {out_dtype!r}")
+
+
+def normalize_images(imgs: torch.Tensor, mean, std, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> ``(imgs / 255 - mean[c]) / std[c]`` in ``out_dtype``, contiguous.
+
+    Exactly torchvision's ``ToTensor`` then ``Normalize(mean, std)`` on the CPU: float32
+    ``x / 255`` with IEEE division, then ``(x - mean) / std`` with mean and std rounded to
+    float32, then one rounding to ``out_dtype``. The divisor 255 is a tensor on ``imgs``'
+    device: CUDA torch multiplies by the reciprocal when dividing by a Python number, which
+    differs from ToTensor in the last bit for about half of the 256 values.
+    """
+    dev = imgs.device
+    x = imgs.to(torch.float32) / torch.tensor(255.0, dtype=torch.float32, device=dev)
+    m = torch.tensor(mean, dtype=torch.float32, device=dev).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=dev).view(-1, 1, 1)
+    return ((x - m) / s).to(out_dtype).contiguous()
 
 
 # --------------------------------------------------------------------------- pos embed

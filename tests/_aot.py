@@ -387,6 +387,28 @@ def _scenarios():
 
     yield "add_layer_norm strided, no weight/bias", ln_layouts
 
+    # ------------------------------------------------------------ image normalisation
+    # uint8 batches from fastmae.data (256 x 3 x 224 x 224, contiguous after the pinned copy),
+    # every output dtype; channels-last, a crop view at an odd offset, 1 and 4 channels.
+    def u8(*shape):
+        return torch.empty(shape, dtype=torch.uint8)
+
+    mean3, std3 = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for out_dt in (f32, bf16, f16, f64):
+
+        def run(out_dt=out_dt):
+            ops.normalize_images(u8(256, 3, 224, 224), mean3, std3, out_dtype=out_dt, backend=T)
+
+        yield f"normalize_images 256x3x224x224 out={out_dt}", run
+
+    def norm_layouts():
+        ops.normalize_images(u8(8, 3, 224, 224).to(memory_format=torch.channels_last), mean3, std3, backend=T)
+        ops.normalize_images(u8(8, 3, 227, 229)[:, :, 1:, 3:], mean3, std3, out_dtype=bf16, backend=T)
+        ops.normalize_images(u8(8, 1, 64, 64), (0.5,), (0.25,), backend=T)
+        ops.normalize_images(u8(8, 4, 64, 64), (0.5,) * 4, (0.25,) * 4, out_dtype=f16, backend=T)
+
+    yield "normalize_images channels_last, crop view, 1 and 4 channels", norm_layouts
+
 
 def capture(gpu_constants: dict | None = None) -> tuple[list[dict], list[str]]:
     """(every launch the scenarios make, the module constants overridden with their GPU
