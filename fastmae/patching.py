@@ -35,6 +35,11 @@ unshuffle    ``forward_decoder``'s mask tokens,        ``decoder.forward``
 loss         ``forward_loss`` (:func:`fastmae.ops.mae_loss`, ``norm_pix_loss`` as configured)
 attention    each timm ``Attention.forward``          each attention module's ``forward``
              (:func:`fastmae.ops.attention_qkvpacked`) (:func:`fastmae.ops.attention`)
+fused_blocks (off by default) timm Blocks: residual    not available (a ValueError)
+             add + LayerNorm and fc1 bias + GELU
+             fused (``ops.add_layer_norm``,
+             ``ops.bias_gelu``), in ``forward_encoder``
+             / ``forward_decoder``
 ============ ======================================== ==========================================
 
 Guarantees: only the instance changes, never a class (two models of one class in one
@@ -59,9 +64,10 @@ import types
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import ops
-from .backend import check_name
+from .backend import check_name, resolve
 
 __all__ = ["apply_fastmae", "remove_fastmae", "is_patched"]
 
@@ -84,8 +90,12 @@ def apply_fastmae(model: nn.Module, *, patchify: bool = True, masking: bool = Tr
     ``backend`` is the ops' backend (``None``: the process default, see
     :func:`fastmae.set_backend`). ``"torch"`` runs the data path on the references and
     attention on SDPA, as fastmae's stock model; ``"sdpa"``/``"xformers"`` name the attention
-    backend, the data path then uses the process default. ``fused_blocks`` (the fused
-    residual-add + LayerNorm and bias + GELU kernels in timm Blocks) is not available yet.
+    backend, the data path then uses the process default. ``fused_blocks`` (off by default;
+    official model on timm Blocks only) runs the blocks as fastmae's model does on a kernel
+    backend: each residual add fused into the next LayerNorm (:func:`fastmae.ops.add_layer_norm`,
+    across blocks and into the final norm) and fc1's bias into the exact GELU
+    (:func:`fastmae.ops.bias_gelu`); on a backend that resolves to the references (``"auto"``
+    on CPU tensors, ``"torch"``) the stock blocks run.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -96,10 +106,6 @@ def apply_fastmae(model: nn.Module, *, patchify: bool = True, masking: bool = Tr
             raise TypeError(f"{name} must be a bool, got {v!r}")
     if backend is not None:
         check_name(backend, attention=True)
-    if fused_blocks:
-        raise NotImplementedError(
-            "apply_fastmae(fused_blocks=True): the fused-block kernels (ops.add_layer_norm, ops.bias_gelu) "
-            "are not in this version of fastmae yet; pass fused_blocks=False")
 
     from .models.mae import MaskedAutoencoderViT as FastMAE
 
@@ -117,16 +123,19 @@ def apply_fastmae(model: nn.Module, *, patchify: bool = True, masking: bool = Tr
 
     data_backend = None if backend in ("sdpa", "xformers") else backend
     attn_backend = "sdpa" if backend == "torch" else backend
-    patcher = _Patcher(model, data_backend, attn_backend)
     # check everything before binding anything: a refused model is left as it was
     if kind == "official":
-        plan = _plan_official(model, patcher, **flags)
+        plan = _plan_official(model, **flags)
     else:
-        plan = _plan_hf(model, patcher, **flags)
+        plan = _plan_hf(model, **flags)
     remove_fastmae(model)
+    record = []
     for module, name, fn in plan:
-        patcher.bind(module, name, fn)
-    patcher.commit(kind, flags, backend)
+        _set(record, module, name, types.MethodType(fn, module))
+        # plain attribute (a str or None in __dict__, as nn.Module stores it): not in state_dict
+        _set(record, module, "_fastmae_backend", attn_backend if fn in _ATTENTION_FNS else data_backend)
+    _set(record, model, "_fastmae_flags", dict(flags))
+    model.__dict__[_RECORD] = {"kind": kind, "flags": dict(flags), "backend": backend, "set": record}
     return model
 
 
@@ -135,13 +144,11 @@ def remove_fastmae(model: nn.Module) -> nn.Module:
     record = model.__dict__.get(_RECORD)
     if record is None:
         return model
-    for module, name, prev in reversed(record["bound"]):
+    for module, name, prev in reversed(record["set"]):
         if prev is _MISSING:
             module.__dict__.pop(name, None)
         else:
             module.__dict__[name] = prev
-    for module in record["configured"]:
-        module.__dict__.pop("_fastmae_backend", None)
     del model.__dict__[_RECORD]
     return model
 
@@ -155,28 +162,11 @@ def is_patched(model: nn.Module) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- machinery
-class _Patcher:
-    """Binds functions as methods of single instances (``module.__dict__``), the way Liger-Kernel's
-    ``_bind_method_to_module`` does, and records what it replaced."""
-
-    def __init__(self, root, data_backend, attn_backend):
-        self.root = root
-        self.data_backend = data_backend
-        self.attn_backend = attn_backend
-        self.bound = []
-        self.configured = []
-
-    def bind(self, module, name, fn):
-        self.bound.append((module, name, module.__dict__.get(name, _MISSING)))
-        module.__dict__[name] = types.MethodType(fn, module)
-        if "_fastmae_backend" not in module.__dict__:
-            self.configured.append(module)
-        # plain attribute (nn.Module.__setattr__ stores a str in __dict__): not in state_dict
-        module.__dict__["_fastmae_backend"] = self.attn_backend if fn in _ATTENTION_FNS else self.data_backend
-
-    def commit(self, kind, flags, backend):
-        self.root.__dict__[_RECORD] = {"kind": kind, "flags": dict(flags), "backend": backend,
-                                       "bound": self.bound, "configured": self.configured}
+def _set(record, module, name, value):
+    """Set ``module.__dict__[name]`` (instance only, the way Liger-Kernel's ``_bind_method_to_module``
+    binds methods), recording what it replaced; the first record of a name keeps the original."""
+    record.append((module, name, module.__dict__.get(name, _MISSING)))
+    module.__dict__[name] = value
 
 
 def _has_method(obj, name) -> bool:
@@ -240,18 +230,20 @@ def _patch_size(model) -> int:
     return int(ps[0])
 
 
-def _plan_official(model, patcher, *, patchify, masking, unshuffle, loss, attention, fused_blocks):
+def _plan_official(model, *, patchify, masking, unshuffle, loss, attention, fused_blocks):
     _patch_size(model)
     plan = []
     if patchify:
         plan += [(model, "patchify", _official_patchify), (model, "unpatchify", _official_unpatchify)]
-    if masking:
+    if fused_blocks:
+        _check_fusable(model)
+    if masking or fused_blocks:
         _require_signature(model, "forward_encoder", ("x", "mask_ratio"))
+        plan.append((model, "forward_encoder", _official_forward_encoder))
+    if masking:
         _require_signature(model, "random_masking", ("x", "mask_ratio"))
-        plan += [(model, "random_masking", _official_random_masking),
-                 (model, "forward_encoder", _official_forward_encoder),
-                 (model, "forward", _official_forward)]
-    if unshuffle:
+        plan += [(model, "random_masking", _official_random_masking), (model, "forward", _official_forward)]
+    if unshuffle or fused_blocks:
         _require_signature(model, "forward_decoder", ("x", "ids_restore"))
         plan.append((model, "forward_decoder", _official_forward_decoder))
     if loss:
@@ -288,28 +280,123 @@ def _official_random_masking(self, x, mask_ratio, noise=None):
     return ops.random_masking(x, mask_ratio, noise, backend=_backend(self))
 
 
+def _flag(self, name) -> bool:
+    return bool(self.__dict__.get("_fastmae_flags", {}).get(name))
+
+
 def _official_forward_encoder(self, x, mask_ratio, noise=None):
     x = self.patch_embed(x)
-    if noise is None:
-        noise = _rand_noise(x)
-    # pos-embed add w/o cls, random masking, cls token (+ its pos embed) prepended: one op
-    x, mask, ids_restore = ops.encoder_input(x, self.pos_embed, self.cls_token, mask_ratio, noise,
-                                             backend=_backend(self))
-    for blk in self.blocks:
-        x = blk(x)
-    x = self.norm(x)
+    if _flag(self, "masking"):
+        if noise is None:
+            noise = _rand_noise(x)
+        # pos-embed add w/o cls, random masking, cls token (+ its pos embed) prepended: one op
+        x, mask, ids_restore = ops.encoder_input(x, self.pos_embed, self.cls_token, mask_ratio, noise,
+                                                 backend=_backend(self))
+    else:  # fused_blocks alone: the official data path
+        if noise is not None:
+            raise TypeError("forward_encoder: noise= needs apply_fastmae(masking=True)")
+        x = x + self.pos_embed[:, 1:, :]
+        x, mask, ids_restore = self.random_masking(x, mask_ratio)
+        cls_token = self.cls_token + self.pos_embed[:, :1, :]
+        x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+    x = _run_blocks(self, x, self.blocks, self.norm)
     return x, mask, ids_restore
 
 
 def _official_forward_decoder(self, x, ids_restore):
     x = self.decoder_embed(x)
-    # mask tokens appended, unshuffled, pos embed added: one op
-    x = ops.decoder_unshuffle(x, ids_restore, self.mask_token, self.decoder_pos_embed, backend=_backend(self))
-    for blk in self.decoder_blocks:
-        x = blk(x)
-    x = self.decoder_norm(x)
+    if _flag(self, "unshuffle"):
+        # mask tokens appended, unshuffled, pos embed added: one op
+        x = ops.decoder_unshuffle(x, ids_restore, self.mask_token, self.decoder_pos_embed, backend=_backend(self))
+    else:  # fused_blocks alone: the official data path
+        mask_tokens = self.mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+        x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)
+        x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))
+        x = torch.cat([x[:, :1, :], x_], dim=1) + self.decoder_pos_embed
+    x = _run_blocks(self, x, self.decoder_blocks, self.decoder_norm)
     x = self.decoder_pred(x)
     return x[:, 1:, :]
+
+
+# ------------------------------------------------------------------ fused blocks (timm's Block)
+def _timm_block_classes():
+    try:
+        from timm.layers import Mlp
+        from timm.models.vision_transformer import Block
+    except ImportError:
+        return None, None
+    return Block, Mlp
+
+
+def _is_layer_norm(m) -> bool:
+    return type(m) is nn.LayerNorm and m.weight is not None and m.bias is not None
+
+
+def _check_fusable(model):
+    """fused_blocks needs timm's pre-norm Block with plain LayerNorms, exact GELU, and nothing between
+    its ops (no LayerScale, DropPath or dropout): what the fused ops compute exactly."""
+    Block, Mlp = _timm_block_classes()
+    if Block is None:
+        raise ValueError("apply_fastmae: fused_blocks needs timm's Block, and timm does not import")
+    for name in ("norm", "decoder_norm"):
+        if not _is_layer_norm(getattr(model, name)):
+            raise ValueError(f"apply_fastmae: fused_blocks needs model.{name} to be an nn.LayerNorm with weight "
+                             f"and bias, got {type(getattr(model, name)).__name__}; pass fused_blocks=False")
+    for where in ("blocks", "decoder_blocks"):
+        for i, blk in enumerate(getattr(model, where)):
+            at = f"{where}.{i}"
+            if type(blk).forward is not Block.forward:
+                raise ValueError(f"apply_fastmae: fused_blocks supports timm's vision_transformer.Block (pre-norm); "
+                                 f"{at} is a {type(blk).__name__}; pass fused_blocks=False")
+            for n in ("ls1", "ls2", "drop_path1", "drop_path2"):
+                if not _is_identity(getattr(blk, n, None)):
+                    raise ValueError(f"apply_fastmae: fused_blocks: {at}.{n} is a {type(getattr(blk, n)).__name__} "
+                                     "(layer scale / drop path), not fused; pass fused_blocks=False")
+            for n in ("norm1", "norm2"):
+                if not _is_layer_norm(getattr(blk, n)):
+                    raise ValueError(f"apply_fastmae: fused_blocks needs {at}.{n} to be an nn.LayerNorm with "
+                                     f"weight and bias; pass fused_blocks=False")
+            mlp = blk.mlp
+            if type(mlp).forward is not Mlp.forward or not _is_identity(getattr(mlp, "norm", None)):
+                raise ValueError(f"apply_fastmae: fused_blocks supports timm's Mlp (fc1, act, fc2); {at}.mlp is "
+                                 f"a {type(mlp).__name__}; pass fused_blocks=False")
+            if type(mlp.act) is not nn.GELU or mlp.act.approximate != "none" or mlp.fc1.bias is None:
+                raise ValueError(f"apply_fastmae: fused_blocks fuses fc1's bias with the exact GELU; {at}.mlp has "
+                                 f"{mlp.act!r}{'' if mlp.fc1.bias is not None else ' and no fc1 bias'}; "
+                                 "pass fused_blocks=False")
+            for n in ("drop1", "drop2"):
+                d = getattr(mlp, n, None)
+                if d is not None and getattr(d, "p", 0.0) > 0:
+                    raise ValueError(f"apply_fastmae: fused_blocks: {at}.mlp.{n} is dropout p={d.p}, not fused; "
+                                     "pass fused_blocks=False")
+
+
+def _add_norm(norm, x, residual, dtypes, backend):
+    """``norm(x + residual)`` and ``x + residual`` in one op; ``dtypes``: (out_dtype, residual_dtype)."""
+    return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps,
+                              out_dtype=dtypes[0], residual_dtype=dtypes[1], backend=backend)
+
+
+def _run_blocks(self, x, blocks, norm):
+    """The blocks and the final norm; with fused_blocks, on a kernel backend (as fastmae's own model:
+    on ``"auto"``, CUDA tensors), each residual add is fused into the next LayerNorm and fc1's bias
+    into the GELU, passing (hidden, residual) pairs between blocks."""
+    b = _backend(self)
+    if not _flag(self, "fused_blocks") or resolve(b, x.device) == "torch":
+        for blk in blocks:
+            x = blk(x)
+        return norm(x)
+    dev = x.device.type
+    amp = torch.is_autocast_enabled(dev)
+    # (out_dtype, residual_dtype): what autocast gives the stock blocks (bf16/fp16 outputs, fp32 stream)
+    dtypes = (torch.get_autocast_dtype(dev), torch.float32) if amp else (None, None)
+    h, r = x, None
+    for blk in blocks:
+        y, s = _add_norm(blk.norm1, h, r, dtypes, b)
+        y, s = _add_norm(blk.norm2, blk.attn(y), s, dtypes, b)
+        mlp = blk.mlp
+        h, r = mlp.fc2(ops.bias_gelu(F.linear(y, mlp.fc1.weight), mlp.fc1.bias, backend=b)), s
+    return _add_norm(norm, h, r, (torch.float32 if amp else None, dtypes[1]), b)[0]
 
 
 def _official_forward_loss(self, imgs, pred, mask):
@@ -393,7 +480,10 @@ def _hf_missing(model) -> list[str]:
     return out
 
 
-def _plan_hf(model, patcher, *, patchify, masking, unshuffle, loss, attention, fused_blocks):
+def _plan_hf(model, *, patchify, masking, unshuffle, loss, attention, fused_blocks):
+    if fused_blocks:
+        raise ValueError("apply_fastmae: fused_blocks is for timm Blocks (the official model); HF ViTMAELayer "
+                         "is not fused yet; pass fused_blocks=False")
     plan = []
     if patchify:
         plan += [(model, "patchify", _hf_patchify), (model, "unpatchify", _hf_unpatchify)]

@@ -29,7 +29,8 @@ from fastmae import ops
 from fastmae.patching import apply_fastmae, is_patched, remove_fastmae
 
 FLAGS = ("patchify", "masking", "unshuffle", "loss", "attention")
-OPS = ("patchify", "encoder_input", "decoder_unshuffle", "mae_loss", "attention_qkvpacked")
+OPS = ("patchify", "encoder_input", "decoder_unshuffle", "mae_loss", "attention_qkvpacked", "add_layer_norm",
+       "bias_gelu")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -209,7 +210,8 @@ def test_instance_scope_two_models_of_one_class(_fresh_seed):
     with _spy() as calls:
         _official_run(patched, imgs, _fresh_seed)
     assert calls == {"patchify": 0, "encoder_input": 1, "decoder_unshuffle": 1, "mae_loss": 1,
-                     "attention_qkvpacked": 3}  # 2 encoder + 1 decoder blocks; the loss patchifies inside
+                     "attention_qkvpacked": 3,  # 2 encoder + 1 decoder blocks; the loss patchifies inside
+                     "add_layer_norm": 0, "bias_gelu": 0}
     with pytest.raises(TypeError):
         plain(imgs, 0.75, noise=torch.rand(2, 16))  # the official forward has no noise argument
     b = _official_run(plain, imgs, _fresh_seed)  # and still computes what it did
@@ -294,8 +296,8 @@ def test_refuses_what_it_cannot_patch_exactly():
 
 def test_argument_errors():
     m = official_mae.tiny()
-    with pytest.raises(NotImplementedError, match="fused_blocks"):
-        apply_fastmae(m, fused_blocks=True)
+    with pytest.raises(ValueError, match="fused_blocks is for timm Blocks"):
+        apply_fastmae(_hf_tiny(), fused_blocks=True)
     with pytest.raises(ValueError, match="backend must be one of"):
         apply_fastmae(m, backend="tpu")
     with pytest.raises(TypeError, match="masking must be a bool"):
@@ -319,6 +321,61 @@ def test_official_triton_backend_matches(kernel_device, _fresh_seed):
     ref64 = _official_run(exact, imgs.double(), _fresh_seed)
     got = _official_run(fast, imgs, _fresh_seed)
     _compare(got, low, ref64)
+
+
+@pytest.mark.parametrize("others", [True, False])
+def test_official_fused_blocks_triton(kernel_device, others, _fresh_seed):
+    """fused_blocks on the kernels (CPU: the interpreter), with every other part patched or none."""
+    dev = kernel_device
+    stock = official_mae.tiny(depth=1).to(dev)
+    exact = copy.deepcopy(stock).double()
+    fast = apply_fastmae(copy.deepcopy(stock), fused_blocks=True, backend="triton",
+                         **dict.fromkeys(FLAGS, others))
+    imgs = torch.randn(2, 3, 16, 16, device=dev)
+    low = _stock_runs(stock, lambda m, x: _official_run(m, x, _fresh_seed), imgs)
+    ref64 = _official_run(exact, imgs.double(), _fresh_seed)
+    with _spy() as calls:
+        got = _official_run(fast, imgs, _fresh_seed)
+    _compare(got, low, ref64)
+    # per stack of one block: norm1, norm2 (+ residual adds) and the final norm; fc1 bias + GELU once
+    assert calls["add_layer_norm"] == 2 * 3 and calls["bias_gelu"] == 2
+    assert calls["encoder_input"] == (1 if others else 0)
+
+
+def test_official_fused_blocks_need_a_kernel_backend(_fresh_seed):
+    """On 'auto' with CPU tensors the ops resolve to the references: the stock blocks run, as in fastmae's model."""
+    stock = official_mae.tiny(depth=1)
+    fast = apply_fastmae(copy.deepcopy(stock), fused_blocks=True)
+    imgs = torch.randn(2, 3, 16, 16)
+    with _spy() as calls:
+        got = _official_run(fast, imgs, _fresh_seed)
+    assert calls["add_layer_norm"] == calls["bias_gelu"] == 0
+    assert torch.equal(got[2], _official_run(stock, imgs, _fresh_seed)[2])
+
+
+def test_official_fused_blocks_refusals():
+    from timm.models.vision_transformer import Block, ResPostBlock
+
+    def with_block(i, blk):
+        m = official_mae.tiny()
+        m.blocks[i] = blk
+        return m
+
+    cases = [
+        (with_block(0, Block(32, 2, 2.0, qkv_bias=True, init_values=1e-5, norm_layer=nn.LayerNorm)),
+         r"blocks\.0\.ls1 is a LayerScale"),
+        (with_block(1, Block(32, 2, 2.0, qkv_bias=True, drop_path=0.1, norm_layer=nn.LayerNorm)),
+         r"blocks\.1\.drop_path1 is a DropPath"),
+        (with_block(0, ResPostBlock(32, 2, 2.0, qkv_bias=True, norm_layer=nn.LayerNorm)),
+         r"blocks\.0 is a ResPostBlock"),
+        (with_block(0, Block(32, 2, 2.0, qkv_bias=True, act_layer=nn.ReLU, norm_layer=nn.LayerNorm)),
+         r"blocks\.0\.mlp has ReLU"),
+    ]
+    for m, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            apply_fastmae(m, fused_blocks=True)
+        assert is_patched(m) is None
+        apply_fastmae(m, attention=False)  # the other parts are fine
 
 
 # ----------------------------------------------------------------------------- HF ViTMAE
