@@ -30,6 +30,20 @@ Sections:
                residual`` (fp32 by promotion), ``F.layer_norm(s)`` in fp32 and the cast of y to
                bf16 that autocast makes at the next matmul (see :func:`norm_op_bytes` for
                the floor).
+``bias_gelu``  (not in the default set: ``--sections bias_gelu``) the MLP's fc1 bias + exact
+               GELU at the ViT-B encoder shape (12,800 x 3072: 256 x 50 visible tokens) and
+               the decoder's (50,432 x 2048: 256 x 197): ``bias_gelu`` forward and forward +
+               backward, activations in ``--dtype`` (bf16), the bias the fp32 parameter,
+               backends triton, cuda and torch, which is the stock path ``F.gelu(x +
+               bias.to(x.dtype))`` (see :func:`bias_gelu_bytes` for the floor); and
+               ``linear_bias_gelu``, the forward of fc1 + bias + GELU from the block's
+               input (12,800 x 768 -> 3072, 50,432 x 512 -> 2048), as a fraction of the
+               matmul rate: ``F.linear(x, W)`` + fastmae's ``bias_gelu`` (triton, cuda), the
+               stock ``F.gelu(F.linear(x, W, b))`` (torch), cuBLASLt's bias + GELU epilogue
+               ``torch._addmm_activation(b, x, W.t(), use_gelu=True)``
+               (``torch:addmm_activation``; its GELU is the tanh approximation on CUDA, so
+               it cannot serve the exact-GELU op: measured for the figure only) and the
+               matmul with its bias epilogue alone, ``F.linear(x, W, b)`` (``torch:linear``).
 
 Method: two times per case, side by side.
 
@@ -111,6 +125,10 @@ SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 NORM_SHAPES = [("ViT-B encoder", 12800, 768), ("decoder", 50432, 512)]
 CPU_NORM_SHAPES = [("tiny", 48, 64)]
 NORM_OPS = ("add_layer_norm", "layer_norm")
+# bias_gelu section: (label, rows M, fc1 input width K, hidden width H = 4 K)
+MLP_SHAPES = [("ViT-B encoder fc1", 12800, 768, 3072), ("decoder fc1", 50432, 512, 2048)]
+CPU_MLP_SHAPES = [("tiny", 48, 16, 64)]
+MLP_OPS = ("bias_gelu", "linear_bias_gelu")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -182,6 +200,21 @@ def norm_op_bytes(op: str, M: int, D: int, direction: str, x_es: int = 2, r_es: 
     else:
         raise ValueError(op)
     return fwd if direction == "fwd" else fwd + bwd
+
+
+def bias_gelu_bytes(M: int, H: int, direction: str, es: int = 2, bias_es: int = 4) -> int:
+    """Bytes of ``bias_gelu`` over an (M, H) pre-activation of ``es``-byte elements and an (H,)
+    bias of ``bias_es`` bytes. Forward: read x, bias; write y. Backward: read dy, x, bias; write
+    dx, dbias (the kernel's float32 partial sums are overhead, not floor). ``"fwd+bwd"`` is the sum.
+    """
+    fwd = 2 * M * H * es + H * bias_es
+    bwd = 3 * M * H * es + 2 * H * bias_es
+    return fwd if direction == "fwd" else fwd + bwd
+
+
+def linear_bias_gelu_flops(M: int, K: int, H: int) -> float:
+    """The fc1 matmul's ``2 M K H`` (the bias and GELU are elementwise, not counted)."""
+    return 2.0 * M * K * H
 
 
 def input_sets_needed(nbytes: int, l2_bytes: int | None, max_sets: int = 16) -> int:
@@ -357,6 +390,43 @@ def _norm_case(op: str, M: int, D: int, direction: str, backend: str, device, dt
     else:
         raise ValueError(op)
     return make, (fwd_bwd if grad else capture_safe_step(forward))
+
+
+def _mlp_case(op: str, M: int, K: int, H: int, direction: str, backend: str, device, dtype):
+    """(make_inputs() -> args, step(*args)) for a bias_gelu-section op: activations and weights in
+    ``dtype``, the bias an fp32 parameter (cast to ``dtype`` where the stock path casts it, as
+    autocast does). ``linear_bias_gelu`` is forward only (``_addmm_activation`` has no derivative)."""
+    gelu = torch.nn.functional.gelu
+    kw = dict(device=device, dtype=dtype)
+    if op == "bias_gelu":
+        grad = direction != "fwd"
+
+        def make():
+            return (torch.randn(M, H, **kw).requires_grad_(grad), torch.randn(H, device=device).requires_grad_(grad),
+                    torch.randn(M, H, **kw))
+
+        def forward(x, b, g):
+            if backend == "torch":
+                return gelu(x + b.to(x.dtype))
+            return ops.bias_gelu(x, b, backend=backend)
+        return make, capture_safe_step(forward, (0, 1), 2, grad)
+    if op == "linear_bias_gelu":
+        if direction != "fwd":
+            raise ValueError("linear_bias_gelu is measured forward only")
+
+        def make():
+            return torch.randn(M, K, **kw), torch.randn(H, K, **kw) * K**-0.5, torch.randn(H, device=device)
+
+        def forward(x, w, b):
+            if backend == "torch":
+                return gelu(torch.nn.functional.linear(x, w, b.to(x.dtype)))
+            if backend == "torch:addmm_activation":
+                return torch._addmm_activation(b.to(x.dtype), x, w.t(), use_gelu=True)
+            if backend == "torch:linear":
+                return torch.nn.functional.linear(x, w, b.to(x.dtype))
+            return ops.bias_gelu(torch.nn.functional.linear(x, w), b, backend=backend)
+        return make, capture_safe_step(forward)
+    raise ValueError(op)
 
 
 def _nbytes(args) -> int:
@@ -553,8 +623,26 @@ def run_sections(args, device, dtype, ceilings, record, save, progress):
                             floor_bytes=norm_op_bytes(op, M, D, direction, x_es=es))
                         progress.finish_task()
 
+    def mlp_section():
+        for label, M, K, H in MLP_SHAPES if gpu else CPU_MLP_SHAPES:
+            ours = [b for b in backends if b in ("torch", "triton", "cuda")]
+            for backend in ours:
+                for direction in ("fwd", "fwd+bwd"):
+                    progress.start(f"bias_gelu {label} {backend} {direction}")
+                    m = measure(backend, partial(_mlp_case, "bias_gelu", M, K, H, direction, backend, device, dtype))
+                    row("bias_gelu", "bias_gelu", label, (M, H), backend, direction, m,
+                        floor_bytes=bias_gelu_bytes(M, H, direction, es))
+                    progress.finish_task()
+            for backend in ours + (["torch:addmm_activation", "torch:linear"] if "torch" in backends else []):
+                progress.start(f"linear_bias_gelu {label} {backend} fwd")
+                m = measure(backend, partial(_mlp_case, "linear_bias_gelu", M, K, H, "fwd", backend, device, dtype))
+                row("bias_gelu", "linear_bias_gelu", label, (M, K, H), backend, "fwd", m,
+                    flops=linear_bias_gelu_flops(M, K, H))
+                progress.finish_task()
+
     sections = {
         "ops": ops_section,
+        "bias_gelu": mlp_section,
         "norms": norms_section,
         "attention": partial(attention_section, "attention", ATTENTION_SHAPES if gpu else CPU_ATTENTION_SHAPES,
                              SDPA_KERNELS),
@@ -583,7 +671,7 @@ def render(record: dict) -> str:
            f"synchronised (wall clock on the CPU), dispatch and launch latency included as in the stock baseline;",
            "graph ms: the same calls captured into a CUDA graph, median over replays (kernel time); "
            "'x floor' = time / memory-traffic floor"]
-    for section in ("ops", "attention", "long", "norms"):
+    for section in ("ops", "attention", "long", "norms", "bias_gelu"):
         rows = [r for r in record["results"] if r["section"] == section]
         if not rows:
             continue
@@ -612,7 +700,7 @@ def render(record: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_ops", description=__doc__.split("\n\n")[0])
     p.add_argument("--sections", default="ops,attention,long",
-                   help="comma-separated from ops, attention, long, norms, run in the order given "
+                   help="comma-separated from ops, attention, long, norms, bias_gelu, run in the order given "
                         "(default: ops,attention,long)")
     p.add_argument("--models", default=None, help="for the ops section (default vit_b16,vit_l16,vit_h14; tiny on CPU)")
     p.add_argument("--batch", type=int, default=None,
@@ -650,7 +738,7 @@ def main(argv=None) -> int:
     args.models = [m.strip() for m in args.models.split(",")] if args.models else list(
         MODEL_SHAPES if gpu else CPU_SHAPES)
     table = MODEL_SHAPES if gpu else CPU_SHAPES
-    bad = [s for s in args.sections if s not in ("ops", "attention", "long", "norms")] + [
+    bad = [s for s in args.sections if s not in ("ops", "attention", "long", "norms", "bias_gelu")] + [
         m for m in args.models if m not in table]
     args.backends = [b.strip() for b in args.backends.split(",")] if args.backends else (
         ["torch", "triton", "cuda", "xformers", "sdpa"] if gpu else ["torch", "sdpa"])
@@ -703,6 +791,9 @@ def _count_tasks(args, gpu: bool) -> int:
     if "norms" in args.sections:
         n += len(NORM_SHAPES if gpu else CPU_NORM_SHAPES) * len(NORM_OPS) * 2 * len(
             [b for b in args.backends if b in ("torch", "triton", "cuda")])
+    if "bias_gelu" in args.sections:
+        nb = len([b for b in args.backends if b in ("torch", "triton", "cuda")])
+        n += len(MLP_SHAPES if gpu else CPU_MLP_SHAPES) * (3 * nb + (2 if "torch" in args.backends else 0))
     return max(n, 1)
 
 

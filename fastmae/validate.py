@@ -34,6 +34,9 @@ one of three oracles:
     (float32 math, outputs and gradients rounded to their dtypes) and ``ref64`` the reference
     with every input and output in float64; ``s = x + residual`` is ``exact`` against the
     reference (one float32 addition, rounded once).
+    For ``bias_gelu`` (``out``, ``grad x``, ``grad bias`` at the encoder's and the decoder's
+    fc1 shapes, rows x 4D) ``lowp`` is the less accurate of the reference (float32 math) and
+    the stock path ``F.gelu(x + bias.to(x.dtype))`` (the bias added in x's dtype).
 ``rel``
     the loss value: ``|loss - ref32| / |ref32| <= 1e-5`` with ``ref32`` the fp32
     reference on the same inputs. Both sum ``N L`` patch losses of ``P`` squares in fp32;
@@ -66,7 +69,7 @@ from .backend import ATTENTION_BACKENDS, BACKENDS, BackendUnavailableError
 __all__ = ["OPS", "Check", "validate", "add_arguments", "run", "two_x_tolerance"]
 
 OPS = ("patchify", "unpatchify", "random_masking", "encoder_input", "decoder_unshuffle", "mae_loss",
-       "attention", "attention_qkvpacked", "layer_norm", "add_layer_norm")
+       "attention", "attention_qkvpacked", "layer_norm", "add_layer_norm", "bias_gelu")
 _ATTENTION_OPS = ("attention", "attention_qkvpacked")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MASK_RATIO = 0.75
@@ -457,6 +460,32 @@ def _case_norm(b, dt, s, dev, add: bool):
                 yield f"grad {name}" + tag, "2x", _two_x(g, ge, gl, t.dtype)
 
 
+def _torch_bias_gelu(x, bias, g, stock: bool):
+    """(y, dx, dbias) of PyTorch's path on fresh leaves: the reference, or the stock ``F.gelu(x + bias)``
+    with the bias added in x's dtype (as the stock Linear's epilogue adds it)."""
+    xl, bl = _leaf(x), _leaf(bias)
+    y = torch.nn.functional.gelu(xl + bl.to(xl.dtype)) if stock else reference.bias_gelu(xl, bl)
+    return (y, *_grad([y], [xl, bl], [g.to(y.dtype)]))
+
+
+def _case_bias_gelu(b, dt, s, dev):
+    fc1 = (("enc fc1", s["N"] * (1 + s["K"]), 4 * s["D"]), ("dec fc1", s["N"] * (1 + s["L"]), 4 * s["Dd"]))
+    for label, M, H in fc1:
+        for pdt in _param_dtypes(dt):
+            tag = f" {label}" + ("" if pdt == dt else " (fp32 bias)")
+            xt = (torch.randn(M, H, device=dev) * 1.5).to(dt)
+            bt = (torch.randn(H, device=dev) * 0.7).to(pdt)
+            x, bias = _leaf(xt), _leaf(bt)
+            out = _call(ops.bias_gelu, x, bias, backend=b)
+            g = torch.randn(M, H, device=dev, dtype=dt)
+            gx, gb = _grad([out], [x, bias], [g])
+            ref64 = _torch_bias_gelu(xt.double(), bt.double(), g.double(), stock=False)
+            lowp = [_torch_bias_gelu(xt, bt, g, stock) for stock in (False, True)]
+            yield "out" + tag, "2x", _two_x(out, ref64[0], [lp[0] for lp in lowp], dt)
+            yield "grad x" + tag, "2x", _two_x(gx, ref64[1], [lp[1] for lp in lowp], dt)
+            yield "grad bias" + tag, "2x", _two_x(gb, ref64[2], [lp[2] for lp in lowp], pdt)
+
+
 _CASES = {
     "patchify": _case_patchify,
     "unpatchify": _case_unpatchify,
@@ -468,6 +497,7 @@ _CASES = {
     "attention_qkvpacked": lambda b, dt, s, dev: _case_attention(b, dt, s, dev, packed=True),
     "layer_norm": lambda b, dt, s, dev: _case_norm(b, dt, s, dev, add=False),
     "add_layer_norm": lambda b, dt, s, dev: _case_norm(b, dt, s, dev, add=True),
+    "bias_gelu": _case_bias_gelu,
 }
 
 

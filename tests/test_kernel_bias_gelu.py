@@ -320,3 +320,68 @@ def test_dbias_deterministic_gpu():
             first = (y, dx, db)
         else:
             assert torch.equal(y, first[0]) and torch.equal(dx, first[1]) and torch.equal(db, first[2])
+
+
+# ----------------------------------------------------------------------------- benchmark
+def _bench_ops():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/: not installed
+    from benchmarks import bench_ops
+
+    return bench_ops
+
+
+def test_bench_floor_bytes():
+    bench_ops = _bench_ops()
+    M, H = 12800, 3072
+    fwd = bench_ops.bias_gelu_bytes(M, H, "fwd", 2)
+    assert fwd == M * H * 2 + 4 * H + M * H * 2  # read x, the fp32 bias; write y
+    # backward: read dy, x, bias; write dx, dbias
+    assert bench_ops.bias_gelu_bytes(M, H, "fwd+bwd", 2) == fwd + 3 * M * H * 2 + 2 * 4 * H
+    assert bench_ops.bias_gelu_bytes(3, 5, "fwd", 4, bias_es=2) == 2 * 3 * 5 * 4 + 5 * 2
+    assert bench_ops.linear_bias_gelu_flops(12800, 768, 3072) == 2 * 12800 * 768 * 3072
+
+
+def test_bench_step_is_capture_safe(kernel_device):
+    # The timed forward + backward returns autograd.grad's (dx, dbias), never touches .grad.
+    bench_ops = _bench_ops()
+    for backend in ("torch", "triton"):
+        make, step = bench_ops._mlp_case("bias_gelu", 6, 4, 40, "fwd+bwd", backend, kernel_device, torch.float32)
+        x, b, g = make()
+        dx, db = step(x, b, g)
+        assert x.grad is None and b.grad is None
+        xr, br = x.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+        ref.bias_gelu(xr, br).backward(g)
+        torch.testing.assert_close(dx, xr.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(db, br.grad, rtol=1e-5, atol=1e-5)
+    make, step = bench_ops._mlp_case("linear_bias_gelu", 6, 4, 40, "fwd", "torch:addmm_activation", kernel_device,
+                                     torch.float32)
+    x, w, b = make()
+    assert step(x, w, b).shape == (6, 40)
+    with pytest.raises(ValueError, match="forward only"):
+        bench_ops._mlp_case("linear_bias_gelu", 6, 4, 40, "fwd+bwd", "torch", kernel_device, torch.float32)
+
+
+def test_bench_section_cpu_run(kernel_device, tmp_path):
+    if torch.device(kernel_device).type != "cpu":
+        pytest.skip("the CPU smoke run of the harness")
+    import json
+
+    bench_ops = _bench_ops()
+    rc = bench_ops.main(["--device", "cpu", "--sections", "bias_gelu", "--backends", "torch,triton", "--out",
+                         str(tmp_path), "--quiet", "--reps", "2", "--warmup", "1", "--dtype", "fp32"])
+    assert rc == 0
+    (path,) = tmp_path.glob("ops-*.json")
+    rows = json.load(open(path))["results"]
+    assert {(r["op"], r["backend"], r["direction"]) for r in rows if r["status"] == "ok"} == {
+        *(("bias_gelu", b, d) for b in ("torch", "triton") for d in ("fwd", "fwd+bwd")),
+        *(("linear_bias_gelu", b, "fwd") for b in ("torch", "triton", "torch:addmm_activation", "torch:linear"))}
+    for r in rows:
+        if r["op"] == "bias_gelu":
+            M, H = r["shape"]
+            assert r["floor_bytes"] == bench_ops.bias_gelu_bytes(M, H, r["direction"], 4)
+            assert r["x_floor"] == pytest.approx(r["ms"] / r["floor_ms"])
+        else:
+            assert r["flops"] == bench_ops.linear_bias_gelu_flops(*r["shape"]) and r["tflops"] > 0
