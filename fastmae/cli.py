@@ -3,6 +3,8 @@
 ``fastmae bench``     whole pretraining steps, stock against fastmae (:mod:`fastmae.bench`)
 ``fastmae validate``  every op of every available backend against :mod:`fastmae.reference`
                       (:mod:`fastmae.validate`)
+``fastmae visualize`` a checkpoint's reconstruction of an image, the official demo's figure
+                      (:mod:`fastmae.visualize`)
 
 Also runnable as ``python -m fastmae ...``. Run ``fastmae <command> --help`` for the options.
 """
@@ -32,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description=validate.__doc__.split("\n\n")[0])
     validate.add_arguments(pv)
     pv.set_defaults(func=validate.run)
+    from . import visualize
+
+    pz = sub.add_parser("visualize", help="the MAE demo's 4-panel reconstruction PNG of a checkpoint on an image",
+                        description=visualize.__doc__.split("\n\n")[0])
+    visualize.add_arguments(pz)
+    pz.set_defaults(func=visualize.run)
     return parser
 
 
