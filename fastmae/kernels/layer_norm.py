@@ -34,14 +34,17 @@ and :func:`_ln_dwdb_kernel` adds the ``G`` partials of each column in a fixed or
 atomics: the gradients are bitwise identical from run to run.
 
 ``G`` is the trap Liger-Kernel fell into: with one program per SM the backward is
-latency-bound (about 2x slower than torch's on H100). Here ``G`` is at most
-``_BWD_PROGRAMS`` = 512 (about 4 programs per SM on the 132 SMs of an H100/H200, 16-32
-resident warps per SM), and at least one tile per program. The partials then cost
-``2 G D 4`` bytes written and read again: 3.1 MB at 12,800 x 768 (2.7% of the
-backward's traffic with bf16 x / fp32 residual), 2.1 MB at 50,432 x 512 (0.7%). This is
-a choice from register counts (``tests/_aot.py report --match ln_``) and this
-arithmetic, not from timings (no GPU was available when it was written);
-``benchmarks/bench_ops.py --sections norms`` measures it.
+latency-bound (about 2x slower than torch's on H100). Here the backward's tiles are
+``_BWD_TILE`` = 2048 elements (2 rows at D = 768, 4 at D = 512) with 4 warps, which ptxas
+compiles to 114-120 registers a thread without spills for the model's dtypes (sm_90,
+``python tests/_aot.py report --match _ln_bwd``): 4 programs (16 warps) fit an SM's 64 K
+registers, 528 on the 132 SMs of an H100/H200. ``G`` is at most ``_BWD_PROGRAMS`` = 512,
+one full wave at that occupancy (more programs would only queue behind it), and at least
+one tile per program. The partials then cost ``2 G D 4`` bytes, written once and read
+once: 2 x 3.1 MB at 12,800 x 768 (4% of the backward's 157 MB with a bf16 x and an fp32
+residual), 2 x 2.1 MB at 50,432 x 512 (1% of 413 MB). This is a choice from those register counts and
+this arithmetic, not from timings (no GPU was available when it was written);
+``python -m benchmarks.bench_ops --sections norms`` measures it.
 
 Math is in float32 (float64 when an input is float64); inputs and outputs can each be
 float32, float16 or bfloat16.
@@ -353,13 +356,14 @@ def _forward(x, residual, weight, bias, eps, out_dtype, s_dtype):
         residual, r_T, srb, srt, srd = _rows(residual)
     else:
         r_T, srb, srt, srd = 1, 0, 0, 0
+    # absent tensors are passed as x (never read): every pointer argument is a tensor
     launch(_ln_fwd_kernel)[(triton.cdiv(M, block_m),)](
         x,
-        residual,
-        weight,
-        bias,
+        x if residual is None else residual,
+        x if weight is None else weight,
+        x if bias is None else bias,
         y,
-        s,
+        y if s is None else s,
         mean,
         rstd,
         M,
@@ -447,13 +451,13 @@ def _layer_norm_backward_op(
     else:
         g_T, sgb, sgt, sgd = 1, 0, 0, 0
     s, s_T, ssb, sst, ssd = _rows(s)
-    launch(_ln_bwd_kernel)[(programs,)](
+    launch(_ln_bwd_kernel)[(programs,)](  # absent tensors passed as one that is never read
         grad_y,
-        grad_s,
+        grad_y if grad_s is None else grad_s,
         s,
         mean,
         rstd,
-        weight,
+        s if weight is None else weight,
         dx,
         dr,
         dw_part,
