@@ -9,7 +9,7 @@ Ops live in :mod:`fastmae.ops` (each with ``backend=``), their plain-PyTorch ora
 ``import fastmae`` needs neither triton nor the CUDA extension nor xformers).
 """
 
-from . import ops, reference
+from . import graph, ops, reference
 from .backend import (
     BackendUnavailableError,
     available_backends,
@@ -34,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ops",
     "reference",
+    "graph",
     "BackendUnavailableError",
     "available_backends",
     "get_backend",

@@ -96,7 +96,10 @@ def use_backend(name: str | None):
 
 
 # ----------------------------------------------------------------- availability
+# assume_constant_result: torch.compile calls it at trace time and keeps the answer (dynamo
+# would otherwise trace into importlib, which it refuses: a graph break, an error under fullgraph)
 @functools.cache
+@torch.compiler.assume_constant_result
 def _import_error(module: str) -> str | None:
     try:
         importlib.import_module(module)

@@ -24,6 +24,7 @@ Arguments are validated here, once, whatever the backend: bad input raises a
 from __future__ import annotations
 
 import importlib
+import sys
 
 import torch
 
@@ -77,7 +78,9 @@ def _impl(op: str, backend: str):
     target = _IMPLS[op][backend]
     module, fn = target.split(":")
     try:
-        return getattr(importlib.import_module(module), fn)
+        # an imported module through sys.modules: torch.compile(fullgraph=True) traces that,
+        # not importlib's frames (a graph break); the model imports its kernels eagerly
+        return getattr(sys.modules.get(module) or importlib.import_module(module), fn)
     except ImportError as e:
         raise BackendUnavailableError(f"backend={backend!r} for {op}: cannot import {module} ({e})") from e
 

@@ -14,17 +14,40 @@ Two extras, both keyword-only:
   the removed ones replaced by a learned token (``encoder_mask_token``, present only in
   this mode) and the decoder needs no unshuffle. It exists to measure the speedup of
   running the encoder on visible tokens only.
+
+The fused blocks. Wherever the ops' backend resolves to a kernel backend (``"triton"``,
+or ``"auto"`` on CUDA tensors; decided per call from the input's device, so a CPU model on
+``"auto"`` runs the stock blocks), the transformer blocks run on fused ops with the same
+weights and module names. As in FlashAttention's and Mamba's fused add-norm, the blocks
+pass ``(hidden, residual)`` pairs and every residual add is fused into the *next*
+LayerNorm, across blocks and into the final ``norm`` / ``decoder_norm``::
+
+    y, s = add_layer_norm(h, r, norm1)         # s = h + r (the residual stream), y = norm1(s)
+    y, s = add_layer_norm(attn(y), s, norm2)   # attn: qkv -> attention_qkvpacked -> proj
+    h, r = fc2(bias_gelu(y @ fc1.weight.T, fc1.bias)), s
+    ...
+    x = add_layer_norm(h, r, norm)[0]          # after the last block
+
+The first block gets ``r = None``. Under autocast the dtypes are those autocast gives the
+stock model: matmuls in the autocast dtype, LayerNorm math in fp32, the residual stream in
+fp32, the blocks' normalised outputs in the autocast dtype (what the next matmul would cast
+them to) and the final norms' in fp32 (as autocast's ``layer_norm``). Custom ops are not
+touched by autocast, so these dtypes are passed to the ops explicitly. The fused blocks
+need ``nn.LayerNorm`` norm layers (every official configuration); a model built with
+another ``norm_layer`` runs the stock blocks.
 """
 
 from __future__ import annotations
 
+import importlib
 from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import ops
-from ..backend import check_name
+from ..backend import _import_error, check_name, resolve
 from ..reference import get_2d_sincos_pos_embed
 
 __all__ = [
@@ -37,6 +60,19 @@ __all__ = [
     "mae_vit_large_patch16",
     "mae_vit_huge_patch14",
 ]
+
+
+def _import_kernels() -> None:
+    """Import the Triton kernel modules now, eagerly: ``torch.compile`` traces the ops' dispatch
+    but not an import. A no-op without triton (the ops then say what is missing when asked)."""
+    if _import_error("triton") is not None:
+        return
+    for impls in ops._IMPLS.values():
+        for target in impls.values():
+            try:
+                importlib.import_module(target.split(":")[0])
+            except ImportError:
+                pass  # reported by the op itself, as BackendUnavailableError, when it is called
 
 
 def _attn_backend(backend: str | None) -> str | None:
@@ -93,6 +129,16 @@ class Mlp(nn.Module):
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
 
+    def forward_fused(self, x, backend):
+        """fc1 without its bias, then one op for bias + exact GELU, then fc2."""
+        return self.fc2(ops.bias_gelu(F.linear(x, self.fc1.weight), self.fc1.bias, backend=backend))
+
+
+def _add_norm(norm, x, residual, dtypes, backend):
+    """``norm(x + residual)`` and ``x + residual`` in one op; ``dtypes``: (out_dtype, residual_dtype)."""
+    return ops.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps,
+                              out_dtype=dtypes[0], residual_dtype=dtypes[1], backend=backend)
+
 
 class Block(nn.Module):
     """Pre-norm transformer block, the layout of timm's ViT Block used by the official MAE."""
@@ -107,6 +153,12 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+    def forward_fused(self, h, residual, dtypes, backend):
+        """(hidden, residual) -> (hidden, residual): this block's adds fused into its norms."""
+        y, s = _add_norm(self.norm1, h, residual, dtypes, backend)
+        y, s = _add_norm(self.norm2, self.attn(y), s, dtypes, backend)
+        return self.mlp.forward_fused(y, backend), s
 
 
 class MaskedAutoencoderViT(nn.Module):
@@ -151,6 +203,9 @@ class MaskedAutoencoderViT(nn.Module):
         # --------------------------------------------------------------------------
 
         self.norm_pix_loss = norm_pix_loss
+        norms = [n for b in (*self.blocks, *self.decoder_blocks) for n in (b.norm1, b.norm2)]
+        self._fusable = all(type(n) is nn.LayerNorm and n.weight is not None and n.bias is not None
+                            for n in (*norms, self.norm, self.decoder_norm))  # the fused blocks need these
         self.set_backend(backend)
         self.initialize_weights()
 
@@ -158,6 +213,8 @@ class MaskedAutoencoderViT(nn.Module):
         """Run this model's ops on ``backend`` (``None``: the process default)."""
         if backend is not None:
             check_name(backend, attention=True)
+        if backend != "torch":
+            _import_kernels()
         self.backend = backend
         for m in self.modules():
             if isinstance(m, Attention):
@@ -237,9 +294,7 @@ class MaskedAutoencoderViT(nn.Module):
                                                  backend=self.backend)
 
         # apply Transformer blocks
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.norm(x)
+        x = self._run_blocks(x, self.blocks, self.norm)
 
         return x, mask, ids_restore
 
@@ -250,10 +305,28 @@ class MaskedAutoencoderViT(nn.Module):
         x = x + self.pos_embed[:, 1:, :]
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
         x = torch.cat((cls_token.expand(x.shape[0], -1, -1), x), dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.norm(x)
+        x = self._run_blocks(x, self.blocks, self.norm)
         return x, mask, ids_restore
+
+    def uses_fused_blocks(self, x: torch.Tensor) -> bool:
+        """Whether a forward on ``x``'s device runs the fused blocks (see the module docstring)."""
+        if self.backend in ("sdpa", "xformers") or not self._fusable:
+            return False  # attention-only backends name the stock blocks
+        return resolve(self.backend, x.device) != "torch"
+
+    def _run_blocks(self, x, blocks, norm):
+        if not self.uses_fused_blocks(x):
+            for blk in blocks:
+                x = blk(x)
+            return norm(x)
+        dev = x.device.type
+        amp = torch.is_autocast_enabled(dev)
+        # (out_dtype, residual_dtype) of the blocks' norms and of the final one; None: the op's default
+        dtypes = (torch.get_autocast_dtype(dev), torch.float32) if amp else (None, None)
+        h, r = x, None
+        for blk in blocks:
+            h, r = blk.forward_fused(h, r, dtypes, self.backend)
+        return _add_norm(norm, h, r, (torch.float32 if amp else None, dtypes[1]), self.backend)[0]
 
     def forward_decoder(self, x, ids_restore):
         # embed tokens
@@ -265,9 +338,7 @@ class MaskedAutoencoderViT(nn.Module):
             x = ops.decoder_unshuffle(x, ids_restore, self.mask_token, self.decoder_pos_embed, backend=self.backend)
 
         # apply Transformer blocks
-        for blk in self.decoder_blocks:
-            x = blk(x)
-        x = self.decoder_norm(x)
+        x = self._run_blocks(x, self.decoder_blocks, self.decoder_norm)
 
         # predictor projection
         x = self.decoder_pred(x)
