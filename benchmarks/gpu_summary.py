@@ -75,7 +75,8 @@ def _bench(r: dict) -> list[str]:
            f"  {'model':8s} {'batch':>5s} {'mask':>5s} {'backend':8s} {'encoder':12s} {'img/s':>9s} "
            f"{'ms/step':>8s} {'GiB':>6s}"]
     for x in r.get("results", []):
-        head = f"  {x['model']:8s} {x['batch_size']:5d} {x['mask_ratio']:5.2f} {x['backend']:8s} {x['encoder']:12s} "
+        be = x["backend"] + ("" if x.get("mode", "eager") == "eager" else f"/{x['mode']}")  # fastmae bench --modes
+        head = f"  {x['model']:8s} {x['batch_size']:5d} {x['mask_ratio']:5.2f} {be:8s} {x['encoder']:12s} "
         if x["status"] == "ok":
             out.append(head + f"{x['images_per_s']:9.1f} {x['ms_per_step']:8.2f} {x['peak_mem_gib'] or 0:6.1f}")
         else:
@@ -83,7 +84,10 @@ def _bench(r: dict) -> list[str]:
     out += [f"  encoder-only speedup {e['model']} {e['backend']}: {e['encoder_only_speedup']:.2f}x"
             for e in r.get("encoder_only_speedup", [])]
     out += [f"  {s['backend']} vs stock {s['model']} {s['encoder']}: {s['speedup_vs_stock']:.2f}x"
-            for s in r.get("speedup_vs_stock", [])]
+            for s in r.get("speedup_vs_stock", []) if s.get("mode", "eager") == "eager"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+    out += [f"  {s['backend']} {s['mode']} {s['model']} {s['encoder']}: vs stock eager {fmt(s['vs_stock_eager'])}, "
+            f"vs stock compiled {fmt(s['vs_stock_compiled'])}" for s in r.get("speedup_vs_stock_modes", [])]
     return out
 
 

@@ -10,16 +10,24 @@ an AdamW step (betas 0.9/0.95, weight decay 0.05, lr 1.5e-4; ``fused=True`` on C
 * encoder mode ``visible``: the encoder runs on the visible tokens only (MAE);
   ``mask tokens``: the paper's baseline with mask tokens in the encoder
   (``mask_tokens_in_encoder=True``). Their step-time ratio is the *encoder-only speedup*.
+* execution mode (``--modes``; ``--compile`` and ``--cuda-graph`` are shorthands):
+  ``eager``; ``compiled``, the model under ``torch.compile`` (default mode), the step
+  otherwise the same; ``graphed``, the whole step (forward, backward, AdamW with
+  ``capturable=True``) captured as one CUDA graph by :class:`fastmae.graph.CUDAGraphStep`
+  and replayed (GPU only; elsewhere the rows say why not). Every backend runs in every
+  mode asked for, so stock and fastmae are compared mode by mode and against stock eager.
 
 Per configuration: ms/step (median of the timed steps after warm-up; each step timed with
 CUDA events and a synchronize on a GPU, wall clock on the CPU), images/s, peak memory
-(``torch.cuda.max_memory_allocated`` over the timed steps; n/a on the CPU), model TFLOP/s
-and MFU. The FLOPs are counted analytically (:func:`flops_per_image`) and are the matmul
-FLOPs the configuration actually executes: with mask tokens in the encoder that is the
-encoder on all ``1 + L`` tokens, so its FLOPs per image are larger (ViT-B/16: 138.0 vs
-58.7 GFLOP at mask 0.75) and its MFU is not a measure of useful work; compare the two
-modes by images/s. MFU divides by the matmul rate measured in the same run (an
-``8192^3`` product in the autocast dtype on a GPU, ``1024^3`` on the CPU).
+(``torch.cuda.max_memory_allocated`` over the timed steps; for graphed rows the memory
+*reserved* instead, since the graph's activations live in its private pool, which the
+allocated count does not see; n/a on the CPU), model TFLOP/s and MFU. The FLOPs are
+counted analytically (:func:`flops_per_image`) and are the matmul FLOPs the configuration
+actually executes: with mask tokens in the encoder that is the encoder on all ``1 + L``
+tokens, so its FLOPs per image are larger (ViT-B/16: 138.0 vs 58.7 GFLOP at mask 0.75) and
+its MFU is not a measure of useful work; compare the two encoder modes by images/s. MFU
+divides by the matmul rate measured in the same run (an ``8192^3`` product in the autocast
+dtype on a GPU, ``1024^3`` on the CPU).
 
 Results go to the terminal (a table), and to ``--out`` as a JSON record, a CSV and, when
 matplotlib is installed, a PNG of throughput and encoder-only speedup against the mask
@@ -44,6 +52,7 @@ import torch.nn as nn
 
 from . import _timing
 from .backend import BackendUnavailableError, available_backends, resolve
+from .graph import CUDAGraphStep, adamw
 from .models import CONFIGS, MaskedAutoencoderViT
 
 __all__ = [
@@ -74,6 +83,7 @@ DEFAULT_BATCH = {"tiny": 4, "vit_b16": 256, "vit_l16": 128, "vit_h14": 64}
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MASK_RATIO_RANGE = (0.5, 0.9)
+MODES = ("eager", "compiled", "graphed")
 
 
 def model_config(name: str) -> dict:
@@ -184,13 +194,14 @@ class Config:
     mask_ratio: float
     backend: str
     mask_tokens_in_encoder: bool
+    mode: str = "eager"  # eager | compiled | graphed
 
     @property
     def encoder(self) -> str:
         return "mask tokens" if self.mask_tokens_in_encoder else "visible"
 
     def label(self) -> str:
-        return f"{self.model} b{self.batch_size} r{self.mask_ratio:g} {self.backend} {self.encoder}"
+        return f"{self.model} b{self.batch_size} r{self.mask_ratio:g} {self.backend} {self.mode} {self.encoder}"
 
 
 @dataclass
@@ -200,6 +211,7 @@ class Result:
     reason: str = ""
     ms: list[float] = field(default_factory=list)
     peak_mem_gib: float | None = None
+    peak_reserved_gib: float | None = None
     first_step_s: float | None = None
     loss: float | None = None
     gflop_per_image: float = 0.0
@@ -224,6 +236,7 @@ class Result:
             "batch_size": c.batch_size,
             "mask_ratio": c.mask_ratio,
             "backend": c.backend,
+            "mode": c.mode,
             "encoder": "mask_tokens" if c.mask_tokens_in_encoder else "visible",
             "mask_tokens_in_encoder": c.mask_tokens_in_encoder,
             "status": self.status,
@@ -232,6 +245,7 @@ class Result:
             "ms_all": [round(x, 4) for x in self.ms],
             "images_per_s": self.images_per_s(),
             "peak_mem_gib": self.peak_mem_gib,
+            "peak_reserved_gib": self.peak_reserved_gib,
             "gflop_per_image": self.gflop_per_image,
             "tflops": tf,
             "mfu": tf / peak_tflops if tf and peak_tflops else None,
@@ -265,46 +279,70 @@ def _free(device: torch.device) -> None:
                   "later configurations will likely fail too", file=sys.stderr)
 
 
+def _mode_unavailable(mode: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why execution ``mode`` cannot run here (None when it can)."""
+    if mode == "graphed":
+        if device.type != "cuda":
+            return f"the graphed step is one CUDA graph and needs a CUDA device; this run is on {device}"
+        if dtype == torch.float16:
+            return "fp16 autocast needs loss scaling (GradScaler), which the graphed step does not capture; use bf16"
+    return None
+
+
 def _run_config(cfg: Config, device: torch.device, dtype: torch.dtype, steps: int, warmup: int,
-                compile_: bool, progress: _timing.ProgressBar) -> Result:
+                progress: _timing.ProgressBar) -> Result:
     res = Result(cfg, gflop_per_image=_gflop_per_image(cfg))
-    reason = _unavailable_reason(cfg.backend, device)
+    reason = _unavailable_reason(cfg.backend, device) or _mode_unavailable(cfg.mode, device, dtype)
     if reason is not None:
         res.status, res.reason = "unavailable", reason
         return res
     try:
         torch.manual_seed(0)
         model = build_model(cfg.model, cfg.backend, cfg.mask_tokens_in_encoder, device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05,
-                                fused=device.type == "cuda")
-        fwd = torch.compile(model) if compile_ else model
         mc = model_config(cfg.model)
         imgs = torch.randn(cfg.batch_size, mc["in_chans"], mc["img_size"], mc["img_size"], device=device)
         autocast = dtype != torch.float32
         last = []
-
-        def step():
-            with torch.autocast(device.type, dtype=dtype, enabled=autocast):
-                loss, _, _ = fwd(imgs, mask_ratio=cfg.mask_ratio)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            last[:] = [loss.detach()]
-
-        # the first step compiles / autotunes: timed apart, counted as a warm-up step
         t0 = time.perf_counter()
+        if cfg.mode == "graphed":
+            # warm-up steps (autotuning included) and the capture happen in the constructor
+            opt = adamw(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+            graphed = CUDAGraphStep(model, opt, tuple(imgs.shape), mask_ratio=cfg.mask_ratio,
+                                    amp_dtype=dtype if autocast else None, warmup_steps=max(warmup, 1))
+
+            def step():
+                last[:] = [graphed.step(imgs)]
+        else:
+            opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                    fused=device.type == "cuda")
+            fwd = torch.compile(model) if cfg.mode == "compiled" else model
+
+            def step():
+                with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+                    loss, _, _ = fwd(imgs, mask_ratio=cfg.mask_ratio)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                last[:] = [loss.detach()]
+
+        # the first step compiles / autotunes (graphed: the warm-up and capture): timed apart,
+        # counted as a warm-up step
         step()
         _timing.synchronize(device)
         res.first_step_s = time.perf_counter() - t0
         progress.step(f"warm-up 1/{warmup + steps}")
         if device.type == "cuda":
+            if cfg.mode == "graphed":
+                _free(device)  # what stays reserved is the graph's pool and the model's state
             torch.cuda.reset_peak_memory_stats(device)
         res.ms = _timing.time_calls(
             step, device, iters=steps, warmup=max(warmup - 1, 0),
             on_call=lambda i, n: progress.step(f"step {i + 1}/{n + 1}"),
         )
         if device.type == "cuda":
-            res.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
+            res.peak_reserved_gib = torch.cuda.max_memory_reserved(device) / 2**30
+            res.peak_mem_gib = (res.peak_reserved_gib if cfg.mode == "graphed"
+                                else torch.cuda.max_memory_allocated(device) / 2**30)
         res.loss = float(last[0]) if last else None
         if res.loss is not None and not math.isfinite(res.loss):
             # timed, but a wrong result: not a throughput figure to compare
@@ -348,21 +386,29 @@ def num(x, na: str = "n/a") -> str:
     return f"{x:.3g}"
 
 
-def _speedups(rows: list[dict]) -> tuple[list[dict], list[dict]]:
-    """Encoder-only speedups (mask-token step / visible step, per backend) and speedups over stock."""
-    ok = {(r["model"], r["batch_size"], r["mask_ratio"], r["backend"], r["encoder"]): r
+def _speedups(rows: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Encoder-only speedups (mask-token step / visible step, per backend and mode), speedups over
+    stock in the same mode, and every row's speedup over stock eager and stock compiled."""
+    ok = {(r["model"], r["batch_size"], r["mask_ratio"], r["backend"], r.get("mode", "eager"), r["encoder"]): r
           for r in rows if r["status"] == "ok"}
-    enc, stock = [], []
-    for (m, b, mr, be, e), r in ok.items():
-        if e == "visible" and (m, b, mr, be, "mask_tokens") in ok:
-            other = ok[(m, b, mr, be, "mask_tokens")]
-            enc.append({"model": m, "batch_size": b, "mask_ratio": mr, "backend": be,
-                        "encoder_only_speedup": other["ms_per_step"] / r["ms_per_step"]})
-        if be != "torch" and (m, b, mr, "torch", e) in ok:
-            base = ok[(m, b, mr, "torch", e)]
-            stock.append({"model": m, "batch_size": b, "mask_ratio": mr, "backend": be, "encoder": e,
-                          "speedup_vs_stock": base["ms_per_step"] / r["ms_per_step"]})
-    return enc, stock
+    enc, stock, modes = [], [], []
+    for (m, b, mr, be, mo, e), r in ok.items():
+        ms = r["ms_per_step"]
+        if e == "visible" and (m, b, mr, be, mo, "mask_tokens") in ok:
+            other = ok[(m, b, mr, be, mo, "mask_tokens")]
+            enc.append({"model": m, "batch_size": b, "mask_ratio": mr, "backend": be, "mode": mo,
+                        "encoder_only_speedup": other["ms_per_step"] / ms})
+        if be != "torch" and (m, b, mr, "torch", mo, e) in ok:
+            base = ok[(m, b, mr, "torch", mo, e)]
+            stock.append({"model": m, "batch_size": b, "mask_ratio": mr, "backend": be, "mode": mo, "encoder": e,
+                          "speedup_vs_stock": base["ms_per_step"] / ms})
+        if (be, mo) != ("torch", "eager"):
+            vs = {f"vs_stock_{k}": ok[(m, b, mr, "torch", k, e)]["ms_per_step"] / ms
+                  if (m, b, mr, "torch", k, e) in ok else None for k in ("eager", "compiled")}
+            if any(v is not None for v in vs.values()):
+                modes.append({"model": m, "batch_size": b, "mask_ratio": mr, "backend": be, "mode": mo,
+                              "encoder": e, **vs})
+    return enc, stock, modes
 
 
 def render(record: dict) -> str:
@@ -373,8 +419,8 @@ def render(record: dict) -> str:
         f"fastmae bench on {env['card']} | torch {env['torch']} | triton {env['triton']} | "
         f"commit {env['git_commit'][:12]}{' (dirty)' if env.get('git_dirty') else ''} | {env['date']}",
         f"{c['dtype']}{' autocast' if c['dtype'] != 'fp32' else ''}, AdamW step, "
-        f"{c['steps']} timed steps after {c['warmup']} warm-up (median)"
-        f"{', torch.compile' if c['compile'] else ''}",
+        f"{c['steps']} timed steps after {c['warmup']} warm-up (median), "
+        f"modes: {', '.join(c.get('modes') or (['compiled'] if c['compile'] else ['eager']))}",
         f"ceilings measured in this run: matmul {num(cei['matmul']['tflops'])} TFLOP/s "
         f"({cei['matmul']['dtype']} {cei['matmul']['n']}^3)"
         + (f", copy {num(cei['copy']['gbps'])} GB/s (read + write)" if cei.get("copy") else ""),
@@ -384,31 +430,41 @@ def render(record: dict) -> str:
     rows = []
     for r in record["results"]:
         if r["status"] == "ok":
-            rows.append([r["model"], r["batch_size"], f"{r['mask_ratio']:g}", r["backend"],
+            rows.append([r["model"], r["batch_size"], f"{r['mask_ratio']:g}", r["backend"], r.get("mode", "eager"),
                          r["encoder"].replace("_", " "), num(r["images_per_s"]), num(r["ms_per_step"]),
                          num(r["peak_mem_gib"]), num(r["gflop_per_image"]), num(r["tflops"]),
                          "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%", ""])
         else:
-            rows.append([r["model"], r["batch_size"], f"{r['mask_ratio']:g}", r["backend"],
+            rows.append([r["model"], r["batch_size"], f"{r['mask_ratio']:g}", r["backend"], r.get("mode", "eager"),
                          r["encoder"].replace("_", " "), r["status"], "", "", "", "", "", r["reason"]])
-    out.append(format_table(["model", "batch", "mask", "backend", "encoder", "img/s", "ms/step", "peak GiB",
-                             "GFLOP/img", "TFLOP/s", "MFU", "note"], rows, right={1, 2, 5, 6, 7, 8, 9, 10}))
+    out.append(format_table(["model", "batch", "mask", "backend", "mode", "encoder", "img/s", "ms/step", "peak GiB",
+                             "GFLOP/img", "TFLOP/s", "MFU", "note"], rows, right={1, 2, 6, 7, 8, 9, 10, 11}))
     enc, stock = record["encoder_only_speedup"], record["speedup_vs_stock"]
+    modes = record.get("speedup_vs_stock_modes", [])
     if enc:
         out += ["", "encoder-only speedup (step time with mask tokens in the encoder / visible tokens only):"]
-        out.append(format_table(["model", "batch", "mask", "backend", "speedup"],
+        out.append(format_table(["model", "batch", "mask", "backend", "mode", "speedup"],
                                 [[e["model"], e["batch_size"], f"{e['mask_ratio']:g}", e["backend"],
-                                  f"{e['encoder_only_speedup']:.2f}x"] for e in enc], right={1, 2, 4}))
-    if stock:
-        out += ["", "speedup over stock (stock step time / backend step time):"]
-        out.append(format_table(["model", "batch", "mask", "encoder", "backend", "speedup"],
-                                [[s["model"], s["batch_size"], f"{s['mask_ratio']:g}", s["encoder"].replace("_", " "),
-                                  s["backend"], f"{s['speedup_vs_stock']:.2f}x"] for s in stock], right={1, 2, 5}))
+                                  e.get("mode", "eager"), f"{e['encoder_only_speedup']:.2f}x"] for e in enc],
+                                right={1, 2, 5}))
+    if stock or modes:
+        x = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+        same = {(s["model"], s["batch_size"], s["mask_ratio"], s["backend"], s.get("mode", "eager"), s["encoder"]):
+                s["speedup_vs_stock"] for s in stock}
+        rows = [[s["model"], s["batch_size"], f"{s['mask_ratio']:g}", s["encoder"].replace("_", " "), s["backend"],
+                 s["mode"], x(same.get((s["model"], s["batch_size"], s["mask_ratio"], s["backend"], s["mode"],
+                                        s["encoder"]))), x(s["vs_stock_eager"]), x(s["vs_stock_compiled"])]
+                for s in modes]
+        out += ["", "speedup over stock (stock step time / this step time), in the same mode, over stock eager "
+                    "and over stock compiled:"]
+        out.append(format_table(["model", "batch", "mask", "encoder", "backend", "mode", "vs stock same mode",
+                                 "vs stock eager", "vs stock compiled"], rows, right={1, 2, 6, 7, 8}))
     return "\n".join(out)
 
 
-_CSV_COLUMNS = ["model", "batch_size", "mask_ratio", "backend", "encoder", "status", "reason", "images_per_s",
-                "ms_per_step", "peak_mem_gib", "gflop_per_image", "tflops", "mfu", "first_step_s", "loss"]
+_CSV_COLUMNS = ["model", "batch_size", "mask_ratio", "backend", "mode", "encoder", "status", "reason",
+                "images_per_s", "ms_per_step", "peak_mem_gib", "peak_reserved_gib", "gflop_per_image", "tflops", "mfu",
+                "first_step_s", "loss"]
 _CSV_ENV = ["card", "torch", "triton", "cuda", "git_commit", "date", "command"]
 
 
@@ -436,7 +492,7 @@ def write_plot(record: dict, path: str) -> str | None:
     series: dict = {}
     for r in record["results"]:
         if r["status"] == "ok":
-            key = f"{r['model']} {r['backend']} {r['encoder'].replace('_', ' ')}"
+            key = f"{r['model']} {r['backend']} {r.get('mode', 'eager')} {r['encoder'].replace('_', ' ')}"
             series.setdefault(key, []).append((r["mask_ratio"], r["images_per_s"]))
     for key, pts in sorted(series.items()):
         pts.sort()
@@ -445,7 +501,8 @@ def write_plot(record: dict, path: str) -> str | None:
     ax1.set(xlabel="mask ratio", ylabel="images / s", title="training-step throughput")
     sp: dict = {}
     for e in record["encoder_only_speedup"]:
-        sp.setdefault(f"{e['model']} {e['backend']}", []).append((e["mask_ratio"], e["encoder_only_speedup"]))
+        key = f"{e['model']} {e['backend']} {e.get('mode', 'eager')}"
+        sp.setdefault(key, []).append((e["mask_ratio"], e["encoder_only_speedup"]))
     for key, pts in sorted(sp.items()):
         pts.sort()
         ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
@@ -476,7 +533,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="encoder modes to run (default both: the encoder-only speedup needs both)")
     p.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
                    help="autocast dtype (fp32: no autocast); default bf16 on a GPU, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile each model")
+    p.add_argument("--modes", default=None,
+                   help=f"comma-separated execution modes from {', '.join(MODES)} (default eager; graphed: the whole "
+                        "step as one CUDA graph, GPU only)")
+    p.add_argument("--compile", action="store_true",
+                   help="shorthand for --modes eager,compiled: every backend eager and under torch.compile")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="shorthand for --modes eager,compiled,graphed: eager, compiled and the step as one CUDA graph")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on a GPU, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps, the first included (default 5 / 2)")
     p.add_argument("--out", default="bench-out", help="folder for the JSON, CSV and PNG (default ./bench-out)")
@@ -531,14 +594,31 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         print("fastmae bench: --batch-size must be >= 1", file=sys.stderr)
         return 2
     modes = {"both": (False, True), "visible": (False,), "mask_tokens": (True,)}[args.encoder]
+    if args.modes:
+        exec_modes = _csv_list(args.modes)
+        bad = [m for m in exec_modes if m not in MODES]
+        if bad or not exec_modes:
+            print(f"fastmae bench: unknown mode(s) {bad or args.modes!r}; choose from {', '.join(MODES)}",
+                  file=sys.stderr)
+            return 2
+        exec_modes = [m for m in MODES if m in exec_modes]  # eager first: a budget cut keeps the baseline
+    else:
+        exec_modes = ["eager", "compiled", "graphed"] if args.cuda_graph else (["eager", "compiled"] if args.compile
+                                                                               else ["eager"])
+    if "graphed" in exec_modes:
+        notes.append("graphed: the whole step (forward, backward, AdamW capturable+fused) is one CUDA graph "
+                     "(fastmae.graph.CUDAGraphStep); its peak memory is the memory reserved (the graph's pool "
+                     "included), the other rows' the memory allocated")
+        if not gpu:
+            notes.append("graphed rows need a CUDA device: reported as unavailable here")
     notes.append("TFLOP/s and MFU count the matmul FLOPs each configuration executes (encoder on all 1+L tokens "
                  "with mask tokens in the encoder), against the matmul rate measured in this run; compare the "
                  "encoder modes by img/s")
     if not gpu:
         notes.append("CPU: times are wall clock, peak GPU memory is n/a")
 
-    configs = [Config(m, args.batch_size or DEFAULT_BATCH[m], r, b, mt)
-               for m in models for r in ratios for b in backends for mt in modes]
+    configs = [Config(m, args.batch_size or DEFAULT_BATCH[m], r, b, mt, mo)
+               for m in models for r in ratios for mo in exec_modes for b in backends for mt in modes]
 
     env = _timing.environment(device, command)
     ceilings = {"matmul": _timing.matmul_rate(device, dtype)}
@@ -551,7 +631,8 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         "config": {"models": models, "batch_sizes": {m: args.batch_size or DEFAULT_BATCH[m] for m in models},
                    "mask_ratios": ratios, "backends": backends, "encoder_modes": [("mask_tokens" if mt else "visible")
                                                                                   for mt in modes],
-                   "dtype": dtype_name, "compile": bool(args.compile), "steps": steps, "warmup": warmup,
+                   "dtype": dtype_name, "compile": "compiled" in exec_modes, "modes": exec_modes,
+                   "steps": steps, "warmup": warmup,
                    "optimizer": "AdamW(lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05"
                                 + (", fused=True)" if gpu else ")"),
                    "norm_pix_loss": True,
@@ -561,13 +642,15 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         "results": [],
         "encoder_only_speedup": [],
         "speedup_vs_stock": [],
+        "speedup_vs_stock_modes": [],
     }
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, f"bench-{_timing.slug(env['card'])}-{env['timestamp']}")
     paths = {"json": base + ".json", "csv": base + ".csv"}
 
     def save():
-        record["encoder_only_speedup"], record["speedup_vs_stock"] = _speedups(record["results"])
+        (record["encoder_only_speedup"], record["speedup_vs_stock"],
+         record["speedup_vs_stock_modes"]) = _speedups(record["results"])
         _timing.write_json(paths["json"], record)
         write_csv(record, paths["csv"])
 
@@ -585,7 +668,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
                 cfg, status="incomplete", reason="started but did not finish: the process was killed or crashed",
                 gflop_per_image=_gflop_per_image(cfg)).as_dict(peak))
             save()
-            res = _run_config(cfg, device, dtype, steps, warmup, args.compile, progress)
+            res = _run_config(cfg, device, dtype, steps, warmup, progress)
             record["results"].pop()
         record["results"].append(res.as_dict(peak))
         progress.finish_task()

@@ -173,6 +173,63 @@ def test_bench_time_budget_skips_the_rest(tmp_path):
     assert {r["status"] for r in rec["results"]} == {"skipped"}
 
 
+def _spy_compile(monkeypatch):
+    # torch.compile of even the tiny model takes a minute on these cores: the argument
+    # handling is what is tested here (tests/test_fused_block.py compiles the model itself)
+    calls = []
+
+    def fake_compile(model, **kwargs):
+        calls.append(kwargs)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    return calls
+
+
+def test_bench_compile_measures_eager_and_compiled_side_by_side(tmp_path, monkeypatch, capsys):
+    calls = _spy_compile(monkeypatch)
+    assert _small_bench(tmp_path, "--device", "cpu", "--encoder", "visible", "--compile") == 0
+    rec = json.load(open(_one(str(tmp_path / "bench-*.json"))))
+    assert rec["config"]["modes"] == ["eager", "compiled"] and rec["config"]["compile"] is True
+    assert [(r["backend"], r["mode"], r["status"]) for r in rec["results"]] == [
+        ("torch", "eager", "ok"), ("torch", "compiled", "ok")]
+    assert len(calls) == 1  # the compiled row's model, and only it
+    (sp,) = rec["speedup_vs_stock_modes"]
+    assert sp["mode"] == "compiled" and sp["vs_stock_eager"] == pytest.approx(
+        rec["results"][0]["ms_per_step"] / rec["results"][1]["ms_per_step"])
+    out = capsys.readouterr().out
+    assert "compiled" in out and "vs stock eager" in out
+    with open(_one(str(tmp_path / "bench-*.csv"))) as f:
+        assert [r["mode"] for r in csv.DictReader(f)] == ["eager", "compiled"]
+
+
+def test_bench_cuda_graph_on_cpu_reports_graphed_rows_unavailable(tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the graphed rows run")
+    _spy_compile(monkeypatch)
+    rc = _small_bench(tmp_path, "--device", "cpu", "--encoder", "visible", "--cuda-graph")
+    assert rc == 0  # unavailable is not a failure
+    rec = json.load(open(_one(str(tmp_path / "bench-*.json"))))
+    assert rec["config"]["modes"] == ["eager", "compiled", "graphed"]
+    by_mode = {r["mode"]: r for r in rec["results"]}
+    assert by_mode["eager"]["status"] == by_mode["compiled"]["status"] == "ok"
+    assert by_mode["graphed"]["status"] == "unavailable" and "CUDA" in by_mode["graphed"]["reason"]
+    assert by_mode["graphed"]["ms_per_step"] is None
+    out = capsys.readouterr().out
+    assert "graphed" in out and "needs a CUDA device" in out
+
+
+def test_bench_modes_option(tmp_path, monkeypatch, capsys):
+    _spy_compile(monkeypatch)
+    assert _small_bench(tmp_path, "--modes", "eager,warp") == 2
+    assert "warp" in capsys.readouterr().err
+    # --modes overrides the shorthands, and runs in the order eager, compiled, graphed
+    assert _small_bench(tmp_path, "--device", "cpu", "--encoder", "visible", "--modes", "compiled,eager",
+                        "--cuda-graph") == 0
+    rec = json.load(open(_one(str(tmp_path / "bench-*.json"))))
+    assert [r["mode"] for r in rec["results"]] == ["eager", "compiled"]
+
+
 # ---------------------------------------------------------------------------- validate
 def test_validate_on_cpu_exits_0_and_lists_every_op(tmp_path, capsys):
     path = tmp_path / "v.json"
