@@ -277,6 +277,19 @@ def test_float64(kernel_device):
         ops.bias_gelu(x.float().to(kernel_device), bias.double().to(kernel_device), backend="triton")
 
 
+def test_dispatch():
+    from fastmae.backend import BACKENDS, BackendUnavailableError
+
+    x, bias = torch.randn(3, 8), torch.randn(8)
+    assert torch.equal(ops.bias_gelu(x, bias, backend="torch"), ref.bias_gelu(x, bias))
+    assert torch.equal(ops.bias_gelu(x, bias), ref.bias_gelu(x, bias))  # auto on CPU tensors: the reference
+    for name in set(BACKENDS) - {"auto", "torch", "triton"} - set(ops._IMPLS["bias_gelu"]):
+        with pytest.raises(BackendUnavailableError):  # the compiled extension has no bias_gelu (yet)
+            ops.bias_gelu(x, bias, backend=name)
+    with pytest.raises(ValueError, match="attention only"):
+        ops.bias_gelu(x, bias, backend="sdpa")
+
+
 # ----------------------------------------------------------------------------- properties
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
