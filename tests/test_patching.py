@@ -494,3 +494,65 @@ def test_hf_triton_backend_matches(kernel_device):
     ref64 = _hf_run(exact, imgs.double(), noise.double())
     got = _hf_run(fast, imgs, noise)
     _compare(got, low, ref64)
+
+
+def test_patched_models_trace_fullgraph():
+    """torch.compile(fullgraph=True) traces the instance-bound methods (dynamo only: backend='eager')."""
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    m = apply_fastmae(official_mae.tiny(depth=1))
+    eager = m(imgs, 0.75, noise)
+    traced = torch.compile(m, backend="eager", fullgraph=True)(imgs, 0.75, noise)
+    assert all(torch.equal(a, b) for a, b in zip(eager, traced))
+    h = apply_fastmae(_hf_tiny(num_hidden_layers=1))
+    out = torch.compile(h, backend="eager", fullgraph=True)(imgs, noise=noise)
+    assert torch.equal(out.loss, h(imgs, noise=noise).loss)
+
+
+# ----------------------------------------------------------------------------- GPU
+def _rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused_blocks", [False, True])
+def test_gpu_official_vit_b_bf16_autocast(fused_blocks):
+    """ViT-B/16 official model on timm, patched (Triton, optionally fused blocks) vs stock under bf16
+    autocast. Oracle: both against the stock model in fp32 (TF32 off); the patched model's error, per
+    output and per parameter gradient (relative, norm-wise), at most 2x the stock bf16 model's + 1e-3."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        _gpu_official_vit_b_bf16(fused_blocks)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _gpu_official_vit_b_bf16(fused_blocks):
+    torch.manual_seed(0)
+    stock = official_mae.mae_vit_base_patch16_dec512d8b(norm_pix_loss=True).cuda()
+    fast = apply_fastmae(copy.deepcopy(stock), backend="triton", fused_blocks=fused_blocks)
+    imgs = torch.randn(8, 3, 224, 224, device="cuda")
+    seed = 1234
+    ref32 = _official_run(stock, imgs, seed)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = _official_run(stock, imgs, seed)
+        got = _official_run(fast, imgs, seed)
+    assert torch.equal(got[2], ref32[2]) and torch.equal(low[2], ref32[2])
+    pairs = [("loss", got[0], low[0], ref32[0]), ("pred", got[1], low[1], ref32[1])]
+    pairs += [(f"grad {n}", got[3][n], low[3][n], ref32[3][n]) for n in ref32[3]]
+    for name, g, lo, r in pairs:
+        e, b = _rel_err(g, r), _rel_err(lo, r)
+        assert e <= 2 * b + 1e-3, f"{name}: relative error {e:.3g} > 2 * {b:.3g} (stock bf16) + 1e-3"
+
+
+@pytest.mark.gpu
+def test_gpu_patched_compile_fullgraph():
+    torch.manual_seed(0)
+    m = apply_fastmae(official_mae.mae_vit_base_patch16_dec512d8b(norm_pix_loss=True).cuda(), backend="triton",
+                      fused_blocks=True)
+    imgs = torch.randn(8, 3, 224, 224, device="cuda")
+    noise = torch.rand(8, 196, device="cuda")
+    eager = m(imgs, 0.75, noise)[0]
+    loss = torch.compile(m, fullgraph=True)(imgs, 0.75, noise)[0]
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-3, atol=1e-4)
