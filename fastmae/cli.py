@@ -5,6 +5,7 @@
                       (:mod:`fastmae.validate`)
 ``fastmae visualize`` a checkpoint's reconstruction of an image, the official demo's figure
                       (:mod:`fastmae.visualize`)
+``fastmae pretrain``  MAE pretraining with the official recipe, torchrun-ready (:mod:`fastmae.pretrain`)
 
 Also runnable as ``python -m fastmae ...``. Run ``fastmae <command> --help`` for the options.
 """
@@ -40,12 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
                         description=visualize.__doc__.split("\n\n")[0])
     visualize.add_arguments(pz)
     pz.set_defaults(func=visualize.run)
+    # `fastmae pretrain` parses its own arguments (main() hands them over): listed here for --help
+    sub.add_parser("pretrain", add_help=False,
+                   help="MAE pretraining, official main_pretrain.py flags, torchrun-ready; no arguments: a demo")
     return parser
 
 
 def main(argv=None) -> int:
     """Entry point of the ``fastmae`` console script; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pretrain"]:  # its own parser: no arguments at all is the embedded demo
+        from .pretrain import main as pretrain_main
+
+        return pretrain_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

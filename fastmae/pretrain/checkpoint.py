@@ -119,9 +119,10 @@ def load_checkpoint(path: str) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        msg = str(e).strip().splitlines()
-        first = msg[0][:300] if msg else type(e).__name__
-        if "Unsupported global" in str(e) or "weights_only" in str(e).lower():
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        detail = [ln for ln in lines if "Unsupported global" in ln or "error" in ln.lower()]
+        first = (detail or lines or [type(e).__name__])[-1][:300]
+        if "Unsupported global" in str(e):
             raise CheckpointError(
                 f"checkpoint {path!r} holds objects other than tensors, plain containers and argparse.Namespace, "
                 f"and fastmae refuses to unpickle them (torch.load(weights_only=True)): {first}. If you trust the "
