@@ -19,9 +19,9 @@ from fastmae import ops
 from fastmae import reference as ref
 
 pytest.importorskip("triton")
-from fastmae.kernels import normalize as K  # noqa: E402
-
 from conftest import INTERPRET  # noqa: E402
+
+from fastmae.kernels import normalize as K  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # (B, C, H, W): one block, a ragged last block, 1 and 4 channels, a tall thin plane.

@@ -1,0 +1,397 @@
+"""fastmae.data: folders, crop distribution, pixels against the official pipeline, corrupt files, loader.
+
+Oracles (see each test for the numbers):
+
+* crop distribution: two-sample Kolmogorov-Smirnov tests of fastmae's crops against
+  torchvision's ``RandomResizedCrop.get_params`` (the official algorithm with torch's RNG),
+  4 statistics x 2 image shapes, each at alpha = 1e-4: a false failure in at most 8e-4 of
+  runs (Bonferroni; KS on these partly discrete statistics is conservative, so less);
+* pixels: for the *same* crop box and flip, fastmae's uint8 crop normalised on the "device"
+  (``ops.normalize_images``) against the official PIL crop + bicubic resize + ToTensor +
+  Normalize. Full-resolution decode: same JPEG pixels (both libjpeg-turbo) and the same
+  separable antialiased bicubic filter (PIL's a = -0.5 kernel, support scaled by the
+  downscale factor), computed in fixed point by PIL and by torch with different coefficient
+  precision and intermediate rounding: pixels differ by a few levels at most (measured
+  <= 4/255), mean absolute error <= 0.5/255 and PSNR >= 50 dB are required. DCT-reduced decode:
+  the 1/s-scale IDCT (an s x s block average in effect) replaces part of the bicubic
+  prefilter, a real interpolation difference: mean absolute error <= 2/255 and PSNR >= 38 dB
+  (measured 0.2-1.1/255 and 42-54 dB on photographs);
+* decoding only the rows above a crop: those rows equal a full decode's, bitwise.
+"""
+
+import io
+import json
+import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+PIL = pytest.importorskip("PIL")
+pytest.importorskip("torchvision")
+from PIL import Image  # noqa: E402
+from torchvision import datasets, transforms  # noqa: E402
+from torchvision.transforms import InterpolationMode  # noqa: E402
+from torchvision.transforms import functional as TF  # noqa: E402
+
+from fastmae import data, ops  # noqa: E402
+from fastmae.data import decode as D  # noqa: E402
+from fastmae.data import transforms as T  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+MEAN, STD = data.IMAGENET_MEAN, data.IMAGENET_STD
+
+
+# ------------------------------------------------------------------------------ helpers
+def _photo(size=(500, 375), seed=0) -> Image.Image:
+    """A real photograph (shipped in a wheel), resized/cropped to ``size``, seed picks which."""
+    paths = data.embedded_images()
+    with Image.open(paths[seed % len(paths)]) as im:
+        im = im.convert("RGB")
+    W, H = im.size
+    aspect = size[0] / size[1]
+    bw, bh = (W, W / aspect) if W / H < aspect else (H * aspect, H)
+    return im.resize(size, Image.Resampling.BICUBIC, box=(0, 0, bw, bh))
+
+
+def _jpeg_bytes(img, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=kw.pop("quality", 90), **kw)
+    return buf.getvalue()
+
+
+def _write(path: Path, payload: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(payload)
+    return path
+
+
+def _official(img: Image.Image, box, flip: bool, size: int) -> torch.Tensor:
+    """The official pipeline's tensor for a given crop box and flip."""
+    out = TF.resized_crop(img, *box, [size, size], interpolation=InterpolationMode.BICUBIC)
+    if flip:
+        out = TF.hflip(out)
+    return TF.normalize(TF.to_tensor(out), MEAN, STD)
+
+
+def _errors(ours: torch.Tensor, official: torch.Tensor) -> tuple[float, float, float]:
+    """(mean abs, max abs, PSNR in dB) in [0, 1] pixel units (normalisation undone)."""
+    e = (ours - official) * torch.tensor(STD).view(3, 1, 1)
+    mse = float((e**2).mean())
+    return float(e.abs().mean()), float(e.abs().max()), (10 * math.log10(1 / mse) if mse > 0 else math.inf)
+
+
+# ------------------------------------------------------------------------------ folders
+def test_find_train_root(tmp_path):
+    assert data.find_train_root(tmp_path) == tmp_path
+    (tmp_path / "train").mkdir()
+    assert data.find_train_root(str(tmp_path)) == tmp_path / "train"
+
+
+def test_embedded_images_are_colour_photographs():
+    paths = data.embedded_images()
+    assert len(paths) >= 5
+    for p in paths:
+        with Image.open(p) as im:
+            a = np.asarray(im.convert("RGB"), dtype=np.int16)
+        assert min(a.shape[:2]) >= 200
+        assert np.abs(a[..., 0] - a[..., 1]).mean() > 2  # not greyscale
+
+
+def test_class_folders_read_as_imagefolder(tmp_path):
+    jpg = _jpeg_bytes(_photo((40, 30)))
+    tree = {"b_cls": ["z.jpg", "a.JPEG", "m.png"], "a_cls": ["x.jpeg"], "c_cls": ["sub/q.jpg", "n.txt"]}
+    for cls, files in tree.items():
+        for f in files:
+            _write(tmp_path / cls / f, jpg)
+    ds = data.PretrainDataset(tmp_path, 32)
+    official = datasets.ImageFolder(str(tmp_path))
+    assert ds.classes == official.classes
+    assert ds.samples == [(p, y) for p, y in official.samples]
+    assert len(ds) == 5
+
+
+def test_flat_folder_and_path_list(tmp_path):
+    jpg = _jpeg_bytes(_photo((40, 30)))
+    paths = [_write(tmp_path / f"{k}.jpg", jpg) for k in (2, 0, 1)]
+    _write(tmp_path / "notes.txt", b"not an image")
+    ds = data.PretrainDataset(tmp_path, 16)
+    assert [p for p, _ in ds.samples] == sorted(str(p) for p in paths) and {y for _, y in ds.samples} == {0}
+    ds2 = data.PretrainDataset(paths, 16)
+    assert [p for p, _ in ds2.samples] == [str(p) for p in paths]
+    img, label = ds2[1]
+    assert img.shape == (3, 16, 16) and img.dtype == torch.uint8 and label == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"input_size": 0}, "input_size"), ({"on_error": "ignore"}, "on_error"), ({"scale": (0.5, 0.2)}, "scale"),
+    ({"ratio": (0, 1)}, "ratio"), ({"hflip": 1.5}, "hflip"),
+])  # fmt: skip
+def test_bad_arguments(tmp_path, kwargs, match):
+    _write(tmp_path / "a.jpg", _jpeg_bytes(_photo((40, 30))))
+    with pytest.raises(ValueError, match=match):
+        data.PretrainDataset(tmp_path, **{"input_size": 16, **kwargs})
+
+
+def test_empty_roots(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no images"):
+        data.PretrainDataset(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        data.PretrainDataset(tmp_path / "missing")
+    with pytest.raises(ValueError, match="empty"):
+        data.PretrainDataset([])
+
+
+# ------------------------------------------------------------------------------ randomness
+def test_crop_distribution_matches_official():
+    from scipy.stats import ks_2samp
+
+    n = 3000
+    base = int(torch.randint(0, 2**31, ()).item())
+    for H, W in ((375, 500), (500, 160)):  # a usual photo; a narrow one where many draws fall back
+        img = torch.empty(1, H, W).expand(3, H, W)
+        official = [transforms.RandomResizedCrop.get_params(img, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(n)]
+        ours = [T.crop_params(H, W, (0.2, 1.0), (3 / 4, 4 / 3), T.sample_rng(base, 0, i)) for i in range(n)]
+        for name, stat in {
+            "area": lambda t, l, h, w, H=H, W=W: h * w / (H * W),
+            "log aspect": lambda t, l, h, w: math.log(w / h),
+            "centre x": lambda t, l, h, w, W=W: (l + w / 2) / W,
+            "centre y": lambda t, l, h, w, H=H: (t + h / 2) / H,
+        }.items():
+            a, b = [stat(*c) for c in official], [stat(*c) for c in ours]
+            p = ks_2samp(a, b).pvalue
+            assert p > 1e-4, f"{name} of {H}x{W} crops differs from torchvision's (KS p={p:.2e}, seed {base})"
+        for t, l, h, w in ours:
+            assert 0 <= t and 0 <= l and 0 < h and 0 < w and t + h <= H and l + w <= W
+
+
+def test_flip_rate():
+    # the flip is the draw after the crop; over 4000 items its rate is 0.5 within 5 sigma (~0.04)
+    base = int(torch.randint(0, 2**31, ()).item())
+    flips = []
+    for i in range(4000):
+        rng = T.sample_rng(base, 3, i)
+        T.crop_params(375, 500, (0.2, 1.0), (3 / 4, 4 / 3), rng)
+        flips.append(rng.random() < 0.5)
+    assert abs(sum(flips) / 4000 - 0.5) < 5 * 0.5 / math.sqrt(4000)
+
+
+def test_randomness_is_a_function_of_seed_epoch_index(tmp_path):
+    paths = [_write(tmp_path / f"{k}.jpg", _jpeg_bytes(_photo((120, 90), seed=k))) for k in range(3)]
+    a, b = data.PretrainDataset(paths, 32, seed=5), data.PretrainDataset(paths, 32, seed=5)
+    torch.manual_seed(0)  # global RNGs play no part
+    x = a[1][0]
+    torch.manual_seed(1)
+    assert torch.equal(x, b[1][0])
+    assert torch.equal(a[(0, 1)][0], x)  # the (epoch, index) form the loader's sampler sends
+    b.set_epoch(1)
+    assert not torch.equal(x, b[1][0])
+    assert torch.equal(a[(1, 1)][0], b[1][0])
+    assert not torch.equal(x, data.PretrainDataset(paths, 32, seed=6)[1][0])
+    state = torch.get_rng_state()
+    a[2]
+    assert torch.equal(state, torch.get_rng_state())
+
+
+# ------------------------------------------------------------------------------ pixels
+@pytest.mark.parametrize("seed", range(4))
+def test_pixels_match_official_full_decode(seed):
+    img = _photo((500, 375) if seed % 2 else (333, 500), seed)
+    jpg = _jpeg_bytes(img)
+    decoded = Image.open(io.BytesIO(jpg)).convert("RGB")
+    rng = T.sample_rng(int(torch.randint(0, 2**31, ()).item()), 0, seed)
+    for k in range(3):
+        box = T.crop_params(decoded.size[1], decoded.size[0], (0.2, 1.0), (3 / 4, 4 / 3), rng)
+        flip = k % 2 == 1
+        assert D.dct_scale(box[2], box[3], 224) == 1
+        u8 = D.decode_crop(jpg, 224, lambda h, w, box=box: box, lambda flip=flip: flip)
+        ours = ops.normalize_images(u8[None], MEAN, STD)[0]
+        mae, mx, psnr = _errors(ours, _official(decoded, box, flip, 224))
+        assert mae <= 0.5 / 255 and psnr >= 50, (box, flip, mae * 255, mx * 255, psnr)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pixels_match_official_reduced_decode(seed):
+    img = _photo((1400, 1050), seed)
+    jpg = _jpeg_bytes(img)
+    decoded = Image.open(io.BytesIO(jpg)).convert("RGB")
+    rng = T.sample_rng(int(torch.randint(0, 2**31, ()).item()), 0, seed)
+    scales = set()
+    for k in range(4):
+        box = T.crop_params(1050, 1400, (0.6, 1.0), (3 / 4, 4 / 3), rng)
+        flip = k % 2 == 0
+        scales.add(D.dct_scale(box[2], box[3], 224))
+        u8 = D.decode_crop(jpg, 224, lambda h, w, box=box: box, lambda flip=flip: flip)
+        assert u8.shape == (3, 224, 224) and u8.dtype == torch.uint8 and u8.is_contiguous()
+        mae, mx, psnr = _errors(ops.normalize_images(u8[None], MEAN, STD)[0], _official(decoded, box, flip, 224))
+        assert mae <= 2 / 255 and psnr >= 38, (box, flip, mae * 255, mx * 255, psnr)
+    assert scales - {1}, "no crop took the reduced path"
+
+
+@pytest.mark.parametrize("subsampling", [0, 1, 2])  # 4:4:4, 4:2:2, 4:2:0
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_row_cut_decode_equals_full_decode(subsampling, mode):
+    img = _photo((301, 237), subsampling)
+    jpg = _jpeg_bytes(img.convert(mode), subsampling=subsampling)
+    info = D.jpeg_info(jpg)
+    assert info[:2] == (237, 301) and info[3] == 0xC0
+    full = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"))
+    for bottom in torch.randint(1, 237, (6,)).tolist():
+        rows = D.rows_needed(info, bottom)
+        cut = Image.open(io.BytesIO(bytes(D._cut_rows(bytearray(jpg), info, rows)))).convert("RGB")
+        assert cut.size == (301, rows)
+        np.testing.assert_array_equal(np.asarray(cut)[:bottom], full[:bottom])
+
+
+def test_progressive_jpeg_is_decoded_whole():
+    jpg = _jpeg_bytes(_photo((200, 150)), progressive=True)
+    info = D.jpeg_info(jpg)
+    assert info[3] == 0xC2 and D.rows_needed(info, 10) == 150
+
+
+@pytest.mark.parametrize("kind", ["png", "gray_jpeg", "cmyk_jpeg", "rgba_png"])
+def test_other_formats_follow_pil_convert_rgb(kind):
+    img = _photo((90, 70), 1)
+    buf = io.BytesIO()
+    if kind == "png":
+        img.save(buf, format="PNG")
+    elif kind == "gray_jpeg":
+        img.convert("L").save(buf, format="JPEG", quality=90)
+    elif kind == "cmyk_jpeg":
+        img.convert("CMYK").save(buf, format="JPEG", quality=90)
+    else:
+        img.convert("RGBA").save(buf, format="PNG")
+    payload = buf.getvalue()
+    decoded = Image.open(io.BytesIO(payload)).convert("RGB")  # the official loader
+    box = (5, 7, 60, 70)
+    u8 = D.decode_crop(payload, 48, lambda h, w: box, lambda: True)
+    mae, _, psnr = _errors(ops.normalize_images(u8[None], MEAN, STD)[0], _official(decoded, box, True, 48))
+    assert mae <= 0.5 / 255 and psnr >= 50
+
+
+def test_jpeg_info_rejects_non_jpeg():
+    assert D.jpeg_info(b"\x89PNG\r\n\x1a\n" + bytes(100)) is None
+    assert D.jpeg_info(b"\xff\xd8\xff") is None
+    assert D.jpeg_info(_jpeg_bytes(_photo((64, 48)))[:30]) is None
+
+
+# ------------------------------------------------------------------------------ corrupt files
+def _corrupt_folder(tmp_path):
+    good = _jpeg_bytes(_photo((120, 90)))
+    paths = [
+        _write(tmp_path / "0_good.jpg", good),
+        _write(tmp_path / "1_truncated.jpg", good[: len(good) // 2]),
+        _write(tmp_path / "2_garbage.jpg", bytes(torch.randint(0, 256, (2000,), dtype=torch.uint8).tolist())),
+        _write(tmp_path / "3_good.jpg", good),
+        _write(tmp_path / "4_empty.jpg", b""),
+    ]
+    return paths
+
+
+def test_corrupt_files_are_skipped_and_counted(tmp_path):
+    paths = _corrupt_folder(tmp_path)
+    ds = data.PretrainDataset(tmp_path, 32)
+    with pytest.warns(UserWarning, match="skipping unreadable image") as rec:
+        items = [ds[i] for i in range(len(ds))]
+    # every time a bad file is met it counts: item 1 meets files 1 and 2, item 2 file 2, item 4 file 4
+    assert ds.num_skipped == 4
+    assert sorted({str(w.message).split("'")[1] for w in rec}) == [str(paths[k]) for k in (1, 2, 4)]
+    for img, _ in items:
+        assert img.shape == (3, 32, 32)
+    # a skipped item is its next readable neighbour, with that neighbour's randomness
+    assert torch.equal(items[1][0], items[3][0]) and torch.equal(items[2][0], items[3][0])
+    assert torch.equal(items[4][0], items[0][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per file: no second warning
+        ds[1]
+    assert ds.num_skipped == 6
+
+
+def test_corrupt_file_raises_when_asked(tmp_path):
+    paths = _corrupt_folder(tmp_path)
+    ds = data.PretrainDataset(tmp_path, 32, on_error="raise")
+    ds[0]
+    with pytest.raises(RuntimeError, match="cannot read image .*1_truncated.jpg"):
+        ds[1]
+    with pytest.raises(RuntimeError, match="2_garbage.jpg"):
+        ds[2]
+    del paths
+
+
+def test_all_corrupt_is_an_error(tmp_path):
+    _write(tmp_path / "bad.jpg", b"\xff\xd8 nothing")
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no readable image"):
+        data.PretrainDataset(tmp_path, 32)[0]
+
+
+# ------------------------------------------------------------------------------ loader, device
+def test_loader_batches_and_epochs_reach_persistent_workers(tmp_path):
+    paths = [_write(tmp_path / "c" / f"{k}.jpg", _jpeg_bytes(_photo((100, 80), k))) for k in range(6)]
+    ds = data.PretrainDataset(tmp_path, 24, seed=3)
+    loader = data.make_loader(ds, 4, shuffle=False, num_workers=2, drop_last=False)
+    assert loader.persistent_workers
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        batches = list(loader)
+        imgs = torch.cat([b[0] for b in batches])
+        assert imgs.dtype == torch.uint8 and imgs.shape == (6, 3, 24, 24)
+        assert batches[0][1].dtype == torch.int64
+        want = torch.stack([data.PretrainDataset(paths, 24, seed=3).load(i, epoch) for i in range(6)])
+        assert torch.equal(imgs, want), f"epoch {epoch}: workers drew another augmentation"
+
+
+def test_loader_defaults_and_errors(tmp_path):
+    _write(tmp_path / "a.jpg", _jpeg_bytes(_photo((60, 40))))
+    ds = data.PretrainDataset(tmp_path, 8)
+    loader = data.make_loader(ds, 1, num_workers=0)
+    assert loader.drop_last and not loader.persistent_workers
+    imgs, labels = next(iter(loader))
+    assert imgs.shape == (1, 3, 8, 8) and labels.tolist() == [0]
+    with pytest.raises(ValueError, match="batch_size"):
+        data.make_loader(ds, 0)
+    with pytest.raises(ValueError, match="num_workers"):
+        data.make_loader(ds, 1, num_workers=-1)
+    with pytest.raises(ValueError, match="exclusive"):
+        data.make_loader(ds, 1, sampler=torch.utils.data.SequentialSampler(ds), shuffle=True)
+
+
+def test_to_device_normalises_like_the_official_pipeline():
+    u8 = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    official = torch.stack([TF.normalize(TF.to_tensor(x.permute(1, 2, 0).numpy()), MEAN, STD) for x in u8])
+    torch.testing.assert_close(data.to_device(u8, "cpu"), official, rtol=0, atol=0)
+    assert data.to_device(u8, "cpu", dtype=torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="uint8"):
+        data.to_device(u8.float(), "cpu")
+
+
+# ------------------------------------------------------------------------------ imports
+def test_import_fastmae_needs_neither_torchvision_nor_pil():
+    code = ("import sys, fastmae, fastmae.data; "
+            "bad = [m for m in ('torchvision', 'PIL') if m in sys.modules]; assert not bad, bad")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+def test_missing_torchvision_is_a_clear_error():
+    code = ("import sys; sys.modules['torchvision'] = None\n"
+            "try:\n    import fastmae.data\nexcept ImportError as e:\n    print(e)\n"
+            "else:\n    raise SystemExit('imported')")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120, capture_output=True,
+                         text=True)  # fmt: skip
+    assert "needs torchvision" in out.stdout and "pip install" in out.stdout
+
+
+# ------------------------------------------------------------------------------ benchmark
+def test_bench_data_smoke(tmp_path):
+    from benchmarks import bench_data
+
+    record = bench_data.main(["--images", "3", "--rounds", "1", "--batch-size", "2", "--out", str(tmp_path)])
+    files = list(tmp_path.glob("bench-data-*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["kind"] == "data"
+    pipes = record["results"]["pipelines"]
+    assert set(pipes) == {"official", "fastmae", "fastmae_full_decode"}
+    assert all(p["images_per_cpu_s_median"] > 0 for p in pipes.values())
+    assert record["env"]["card"].startswith("cpu")
