@@ -215,8 +215,12 @@ def test_bench_cuda_graph_on_cpu_reports_graphed_rows_unavailable(tmp_path, monk
     assert by_mode["eager"]["status"] == by_mode["compiled"]["status"] == "ok"
     assert by_mode["graphed"]["status"] == "unavailable" and "CUDA" in by_mode["graphed"]["reason"]
     assert by_mode["graphed"]["ms_per_step"] is None
+    # run cheapest first (a time budget drops compiles first), shown eager, compiled, graphed
+    assert [r["mode"] for r in rec["results"]] == ["eager", "graphed", "compiled"]
     out = capsys.readouterr().out
     assert "graphed" in out and "needs a CUDA device" in out
+    table = [line.split()[4] for line in out.splitlines() if line.startswith("tiny ")][:3]
+    assert table == ["eager", "compiled", "graphed"], out
 
 
 def test_bench_modes_option(tmp_path, monkeypatch, capsys):
