@@ -38,6 +38,10 @@ What the graph holds, and what that asks of the caller:
   parameters, the optimizer's state and the CUDA generator back as they were before
   construction: the first :meth:`step` is the model's next training step, exactly as if
   the warm-up had never run.
+* **Checkpoints.** Load the optimizer's state before construction (its tensors are what the
+  graph updates; ``optimizer.load_state_dict`` afterwards is caught at the next step).
+  ``model.load_state_dict`` copies in place and is fine at any time; the model's and the
+  optimizer's ``state_dict()`` are read as usual (``lr`` is then a one-element tensor).
 * **Outputs are static.** :meth:`step` returns the graph's loss tensor (fp32, 0-dim),
   overwritten by the next step: ``clone()`` it to keep it. The gradients after a step are
   in the parameters' ``.grad`` (also static; each step overwrites them, it does not
@@ -50,6 +54,7 @@ Only CUDA: without a CUDA device construction raises ``RuntimeError``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -139,10 +144,12 @@ class CUDAGraphStep:
         self._lrs = [g["lr"] for g in optimizer.param_groups]
         self.graph = torch.cuda.CUDAGraph()
         self.loss = self._capture(warmup_steps)
+        self._state = optimizer.state  # replaced by optimizer.load_state_dict: caught in step()
 
     # ------------------------------------------------------------------ capture
     def _forward_backward_step(self) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        amp = contextlib.nullcontext() if self.amp_dtype is None else torch.autocast("cuda", dtype=self.amp_dtype)
+        with amp:
             loss, _, _ = self.model(self.static_imgs, self.mask_ratio)
         loss.backward()
         self.optimizer.step()
@@ -205,6 +212,10 @@ class CUDAGraphStep:
                              "(or drop the last, smaller batch)")
         if not imgs.is_floating_point():
             raise TypeError(f"imgs must be a floating-point tensor, got {imgs.dtype}")
+        if self.optimizer.state is not self._state:
+            raise RuntimeError("the optimizer's state was replaced after capture (optimizer.load_state_dict?); the "
+                               "graph updates the tensors it was captured with: load checkpoints before building "
+                               "the CUDAGraphStep (model.load_state_dict after it is fine: it copies in place)")
         if any(g["lr"] is not t for g, t in zip(self.optimizer.param_groups, self._lrs)):
             raise RuntimeError("a param group's 'lr' was replaced after capture; the graph reads the tensor it "
                                "was captured with: change the learning rate with set_lr()")

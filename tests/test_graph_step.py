@@ -140,8 +140,15 @@ def test_graph_step_leaves_the_model_as_it_was_and_checks_its_input():
         step(torch.randn(2, 3, 32, 32, device="cuda"))
     with pytest.raises(ValueError, match="lr"):
         step.set_lr(-1.0)
+    model.load_state_dict(before)  # copies in place: the graph still trains this model
+    step(torch.randn(SHAPE, device="cuda"))
+    lr0 = opt.param_groups[0]["lr"]
     opt.param_groups[0]["lr"] = 1e-4
     with pytest.raises(RuntimeError, match="set_lr"):
+        step(torch.randn(SHAPE, device="cuda"))
+    opt.param_groups[0]["lr"] = lr0
+    opt.load_state_dict(opt.state_dict())  # new state tensors: not the ones the graph updates
+    with pytest.raises(RuntimeError, match="load_state_dict"):
         step(torch.randn(SHAPE, device="cuda"))
 
 
