@@ -49,7 +49,9 @@ has the same keys and the same tensors; outputs equal the unpatched model's for 
 noise within the kernels' oracles. ``noise=None`` draws ``torch.rand(N, L)`` exactly as the
 originals do, so a seeded run masks the same patches patched or not. Patching again first
 undoes the previous patch (the last call's flags are what is patched);
-:func:`remove_fastmae` undoes it.
+:func:`remove_fastmae` undoes it. ``copy.deepcopy`` of a patched model is patched too; pickling
+the whole module (``torch.save(model)``) is not supported while it is patched: save its
+``state_dict()``, as the official code does, or :func:`remove_fastmae` first.
 
 What cannot be patched exactly is refused with a ``ValueError`` naming it (qk-norm, gated
 attention, attention dropout, an unofficial ``forward_encoder`` signature); an unrecognised
@@ -72,7 +74,25 @@ from .backend import check_name, resolve
 __all__ = ["apply_fastmae", "remove_fastmae", "is_patched"]
 
 _RECORD = "_fastmae_patch"  # on the root model: what was bound where, to undo it
-_MISSING = object()
+
+
+class _MissingType:
+    """'No instance attribute before patching': one object, also through copy.deepcopy."""
+
+    def __repr__(self):
+        return "<missing>"
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "_MISSING"
+
+
+_MISSING = _MissingType()
 
 _OFFICIAL_ATTRS = ("patch_embed", "cls_token", "pos_embed", "blocks", "norm", "decoder_embed", "mask_token",
                    "decoder_pos_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "norm_pix_loss")

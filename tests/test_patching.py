@@ -556,3 +556,15 @@ def test_gpu_patched_compile_fullgraph():
     loss = torch.compile(m, fullgraph=True)(imgs, 0.75, noise)[0]
     loss.backward()
     torch.testing.assert_close(loss, eager, rtol=1e-3, atol=1e-4)
+
+
+def test_deepcopy_of_a_patched_model_is_patched_and_independent(_fresh_seed):
+    m = apply_fastmae(official_mae.tiny(depth=1))
+    c = copy.deepcopy(m)
+    assert c.forward.__self__ is c and c.blocks[0].attn.forward.__self__ is c.blocks[0].attn
+    assert is_patched(c) == is_patched(m)
+    imgs = torch.randn(2, 3, 16, 16)
+    a, b = _official_run(m, imgs, _fresh_seed), _official_run(c, imgs, _fresh_seed)
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
+    remove_fastmae(c)
+    assert is_patched(c) is None and "forward" not in vars(c) and is_patched(m) is not None
