@@ -303,3 +303,47 @@ def test_embedded_demo_no_arguments(tmp_path, monkeypatch, capsys):
     rows = [json.loads(line) for line in open(d / "log.txt")]
     assert [r["epoch"] for r in rows] == list(range(DEMO["epochs"]))
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]  # it learns something
+
+
+# ----------------------------------------------------------------------------- synthetic data (the step measurement)
+def test_synthetic_run(tmp_path):
+    out = str(tmp_path / "o")
+    res = train(parse_args(["--synthetic", "--synthetic_size", "12", "--model", "mae_vit_tiny_patch8",
+                            "--input_size", "32", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "0",
+                            "--num_workers", "0", "--log_every", "1", "--device", "cpu", "--output_dir", out,
+                            "--log_dir", out, "--no_progress", "--no_plot"]))
+    assert res.exit_code == 0 and res.global_step == 6
+    rows = [json.loads(line) for line in open(os.path.join(out, "log_steps.txt"))]
+    assert len(rows) == 6 and all(r["images_per_s"] > 0 and r["step_ms"] > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------- on a GPU
+def _gpu_flags(out, *extra):
+    return ["--synthetic", "--synthetic_size", "256", "--model", "mae_vit_tiny_patch8", "--input_size", "64",
+            "--batch_size", "16", "--epochs", "2", "--warmup_epochs", "1", "--num_workers", "2", "--log_every", "2",
+            "--max_steps", "12", "--output_dir", out, "--log_dir", out, "--no_progress", "--no_plot", *extra]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [[], ["--precision", "fp16"], ["--cuda_graph"]], ids=["bf16", "fp16", "graph"])
+def test_gpu_steps_never_sync_the_host(tmp_path, extra):
+    """On CUDA, torch.cuda.set_sync_debug_mode('error') between log points: any host sync in a step raises."""
+    out = str(tmp_path / "o")
+    res = train(parse_args(_gpu_flags(out, "--sync_debug", "error", *extra)))
+    assert res.exit_code == 0 and res.global_step == 12
+    ck = state_of(os.path.join(out, "checkpoint-last.pth"))
+    assert ck["args"].precision == (extra[1] if extra[:1] == ["--precision"] else "bf16")
+    assert ck["args"].device.startswith("cuda")
+    if extra[:1] == ["--precision"]:
+        assert ck["scaler"]  # the GradScaler's state is saved
+    rows = [json.loads(line) for line in open(os.path.join(out, "log_steps.txt"))]
+    assert len(rows) == 6 and all(r["loss"] > 0 for r in rows)
+
+
+@pytest.mark.gpu
+def test_gpu_resume_continues(tmp_path):
+    out = str(tmp_path / "o")
+    first = train(parse_args(_gpu_flags(out) + ["--max_steps", "5"]))
+    assert first.status == "max_steps" and first.global_step == 5
+    res = train(parse_args(_gpu_flags(out, "--resume", os.path.join(out, "checkpoint-last.pth"))))
+    assert res.exit_code == 0 and res.global_step == 12

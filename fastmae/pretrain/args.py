@@ -124,8 +124,8 @@ def get_args_parser(demo: bool = False, add_help: bool = True,
     g.add_argument("--synthetic", action="store_true",
                    help="random uint8 images generated in memory instead of --data_path: no decode, for measuring "
                         "the training step against fastmae bench (not for training)")
-    g.add_argument("--synthetic_size", default=1024, type=_positive,
-                   help="images in the --synthetic dataset (default 1024)")
+    g.add_argument("--synthetic_size", default=100_000, type=_positive,
+                   help="images per epoch of the --synthetic dataset (64 distinct ones, cycled; default 100000)")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     g.add_argument("--no_plot", action="store_true", help="no loss-curve PNG at the end")
     g.add_argument("--sync_debug", choices=("off", "warn", "error"), default="off",
