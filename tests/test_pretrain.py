@@ -347,3 +347,28 @@ def test_gpu_resume_continues(tmp_path):
     assert first.status == "max_steps" and first.global_step == 5
     res = train(parse_args(_gpu_flags(out, "--resume", os.path.join(out, "checkpoint-last.pth"))))
     assert res.exit_code == 0 and res.global_step == 12
+
+
+def test_measure_against_bench_record(tmp_path, capsys):
+    from fastmae.pretrain import measure
+
+    record = {"env": {"card": "test"}, "results": [
+        {"model": "vit_b16", "batch_size": 256, "mask_ratio": 0.75, "backend": "triton", "mode": "eager",
+         "encoder": "visible", "status": "ok", "reason": "", "ms_per_step": 50.0},
+        {"model": "vit_b16", "batch_size": 256, "mask_ratio": 0.75, "backend": "triton", "mode": "eager",
+         "encoder": "mask_tokens", "status": "ok", "reason": "", "ms_per_step": 90.0},
+    ]}
+    rows = [{"step": 10, "step_ms": 400.0}, {"step": 20, "step_ms": 51.0}, {"step": 30, "step_ms": 51.2},
+            {"step": 40, "step_ms": 50.9}]
+    res = measure.compare(record, rows, "mae_vit_base_patch16", 256, "triton")
+    assert res["pretrain_ms_per_step"] == 51.0 and res["bench_ms_per_step"] == 50.0  # first window skipped
+    assert res["overhead"] == pytest.approx(0.02) and res["within_target"]
+    bench, log = tmp_path / "bench-x.json", tmp_path / "log_steps.txt"
+    bench.write_text(json.dumps(record))
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows[:1] + [{"step": 20, "step_ms": 60.0}]))
+    assert measure.main(["--bench", str(tmp_path / "bench-*.json"), "--log", str(log), "--out",
+                         str(tmp_path / "cmp.json")]) == 1  # 20% over: not within 3%
+    assert "NOT within 3%" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "cmp.json"))["overhead"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="no bench row"):
+        measure.bench_step_ms(record, "mae_vit_large_patch16", 256, "triton")
