@@ -568,3 +568,86 @@ def test_deepcopy_of_a_patched_model_is_patched_and_independent(_fresh_seed):
     assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
     remove_fastmae(c)
     assert is_patched(c) is None and "forward" not in vars(c) and is_patched(m) is not None
+
+
+# ----------------------------------------------------------------------------- older HF layouts
+class _OldSelfAttention(nn.Module):
+    """transformers 4.x / early 5.x ``ViTMAESelfAttention`` (query/key/value; eager path), from its published
+    definition; the output projection is a separate module (``ViTMAESelfOutput.dense``)."""
+
+    def __init__(self, new):
+        super().__init__()
+        self.num_attention_heads = new.config.num_attention_heads
+        self.attention_head_size = new.head_dim
+        self.all_head_size = self.num_attention_heads * self.attention_head_size
+        self.dropout_prob = 0.0
+        self.scaling = self.attention_head_size**-0.5
+        self.query, self.key, self.value = new.q_proj, new.k_proj, new.v_proj
+
+    def forward(self, hidden_states):
+        b = hidden_states.shape[0]
+        shape = b, -1, self.num_attention_heads, self.attention_head_size
+        k = self.key(hidden_states).view(*shape).transpose(1, 2)
+        v = self.value(hidden_states).view(*shape).transpose(1, 2)
+        q = self.query(hidden_states).view(*shape).transpose(1, 2)
+        w = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * self.scaling, dim=-1, dtype=torch.float32)
+        ctx = torch.matmul(w.to(q.dtype), v).transpose(1, 2).contiguous()
+        return ctx.reshape(ctx.shape[:-2] + (self.all_head_size,)), w
+
+
+class _OldAttention(nn.Module):
+    def __init__(self, new):
+        super().__init__()
+        self.attention = _OldSelfAttention(new)
+        self.output = nn.Module()
+        self.output.dense = new.o_proj
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):  # the 5.24 layer's call
+        ctx, _ = self.attention(hidden_states)
+        return self.output.dense(ctx), None
+
+
+def _old_hf(model):
+    """The 5.24 model with the older attention layout and a class-level forward_loss that forward calls."""
+    from transformers import ViTMAEForPreTraining
+    from transformers.models.vit_mae.modeling_vit_mae import ViTMAEForPreTrainingOutput
+
+    class OldViTMAEForPreTraining(ViTMAEForPreTraining):
+        def forward_loss(self, pixel_values, pred, mask, interpolate_pos_encoding=False):
+            target = self.patchify(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+            if self.config.norm_pix_loss:
+                mean = target.mean(dim=-1, keepdim=True)
+                var = target.var(dim=-1, keepdim=True)
+                target = (target - mean) / (var + 1.0e-6) ** 0.5
+            loss = ((pred - target) ** 2).mean(dim=-1)
+            return (loss * mask).sum() / mask.sum()
+
+        def forward(self, pixel_values=None, noise=None, interpolate_pos_encoding=False, **kwargs):
+            out = self.vit(pixel_values, noise=noise, interpolate_pos_encoding=interpolate_pos_encoding)
+            logits = self.decoder(out.last_hidden_state, out.ids_restore,
+                                  interpolate_pos_encoding=interpolate_pos_encoding).logits
+            loss = self.forward_loss(pixel_values, logits, out.mask, interpolate_pos_encoding=interpolate_pos_encoding)
+            return ViTMAEForPreTrainingOutput(loss=loss, logits=logits, mask=out.mask, ids_restore=out.ids_restore)
+
+    model.__class__ = OldViTMAEForPreTraining
+    layers = [*model.vit.layers, *model.decoder.decoder_layers]
+    for layer in layers:
+        layer.attention = _OldAttention(layer.attention)
+    return model
+
+
+def test_hf_older_layout_self_attention_and_forward_loss():
+    stock = _old_hf(_hf_tiny())
+    exact = copy.deepcopy(stock).double()
+    fast = apply_fastmae(copy.deepcopy(stock))
+    selfattn = [m for m in fast.modules() if isinstance(m, _OldSelfAttention)]
+    assert len(selfattn) == 3 and all("forward" in vars(m) for m in selfattn)
+    assert "forward" not in vars(fast) and "forward_loss" in vars(fast)  # its own forward calls forward_loss
+    imgs = torch.randn(2, 3, 16, 16)
+    noise = torch.rand(2, 16)
+    low = [_hf_run(stock, imgs, noise)]
+    ref64 = _hf_run(exact, imgs.double(), noise.double())
+    with _spy() as calls:
+        got = _hf_run(fast, imgs, noise)
+    _compare(got, low, ref64)
+    assert calls["mae_loss"] == 1 and calls["encoder_input"] == 1
