@@ -12,9 +12,11 @@ Models it takes, recognised by structure and method names (any class name):
   ``patchify, unpatchify, random_masking(x, mask_ratio), forward_encoder(x, mask_ratio),
   forward_decoder(x, ids_restore), forward_loss(imgs, pred, mask)``; blocks are timm's
   ``Block`` (attention: timm's ``Attention`` with a fused ``qkv``);
-* Hugging Face ``ViTMAEForPreTraining`` (tested with transformers 5.24; the attention layouts
-  of transformers 5.0-5.2x, ``q_proj/k_proj/v_proj/o_proj`` or ``query/key/value``, are both
-  handled, 4.x is not tested);
+* Hugging Face ``ViTMAEForPreTraining`` (tested with transformers 5.24, its
+  ``q_proj/k_proj/v_proj/o_proj`` attention and inline loss; the older layout, a
+  ``ViTMAESelfAttention`` with ``query/key/value`` and a ``forward_loss`` method, is handled
+  and tested on a re-creation of it, not on an installed older transformers; 4.x's extra
+  ``head_mask``/``output_attentions`` arguments are refused when used);
 * fastmae's own :class:`fastmae.MaskedAutoencoderViT`, which runs every part through the ops
   already: only its backend is set.
 
