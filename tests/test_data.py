@@ -224,10 +224,17 @@ def test_pixels_match_official_reduced_decode(seed):
     for k in range(4):
         box = T.crop_params(1050, 1400, (0.6, 1.0), (3 / 4, 4 / 3), rng)
         flip = k % 2 == 0
-        scales.add(D.dct_scale(box[2], box[3], 224))
+        s = D.dct_scale(box[2], box[3], 224)
+        scales.add(s)
         u8 = D.decode_crop(jpg, 224, lambda h, w, box=box: box, lambda flip=flip: flip)
         assert u8.shape == (3, 224, 224) and u8.dtype == torch.uint8 and u8.is_contiguous()
-        mae, mx, psnr = _errors(ops.normalize_images(u8[None], MEAN, STD)[0], _official(decoded, box, flip, 224))
+        # the crop fastmae takes: the drawn box with its edges on the reduced image's pixel grid
+        t, l, h, w = D.snap_box(box, s, 1050, 1400)
+        snapped = (t * s, l * s, min((t + h) * s, 1050) - t * s, min((l + w) * s, 1400) - l * s)
+        assert all(abs(a - b) <= s / 2 for a, b in zip((box[0], box[1], box[0] + box[2], box[1] + box[3]),
+                                                       (snapped[0], snapped[1], snapped[0] + snapped[2],
+                                                        snapped[1] + snapped[3])))  # fmt: skip
+        mae, mx, psnr = _errors(ops.normalize_images(u8[None], MEAN, STD)[0], _official(decoded, snapped, flip, 224))
         assert mae <= 2 / 255 and psnr >= 38, (box, flip, mae * 255, mx * 255, psnr)
     assert scales - {1}, "no crop took the reduced path"
 
