@@ -651,3 +651,19 @@ def test_hf_older_layout_self_attention_and_forward_loss():
         got = _hf_run(fast, imgs, noise)
     _compare(got, low, ref64)
     assert calls["mae_loss"] == 1 and calls["encoder_input"] == 1
+
+
+def test_official_timm_attention_variants(_fresh_seed):
+    """timm Blocks with scale_attn_norm (a LayerNorm on the attention output) and no qkv bias patch exactly."""
+    from timm.models.vision_transformer import Block
+
+    stock = official_mae.tiny()
+    stock.blocks[0] = Block(32, 2, 2.0, qkv_bias=False, scale_attn_norm=True, norm_layer=nn.LayerNorm)
+    stock.blocks[1].attn.fused_attn = False  # timm's explicit-softmax path, which uses attn.scale
+    exact = copy.deepcopy(stock).double()
+    fast = apply_fastmae(copy.deepcopy(stock))
+    assert all("forward" in vars(b.attn) for b in fast.blocks)
+    imgs = torch.randn(2, 3, 16, 16)
+    low = _stock_runs(stock, lambda m, x: _official_run(m, x, _fresh_seed), imgs)
+    ref64 = _official_run(exact, imgs.double(), _fresh_seed)
+    _compare(_official_run(fast, imgs, _fresh_seed), low, ref64)
