@@ -21,7 +21,8 @@ Timed, in one process with one torch thread (what a DataLoader worker does, i.e.
 - ``fastmae_full_decode``: the same with the DCT-reduced decode turned off.
 
 Each round times every pipeline over all images (``--batch-size`` items, then the collate),
-pipelines interleaved round by round so that load from other processes hits them alike.
+pipelines interleaved round by round (in a rotating order) so that load from other
+processes, and what one pipeline leaves in the caches for the next, hit them alike.
 "Per core" is images per CPU-second of this process (``time.process_time``; one thread, so
 time spent waiting for a core on a shared machine is not counted); wall-clock figures are
 recorded beside them. The figures are medians over rounds and the ratio is taken per round
@@ -123,8 +124,12 @@ def run(root: str, *, rounds: int = 5, batch_size: int = 32, input_size: int = 2
         _time_once(ds, collate, batch_size)
     cpu: dict[str, list[float]] = {name: [] for name in pipes}
     wall: dict[str, list[float]] = {name: [] for name in pipes}
+    names = list(pipes)
     for r in range(rounds):
-        for name, (ds, collate) in pipes.items():
+        # the order rotates each round: what runs after the official pipeline (which leaves the
+        # allocator and caches full of float tensors) measured systematically slower
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            ds, collate = pipes[name]
             if hasattr(ds, "set_epoch"):
                 ds.set_epoch(r + 1)
             c, w = _time_once(ds, collate, batch_size)
