@@ -28,6 +28,10 @@ time spent waiting for a core on a shared machine is not counted); wall-clock fi
 recorded beside them. The figures are medians over rounds and the ratio is taken per round
 (its median and range are reported). The files are read once before timing (page cache), so disk speed is not
 measured. A JSON record (kind ``data``) is written atomically to ``--out``.
+
+With a GPU (``--device-transfer``, on by default when CUDA is there) it also times a batch's
+trip to the device: fastmae's pinned uint8 copy plus the normalisation kernel, against the
+official loop's copy of a float32 batch (:func:`device_transfer`).
 """
 
 from __future__ import annotations
@@ -154,6 +158,32 @@ def run(root: str, *, rounds: int = 5, batch_size: int = 32, input_size: int = 2
     return out
 
 
+def device_transfer(device, batch_size: int = 256, input_size: int = 224, iters: int = 20,
+                    dtype: torch.dtype = torch.bfloat16) -> dict:  # fmt: skip
+    """Device time (ms, median) per batch of getting images onto ``device``: fastmae's uint8
+    copy + on-device normalisation (:func:`fastmae.data.to_device`), the normalisation kernel
+    alone, and the official loop's copy of a normalised float32 batch
+    (``samples.to(device, non_blocking=True)``). Pinned host memory on CUDA, as the loaders use."""
+    from fastmae import data, ops
+
+    dev = torch.device(device)
+    u8 = torch.randint(0, 256, (batch_size, 3, input_size, input_size), dtype=torch.uint8)
+    f32 = ops.normalize_images(u8)  # the official pipeline's float32 batch, normalised on the CPU
+    if dev.type == "cuda":
+        u8, f32 = u8.pin_memory(), f32.pin_memory()
+    u8_dev = u8.to(dev)
+    cases = {
+        "fastmae_uint8_copy_and_normalize": lambda: data.to_device(u8, dev, dtype=dtype),
+        "fastmae_normalize_only": lambda: ops.normalize_images(u8_dev, out_dtype=dtype),
+        "official_float32_copy": lambda: f32.to(dev, non_blocking=True),
+    }
+    out = {"device": _timing.card_name(dev), "batch_size": batch_size, "input_size": input_size,
+           "out_dtype": str(dtype).replace("torch.", ""), "iters": iters}  # fmt: skip
+    for name, fn in cases.items():
+        out[f"{name}_ms_median"] = _timing.median(_timing.time_calls(fn, dev, iters, warmup=3))
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -166,6 +196,9 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: per core)")
     p.add_argument("--out", default="bench-out", help="directory of the JSON record (default bench-out/)")
+    p.add_argument("--device-transfer", default="auto", choices=("auto", "off", "cpu", "cuda"),
+                   help="also time the batch's trip to the device (auto: on CUDA when there is one)")
+    p.add_argument("--transfer-batch", type=int, default=256, help="batch size of --device-transfer (default 256)")
     args = p.parse_args(argv)
     if args.images < 1 or args.rounds < 1 or args.batch_size < 1:
         p.error("--images, --rounds and --batch-size must be >= 1")
@@ -176,6 +209,11 @@ def main(argv=None) -> dict:
         make_images(tmp, args.images, args.long_side, args.quality, args.seed)
         results = run(os.path.join(tmp, "train"), rounds=args.rounds, batch_size=args.batch_size,
                       input_size=args.input_size, seed=args.seed)  # fmt: skip
+    transfer = args.device_transfer
+    if transfer == "auto":
+        transfer = "cuda" if torch.cuda.is_available() else "off"
+    if transfer != "off":
+        results["device_transfer"] = device_transfer(transfer, args.transfer_batch, args.input_size)
     record = {"kind": "data", "env": env, "config": {**vars(args), "torch_threads": torch.get_num_threads()},
               "results": results}  # fmt: skip
     path = os.path.join(args.out, f"bench-data-{_timing.slug(env['card'])}-{env['timestamp']}.json")
@@ -189,6 +227,10 @@ def main(argv=None) -> dict:
             lo, hi = r["speedup_vs_official_min"], r["speedup_vs_official_max"]
             line += f"  {r['speedup_vs_official_median']:.2f}x official (rounds {lo:.2f}-{hi:.2f})"
         print(line + f"  [wall: {r['images_per_wall_s_median']:,.0f} images/s]")
+    if "device_transfer" in results:
+        t = results["device_transfer"]
+        print(f"to the device ({t['device']}, batch {t['batch_size']}, {t['out_dtype']}): "
+              + ", ".join(f"{k[:-10]} {v:.3f} ms" for k, v in t.items() if k.endswith("_ms_median")))
     print(f"record: {path}")
     return record
 

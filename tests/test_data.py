@@ -395,10 +395,13 @@ def test_missing_torchvision_is_a_clear_error():
 def test_bench_data_smoke(tmp_path):
     from benchmarks import bench_data
 
-    record = bench_data.main(["--images", "3", "--rounds", "1", "--batch-size", "2", "--out", str(tmp_path)])
+    record = bench_data.main(["--images", "3", "--rounds", "1", "--batch-size", "2", "--out", str(tmp_path),
+                              "--device-transfer", "cpu", "--transfer-batch", "2"])  # fmt: skip
     files = list(tmp_path.glob("bench-data-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["kind"] == "data"
     pipes = record["results"]["pipelines"]
     assert set(pipes) == {"official", "fastmae", "fastmae_full_decode"}
     assert all(p["images_per_cpu_s_median"] > 0 for p in pipes.values())
     assert record["env"]["card"].startswith("cpu")
+    t = record["results"]["device_transfer"]
+    assert t["batch_size"] == 2 and t["fastmae_uint8_copy_and_normalize_ms_median"] > 0
