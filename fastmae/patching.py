@@ -136,6 +136,12 @@ def apply_fastmae(model: nn.Module, *, patchify: bool = True, masking: bool = Tr
             model.set_backend(backend)
         return model
 
+    inner = next((a for a in ("module", "_orig_mod") if isinstance(model.__dict__.get("_modules", {}).get(a), nn.Module)
+                  or isinstance(model.__dict__.get(a), nn.Module)), None)
+    if inner is not None:  # DistributedDataParallel / torch.compile wrappers (compile's forwards attributes)
+        raise ValueError(f"apply_fastmae: {type(model).__name__} wraps the model (.{inner}); patch the model "
+                         f"itself: apply_fastmae(model.{inner}), or better apply_fastmae(model) before "
+                         "DistributedDataParallel / torch.compile")
     kind, missing = _recognise(model)
     if kind is None:
         raise ValueError(

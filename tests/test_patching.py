@@ -265,6 +265,9 @@ def test_unrecognised_model_names_what_is_missing():
         apply_fastmae(m)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         apply_fastmae(object())
+    compiled = torch.compile(official_mae.tiny(depth=1), backend="eager")
+    with pytest.raises(ValueError, match=r"wraps the model \(\._orig_mod\); patch the model itself"):
+        apply_fastmae(compiled)
 
 
 def test_refuses_what_it_cannot_patch_exactly():
