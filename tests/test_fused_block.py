@@ -122,9 +122,10 @@ def test_other_norm_layers_run_the_stock_blocks(kernel_device):
 
 
 # ---------------------------------------------------------------------------- values
-def test_fused_forward_and_grads_match_stock_fp32(kernel_device):
+@pytest.mark.parametrize("mask_tokens", [False, True], ids=["visible", "mask_tokens_in_encoder"])
+def test_fused_forward_and_grads_match_stock_fp32(kernel_device, mask_tokens):
     dev = kernel_device
-    stock, fast = _pair(dev)
+    stock, fast = _pair(dev, mask_tokens_in_encoder=mask_tokens)
     ref = copy.deepcopy(stock).double()
     imgs = torch.randn(2, 3, 16, 16, device=dev)
     noise = torch.rand(2, 16, device=dev)
