@@ -74,6 +74,42 @@ def adamw(params, lr: float, *, betas=(0.9, 0.95), weight_decay: float = 0.05, e
                              capturable=True, fused=fused)
 
 
+@contextlib.contextmanager
+def _undone(optimizer: torch.optim.Optimizer, device: torch.device):
+    """Undo, on exit, what the block did to the optimizer's parameters, its state and the RNG.
+
+    Parameters and pre-existing state tensors are copied back in place (the graph keeps
+    pointing at them); state the block created is zeroed, which is Adam's initial state
+    (step 0, zero moments); the default generator of ``device`` (CUDA, or the CPU's) gets
+    its state back.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved_params = [p.detach().clone() for p in params]
+    saved_state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
+                   for p in params if p in optimizer.state}
+    cuda = device.type == "cuda"
+    rng = torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved_params):
+                p.copy_(s)
+            for p in params:
+                before = saved_state.get(id(p), {})
+                for k, v in optimizer.state.get(p, {}).items():
+                    if not torch.is_tensor(v):
+                        continue
+                    if k in before:
+                        v.copy_(before[k])
+                    else:
+                        v.zero_()
+        if cuda:
+            torch.cuda.set_rng_state(rng, device)
+        else:
+            torch.set_rng_state(rng)
+
+
 def _check_shape(imgs_shape) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in imgs_shape)
@@ -157,12 +193,7 @@ class CUDAGraphStep:
 
     def _capture(self, warmup_steps: int) -> torch.Tensor:
         opt = self.optimizer
-        params = [p for g in opt.param_groups for p in g["params"]]
-        saved_params = [p.detach().clone() for p in params]
-        saved_state = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in opt.state[p].items()}
-                       for p in params if p in opt.state}
-        rng = torch.cuda.get_rng_state(self.device)
-        with torch.cuda.device(self.device):
+        with torch.cuda.device(self.device), _undone(opt, self.device):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), warnings.catch_warnings():
@@ -177,21 +208,8 @@ class CUDAGraphStep:
             opt.zero_grad(set_to_none=True)
             with torch.cuda.graph(self.graph):
                 loss = self._forward_backward_step()
-            # the capture ran nothing; undo the warm-up: as if it had never run
-            with torch.no_grad():
-                for p, s in zip(params, saved_params):
-                    p.copy_(s)
-                for p in params:
-                    state, before = opt.state.get(p, {}), saved_state.get(id(p))
-                    for k, v in state.items():
-                        if not torch.is_tensor(v):
-                            continue
-                        if before is None:
-                            v.zero_()  # Adam's initial state: step 0, zero moments
-                        else:
-                            v.copy_(before[k])
-            torch.cuda.set_rng_state(rng, self.device)
-            torch.cuda.synchronize(self.device)
+            # the capture ran nothing; leaving _undone puts back what the warm-up changed
+        torch.cuda.synchronize(self.device)
         return loss
 
     # ------------------------------------------------------------------ use

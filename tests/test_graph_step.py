@@ -43,6 +43,41 @@ def test_adamw_helper_is_capturable():
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["weight_decay"] == 0.05
 
 
+def test_warm_up_is_undone_exactly():
+    """What CUDAGraphStep wraps its warm-up and capture in (fastmae.graph._undone), on the CPU:
+    afterwards the next training step is bitwise the one the untouched model and optimizer
+    take, from a fresh optimizer and from one with state (a resumed run)."""
+    from fastmae.graph import _undone
+
+    torch.manual_seed(0)
+    model = fastmae.MaskedAutoencoderViT(**CFG, backend="torch")
+    twin = copy.deepcopy(model)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05) for m in (model, twin)]
+    imgs = torch.randn(SHAPE)
+
+    def step(m, opt):
+        loss = m(imgs, 0.75)[0]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    for state in ("fresh", "resumed"):
+        torch.manual_seed(5)
+        with _undone(opts[0], torch.device("cpu")):
+            for _ in range(3):
+                step(model, opts[0])
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters())), state
+        la = step(model, opts[0])  # the RNG is back at seed 5: the same masking noise
+        torch.manual_seed(5)
+        lb = step(twin, opts[1])
+        assert torch.equal(la, lb), state
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters())), state
+        for p, q in zip(model.parameters(), twin.parameters()):
+            sa, sb = opts[0].state[p], opts[1].state[q]
+            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), state
+
+
 # ---------------------------------------------------------------------------- GPU
 def _model(backend):
     torch.manual_seed(0)
