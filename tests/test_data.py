@@ -254,6 +254,25 @@ def test_row_cut_decode_equals_full_decode(subsampling, mode):
         np.testing.assert_array_equal(np.asarray(cut)[:bottom], full[:bottom])
 
 
+@pytest.mark.parametrize("s", [2, 4, 8])
+def test_row_cut_decode_equals_full_decode_at_reduced_scale(s):
+    jpg = _jpeg_bytes(_photo((640, 480), s))  # 4:2:0, Pillow's default
+    info = D.jpeg_info(jpg)
+
+    def draft(payload, rows):
+        im = Image.open(io.BytesIO(payload))
+        im.draft("RGB", (640 // s, rows // s))
+        return np.asarray(im.convert("RGB"))
+
+    full = draft(jpg, 480)
+    assert full.shape[:2] == (480 // s, 640 // s)
+    for bottom in torch.randint(1, 480, (5,)).tolist():
+        rows = D.rows_needed(info, bottom)
+        cut = draft(bytes(D._cut_rows(bytearray(jpg), info, rows)), rows)
+        keep = -(-bottom // s)  # reduced rows that hold source rows [0, bottom)
+        np.testing.assert_array_equal(cut[:keep], full[:keep])
+
+
 def test_progressive_jpeg_is_decoded_whole():
     jpg = _jpeg_bytes(_photo((200, 150)), progressive=True)
     info = D.jpeg_info(jpg)
