@@ -1,0 +1,88 @@
+// Shared by every op of fastmae._C: host/device qualifiers, dtype dispatch, 16-byte vectors,
+// argument checks. Included by the C++ (CPU) and the CUDA sources alike.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+// Index math shared by a CUDA kernel and its CPU twin lives in csrc/ops/<op>.h as FASTMAE_HD
+// functions: host-and-device when nvcc compiles them, plain inline C++ otherwise.
+#if defined(__CUDACC__)
+#define FASTMAE_HD __host__ __device__ __forceinline__
+#else
+#define FASTMAE_HD inline
+#endif
+
+// The float dtypes fastmae's kernels take: fp32, fp64, fp16, bf16. `scalar_t` in the body.
+#define FASTMAE_DISPATCH_FLOAT(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// Dispatch on an (input, output) dtype pair for kernels that cast on the way: the same dtype,
+// or fp16/bf16 <-> fp32 (mixed precision). `in_t` and `out_t` in the body. Other pairs are
+// not instantiated (compile time): `dispatched` is set to false and the caller converts.
+#define FASTMAE_DISPATCH_CAST_PAIR(IN, OUT, dispatched, NAME, ...)                              \
+  do {                                                                                          \
+    dispatched = true;                                                                          \
+    if ((IN) == (OUT)) {                                                                        \
+      FASTMAE_DISPATCH_FLOAT(IN, NAME, [&] {                                                   \
+        using in_t = scalar_t;                                                                  \
+        using out_t = scalar_t;                                                                 \
+        __VA_ARGS__();                                                                          \
+      });                                                                                       \
+    } else if ((OUT) == at::kFloat && ((IN) == at::kHalf || (IN) == at::kBFloat16)) {           \
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(IN, NAME, [&] {                                        \
+        using in_t = scalar_t;                                                                  \
+        using out_t = float;                                                                    \
+        __VA_ARGS__();                                                                          \
+      });                                                                                       \
+    } else if ((IN) == at::kFloat && ((OUT) == at::kHalf || (OUT) == at::kBFloat16)) {          \
+      AT_DISPATCH_REDUCED_FLOATING_TYPES(OUT, NAME, [&] {                                       \
+        using in_t = float;                                                                     \
+        using out_t = scalar_t;                                                                 \
+        __VA_ARGS__();                                                                          \
+      });                                                                                       \
+    } else {                                                                                    \
+      dispatched = false;                                                                       \
+    }                                                                                           \
+  } while (0)
+
+// Argument checks: the public Python entry point (fastmae.ops) validates user input with
+// clear errors; these only guard the C++ ops against misuse through torch.ops directly.
+#define FASTMAE_CHECK(cond, ...) TORCH_CHECK(cond, "fastmae_ext: ", __VA_ARGS__)
+#define FASTMAE_CHECK_DIM(t, d) FASTMAE_CHECK((t).dim() == (d), #t " must have " #d " dims, got ", (t).dim())
+#define FASTMAE_CHECK_FLOAT(t) FASTMAE_CHECK(at::isFloatingType((t).scalar_type()), #t " must be floating point")
+#define FASTMAE_CHECK_SAME_DEVICE(a, b) \
+  FASTMAE_CHECK((a).device() == (b).device(), #a " and " #b " must be on one device")
+
+namespace fastmae {
+
+// A 16-byte vector of T (4 floats, 8 halves, 2 doubles): one LDG.128 / STG.128 on a GPU.
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+FASTMAE_HD bool is_aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15) == 0; }
+
+// Whether rows of `row_elems` elements of T starting at `base`, `row_stride` elements apart,
+// can all be accessed as 16-byte vectors.
+template <typename T>
+FASTMAE_HD bool rows_vectorizable(const T* base, int64_t row_elems, int64_t row_stride) {
+  constexpr int64_t v = Vec16<T>::kSize;
+  return is_aligned16(base) && row_elems % v == 0 && row_stride % v == 0;
+}
+
+FASTMAE_HD int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Kernel outputs are allocated through empty_output: when the tests switch poisoning on
+// (fastmae._library.poisoned_outputs, forwarded by fastmae.ext), outputs start as NaN (floats)
+// or -1 (integers), so an element a kernel fails to write fails its test. Defined in
+// csrc/ops/poison.cpp.
+bool poison_outputs();
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+}  // namespace fastmae
