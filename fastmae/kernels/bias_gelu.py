@@ -28,10 +28,14 @@ from the saved ``x`` and ``bias``; ``dx = dv`` in ``x``'s dtype, ``dbias = sum_m
    each ``dx`` tile and adds ``dv`` into a ``(BLOCK_M, BLOCK_H)`` float32 tile held in
    registers; at the end it sums that tile's rows and writes ``partial[p, cols]`` of a
    float32 ``(P, H)`` buffer. ``P`` is ``_PROGRAMS_PER_SM`` programs per SM over the column
-   blocks (several programs per SM, not one: Liger-Kernel's LayerNorm backward, with one
-   program per SM, leaves too few loads in flight to saturate HBM), and never more than
-   the row tiles. The buffer stays small: ``P H 4`` bytes, ~4 MB at H = 3072 on an H200
-   against the ~236 MB of ``dy``, ``x``, ``dx`` traffic.
+   blocks, and never more than the row tiles: several programs per SM, not one
+   (Liger-Kernel's LayerNorm backward, with one program per SM, leaves too few loads in
+   flight to saturate HBM). The register report (``python tests/_aot.py report --match
+   _bias``, evidence, not a speed claim) puts the 4096-element, 8-warp tile at ~120
+   registers a thread (16 elements a thread; 4 warps, 32 elements a thread, take 190-255
+   and spill), so about two such programs fit an SM at once: four per SM are two full
+   waves whatever the real occupancy. The buffer stays small: ``P H 4`` bytes, ~2 MB at
+   H = 3072 on an H200, against the ~236 MB of ``dy``, ``x``, ``dx`` traffic.
 2. ``_bias_grad_kernel``, grid ``cdiv(H, _FINAL_BLOCK_H)``: each program adds the ``P``
    partial rows of its columns, ``_FINAL_BLOCK_P`` rows at a time, in a fixed order, and
    stores ``dbias`` in ``bias``'s dtype.
@@ -82,7 +86,7 @@ __all__ = ["bias_gelu"]
 # to exercise many programs and loop iterations.
 _TILE = 65536 if interpreting() else 4096
 _MAX_BLOCK_H = 1024
-_PROGRAMS_PER_SM = 8
+_PROGRAMS_PER_SM = 4
 _FINAL_BLOCK_P = 64
 _FINAL_BLOCK_H = 32
 # Backward row programs (P) when the device has no SM count (CPU tensors under the
@@ -225,7 +229,7 @@ def _blocks(M: int, H: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_H, num_warps) for an (M, H) pre-activation."""
     block_h = _block_h(H)
     block_m = max(1, min(_TILE // block_h, triton.next_power_of_2(int(M))))
-    num_warps = 8 if block_m * block_h >= 8192 else 4
+    num_warps = 8 if block_m * block_h >= 4096 else 4  # 16 elements a thread at most: see the module doc
     return block_m, block_h, num_warps
 
 
