@@ -72,6 +72,13 @@ _IMPLS: dict[str, dict[str, str]] = {
     "layer_norm": {"triton": "fastmae.kernels.layer_norm:layer_norm"},
     "add_layer_norm": {"triton": "fastmae.kernels.layer_norm:add_layer_norm"},
 }
+# backend="ext" (fastmae._C) for LayerNorm, bias + GELU and attention: fp32/fp16/bf16 (float64 is a
+# TypeError there); attention N <= 256 and D in (32, 64, 80, 128), else a ValueError (fastmae/ext/attention.py)
+_IMPLS["layer_norm"]["ext"] = "fastmae.ext.layer_norm:layer_norm"
+_IMPLS["add_layer_norm"]["ext"] = "fastmae.ext.layer_norm:add_layer_norm"
+_IMPLS["bias_gelu"]["ext"] = "fastmae.ext.bias_gelu:bias_gelu"
+_IMPLS["attention"]["ext"] = "fastmae.ext.attention:attention"
+_IMPLS["attention_qkvpacked"]["ext"] = "fastmae.ext.attention:attention_qkvpacked"
 
 
 def _impl(op: str, backend: str):

@@ -1,0 +1,119 @@
+"""LayerNorm fused with the residual add before it, in fastmae's compiled extension.
+
+``add_layer_norm(x, residual, weight, bias, eps, out_dtype, residual_dtype) -> (y, s)`` and
+``layer_norm(...) -> y`` with the semantics of :func:`fastmae.reference.add_layer_norm`:
+``s = x + residual`` in float32, stored in ``residual_dtype``; ``y = layer_norm(s)`` of that
+stored ``s`` in float32 math, stored in ``out_dtype``. Both outputs are differentiable.
+
+The ops are ``torch.ops.fastmae_ext.add_layer_norm_fwd`` / ``add_layer_norm_bwd``
+(``csrc/ops/layer_norm.cpp``; math in ``csrc/ops/layer_norm.h``):
+
+* CPU (``csrc/ops/cpu/layer_norm_kernel.cpp``): ``at::parallel_for`` over rows, each row
+  converted once to an fp32 buffer, two-pass mean / centred variance; the backward cuts
+  the rows into fixed 32-row blocks with one dW/dB partial each, summed in block order.
+* CUDA (``csrc/ops/cuda/layer_norm_kernel.cu``): a warp per row with 16-byte accesses
+  (scalar for D % 8 != 0), the row in registers up to D = 1024; the backward gives each
+  128-row block one dW/dB partial (warps accumulate in shared memory, lanes own columns),
+  then a fixed-order column sum. No atomics: the same bits on every run.
+
+Saved for the backward: ``s`` (``x`` for ``layer_norm``), ``mean``, ``rstd``, ``weight`` and
+``bias`` -- never the normalised output. Inputs and outputs are float32, float16 or
+bfloat16 (float64 is the reference's: :func:`fastmae.ops.add_layer_norm` takes it there on
+``backend="auto"``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import load, sync_poison
+
+__all__ = ["add_layer_norm", "layer_norm", "DTYPES"]
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+load()
+_ops = torch.ops.fastmae_ext
+_FWD = "fastmae_ext::add_layer_norm_fwd"
+_BWD = "fastmae_ext::add_layer_norm_bwd"
+
+
+@torch.library.register_fake(_FWD)
+def _(x, residual, weight, bias, eps, out_dtype, residual_dtype):
+    rows, D = x.shape
+    s = x.new_empty((rows, D), dtype=residual_dtype) if residual is not None else x.new_empty((0,))
+    f32 = torch.float32
+    return x.new_empty((rows, D), dtype=out_dtype), s, x.new_empty((rows,), dtype=f32), x.new_empty((rows,), dtype=f32)
+
+
+@torch.library.register_fake(_BWD)
+def _(dy, ds, s, mean, rstd, weight, bias, x_dtype, residual_dtype):
+    rows, D = s.shape
+    sep = residual_dtype is not None and residual_dtype != x_dtype
+    dres = s.new_empty((rows, D), dtype=residual_dtype) if sep else s.new_empty((0,))
+    dw = weight.new_empty((D,)) if weight is not None else s.new_empty((0,))
+    db = bias.new_empty((D,)) if bias is not None else s.new_empty((0,))
+    return s.new_empty((rows, D), dtype=x_dtype), dres, dw, db
+
+
+def _setup(ctx, inputs, output):
+    x, residual, weight, bias, eps, out_dtype, residual_dtype = inputs
+    y, s, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused y or s gives None, not a zeros tensor
+    ctx.has_residual = residual is not None
+    ctx.x_dtype = x.dtype
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.save_for_backward(s if residual is not None else x, mean, rstd, weight, bias)
+
+
+def _backward(ctx, dy, ds, dmean, drstd):
+    s, mean, rstd, weight, bias = ctx.saved_tensors
+    if ds is not None and ds.numel() == 0:
+        ds = None
+    if dy is None:  # y unused: the gradient flows through s alone; dW, dB are zero (None)
+        if ds is None:
+            return None, None, None, None, None, None, None
+        dres = ds.to(ctx.residual_dtype) if ctx.has_residual else None
+        return ds.to(ctx.x_dtype), dres, None, None, None, None, None
+    dx, dres, dw, db = _ops.add_layer_norm_bwd(dy, ds, s, mean, rstd, weight, bias, ctx.x_dtype, ctx.residual_dtype)
+    dresidual = None
+    if ctx.has_residual:
+        dresidual = dres if dres.numel() else dx
+    return (dx, dresidual, dw if weight is not None else None, db if bias is not None else None, None, None, None)
+
+
+torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
+
+
+def _check_dtypes(**tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in DTYPES:
+            raise TypeError(f"backend='ext' LayerNorm computes in float32: {name} must be float32, float16 or "
+                            f"bfloat16, got {t.dtype}; use backend='torch' for float64")
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                   bias: torch.Tensor | None, eps: float = 1e-6, out_dtype: torch.dtype | None = None,
+                   residual_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, s)``: see the module docstring (arguments validated by :func:`fastmae.ops.add_layer_norm`)."""
+    _check_dtypes(x=x, residual=residual, weight=weight, bias=bias)
+    for name, dt in (("out_dtype", out_dtype), ("residual_dtype", residual_dtype)):
+        if dt is not None and dt not in DTYPES:
+            raise TypeError(f"backend='ext' LayerNorm: {name} must be float32, float16 or bfloat16, got {dt}")
+    sync_poison()
+    shape, D = x.shape, x.shape[-1]
+    out_dtype = out_dtype or x.dtype
+    if residual is None:
+        s = x.to(residual_dtype or x.dtype)
+        y = _ops.add_layer_norm_fwd(s.reshape(-1, D), None, weight, bias, float(eps), out_dtype, s.dtype)[0]
+        return y.view(shape), s
+    rd = residual_dtype or residual.dtype
+    y, s, _, _ = _ops.add_layer_norm_fwd(x.reshape(-1, D), residual.reshape(-1, D), weight, bias, float(eps),
+                                         out_dtype, rd)
+    return y.view(shape), s.view(shape)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-6,
+               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``add_layer_norm(x, None, ...)[0]``: LayerNorm without the add (nothing written for ``s``)."""
+    return add_layer_norm(x, None, weight, bias, eps, out_dtype)[0]

@@ -1,0 +1,330 @@
+"""The compiled extension's add + LayerNorm (fastmae.ext.layer_norm, backend="ext") against fastmae.reference.
+
+CPU tests run the C++ twin (csrc/ops/cpu/layer_norm_kernel.cpp); the GPU-marked ones the
+CUDA kernels (csrc/ops/cuda/layer_norm_kernel.cu) through the same oracle.
+
+Oracle (the FlashAttention convention of the Triton tests, :func:`fastmae.validate.two_x_tolerance`):
+from the same inputs, the reference in float64 (``exact``) and in the tested dtypes (float32
+math, outputs rounded to their dtypes, PyTorch's autograd: ``lowp``); the op passes when
+``max|op - exact| <= 2 max|lowp - exact| + floor`` for y and the gradients of x, residual,
+weight and bias (random gradients of y and s), with the fp32 floor the other tests use.
+``s = x + residual`` is one float32 addition rounded once to residual_dtype in both: compared
+for exact equality.
+
+The module skips (with the loader's reason) when fastmae._C is not built, or was built
+without these ops; under ``FASTMAE_EXT_REQUIRED=1`` (``make test``) that is a failure instead.
+"""
+
+import os
+
+import pytest
+import torch
+
+from fastmae import ext, ops
+from fastmae import reference as ref
+from fastmae.validate import two_x_tolerance
+
+f16, f32, f64, bf16 = torch.float16, torch.float32, torch.float64, torch.bfloat16
+EPS = 1e-6
+_OPS = ("add_layer_norm_fwd", "add_layer_norm_bwd")
+
+
+def _why_unavailable():
+    why = ext.problem()
+    if why is None and not all(hasattr(torch.ops.fastmae_ext, n) for n in _OPS):
+        why = f"fastmae._C was built without {_OPS}; rebuild it: {ext.BUILD_HINT}"
+    return why
+
+
+_WHY = _why_unavailable()
+if _WHY is not None:
+    if os.environ.get("FASTMAE_EXT_REQUIRED") == "1":
+        raise RuntimeError(_WHY)
+    pytest.skip(_WHY, allow_module_level=True)
+
+DEVICE = "cpu"
+
+
+# ----------------------------------------------------------------------------- oracle
+def _assert_2x(name, got, lowp, exact, dtype):
+    assert got is not None, f"{name}: missing"
+    assert got.shape == exact.shape and got.dtype == lowp.dtype, (name, got.shape, got.dtype, lowp.dtype)
+    err = (got.double() - exact).abs().max().item() if got.numel() else 0.0
+    tol = two_x_tolerance(exact, lowp, dtype)
+    assert err <= tol, f"{name}: max error {err:.3g} > tolerance {tol:.3g} (2x torch {dtype} + floor)"
+
+
+def _leaves(ts, dtype=None):
+    return [None if t is None else t.detach().to(dtype or t.dtype).clone().requires_grad_(True) for t in ts]
+
+
+def _run(fn, ts, grads, dtype=None):
+    leaves = _leaves(ts, dtype)
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, g if dtype is None else g.to(dtype)) for o, g in zip(outs, grads) if g is not None]
+    want = [t for t in leaves if t is not None]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], want, [g for _, g in pairs], allow_unused=True))
+    return [o.detach() for o in outs], [None if t is None else next(got) for t in leaves]
+
+
+def check_add(x, r, w, b, out_dtype=None, res_dtype=None, grad_s=True, views=None):
+    """ops.add_layer_norm(backend='ext') against the oracle; returns its ((y, s), grads)."""
+    view = views or (lambda t: t)
+    y_dt = out_dtype or x.dtype
+    s_dt = res_dtype or (x.dtype if r is None else r.dtype)
+    shape = view(x).shape
+    gy = torch.randn(shape, device=x.device).to(y_dt)
+    gs = torch.randn(shape, device=x.device).to(s_dt) if grad_s else None
+
+    def op(x, r, w, b):
+        return ops.add_layer_norm(view(x), None if r is None else view(r), w, b, EPS, out_dtype=out_dtype,
+                                  residual_dtype=res_dtype, backend="ext")
+
+    def lowp(x, r, w, b):
+        return ref.add_layer_norm(view(x), None if r is None else view(r), w, b, EPS, out_dtype, res_dtype)
+
+    def exact(x, r, w, b):
+        return ref.add_layer_norm(view(x), None if r is None else view(r), w, b, EPS, f64, f64)
+
+    (y, s), grads = _run(op, [x, r, w, b], [gy, gs])
+    (yl, sl), gl = _run(lowp, [x, r, w, b], [gy, gs])
+    (ye, _), ge = _run(exact, [x, r, w, b], [gy, gs], dtype=f64)
+    assert y.dtype == y_dt and s.dtype == s_dt and y.shape == s.shape == shape
+    _assert_2x("y", y, yl, ye, y_dt)
+    assert torch.equal(s, sl), f"s: max error {(s.double() - sl.double()).abs().max().item():.3g}"
+    for name, g, g_l, g_e, t in zip(("dx", "dresidual", "dweight", "dbias"), grads, gl, ge, (x, r, w, b)):
+        if t is None:
+            assert g is None
+            continue
+        assert g.dtype == t.dtype, name
+        _assert_2x(name, g, g_l, g_e, t.dtype)
+    return (y, s), grads
+
+
+def check_ln(x, w, b, out_dtype=None):
+    y_dt = out_dtype or x.dtype
+    gy = torch.randn(x.shape, device=x.device).to(y_dt)
+    def op(x, w, b):
+        return ops.layer_norm(x, w, b, EPS, out_dtype=out_dtype, backend="ext")
+
+    (y,), grads = _run(op, [x, w, b], [gy])
+    (yl,), gl = _run(lambda x, w, b: ref.layer_norm(x, w, b, EPS, out_dtype), [x, w, b], [gy])
+    (ye,), ge = _run(lambda x, w, b: ref.layer_norm(x, w, b, EPS, f64), [x, w, b], [gy], dtype=f64)
+    assert y.dtype == y_dt
+    _assert_2x("y", y, yl, ye, y_dt)
+    for name, g, g_l, g_e, t in zip(("dx", "dweight", "dbias"), grads, gl, ge, (x, w, b)):
+        if t is not None:
+            _assert_2x(name, g, g_l, g_e, t.dtype)
+
+
+def _inputs(rows, D, x_dt=f32, r_dt=f32, w_dt=f32, device=DEVICE, lead=None):
+    shape = tuple(lead or (rows,)) + (D,)
+    x = (torch.randn(shape, device=device) * 0.7 + 0.3).to(x_dt)
+    r = None if r_dt is None else (torch.randn(shape, device=device) * 2 - 0.5).to(r_dt)
+    w = None if w_dt is None else (1 + 0.5 * torch.randn(D, device=device)).to(w_dt)
+    b = None if w_dt is None else (0.3 * torch.randn(D, device=device)).to(w_dt)
+    return x, r, w, b
+
+
+# ----------------------------------------------------------------------------- CPU twin
+ROWS = [1, 3, 197, 1000]
+DIMS = [8, 40, 100, 768]
+
+
+@pytest.mark.parametrize("dtype", [f32, f16, bf16])
+@pytest.mark.parametrize("D", DIMS)
+@pytest.mark.parametrize("rows", ROWS)
+def test_add_layer_norm_shapes(rows, D, dtype):
+    x, r, w, b = _inputs(rows, D, dtype, dtype, dtype)
+    check_add(x, r, w, b)
+
+
+@pytest.mark.parametrize("dtype", [f32, f16])
+@pytest.mark.parametrize("rows,D", [(1, 8), (3, 100), (197, 768), (1000, 40)])
+def test_layer_norm_shapes(rows, D, dtype):
+    x, _, w, b = _inputs(rows, D, dtype, None, dtype)
+    check_ln(x, w, b)
+
+
+def test_large_dims_and_leading_dims():
+    x, r, w, b = _inputs(3, 2048, f16, f32, f32)
+    check_add(x, r, w, b)
+    x, r, w, b = _inputs(5, 3000, bf16, f32, f32)  # above the Triton limit: the twin takes any D
+    check_add(x, r, w, b)
+    x, r, w, b = _inputs(0, 40, f32, f16, f32, lead=(2, 3, 5))
+    check_add(x, r, w, b)
+    x, r, w, b = _inputs(0, 40, f16, f32, f32, lead=())  # x (D,): one row
+    check_add(x, r, w, b)
+    check_ln(x, w, b)
+
+
+DTYPE_CASES = [
+    (f16, f32, f32, None, None),
+    (bf16, f32, f32, bf16, f32),
+    (f32, f16, f32, f16, None),
+    (f16, f16, f16, f32, f32),
+    (f32, f32, bf16, bf16, bf16),
+    (f16, None, f32, None, None),
+    (bf16, None, f32, f32, f32),
+    (f32, None, f32, f16, f16),
+]
+
+
+@pytest.mark.parametrize("x_dt,r_dt,w_dt,out_dt,res_dt", DTYPE_CASES)
+def test_dtype_combinations(x_dt, r_dt, w_dt, out_dt, res_dt):
+    x, r, w, b = _inputs(197, 100, x_dt, r_dt, w_dt)
+    check_add(x, r, w, b, out_dt, res_dt)
+    if r_dt is None:
+        check_ln(x, w, b, out_dt)
+
+
+@pytest.mark.parametrize("with_w,with_b", [(False, False), (True, False), (False, True)])
+def test_no_weight_or_bias(with_w, with_b):
+    x, r, w, b = _inputs(197, 40, f16, f32, f32)
+    check_add(x, r, w if with_w else None, b if with_b else None)
+    check_ln(x, w if with_w else None, b if with_b else None)
+
+
+def test_only_one_output_used():
+    x, r, w, b = _inputs(50, 40, f16, f32, f32)
+    check_add(x, r, w, b, grad_s=False)
+    xl, rl, wl, bl = _leaves([x, r, w, b])
+    _, s = ops.add_layer_norm(xl, rl, wl, bl, EPS, backend="ext")
+    gs = torch.randn_like(s)
+    dx, dr, dw, db = torch.autograd.grad(s, (xl, rl, wl, bl), gs, allow_unused=True)
+    assert torch.equal(dx, gs.to(f16)) and torch.equal(dr, gs) and dw is None and db is None
+
+
+def test_non_contiguous():
+    # x and residual as transposed / strided views; weight with stride 2
+    base_x = torch.randn(100, 197) * 0.7
+    base_r = torch.randn(197, 200) * 2
+    x, r = base_x.t(), base_r[:, ::2]
+    assert not x.is_contiguous() and not r.is_contiguous()
+    w = (1 + 0.5 * torch.randn(200))[::2]
+    b = 0.3 * torch.randn(100)
+    check_add(x, r, w, b)
+    check_ln(x, w, b)
+
+
+def test_deterministic():
+    x, r, w, b = _inputs(1000, 768, f16, f32, f32)
+    (_, _), g1 = _run(lambda *t: ops.add_layer_norm(*t, EPS, backend="ext"), [x, r, w, b],
+                      [torch.ones(1000, 768, dtype=f16), None])
+    (_, _), g2 = _run(lambda *t: ops.add_layer_norm(*t, EPS, backend="ext"), [x, r, w, b],
+                      [torch.ones(1000, 768, dtype=f16), None])
+    for a, c in zip(g1, g2):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("with_res", [True, False])
+def test_opcheck(with_res):
+    x, r, w, b = _inputs(37, 40, f16, f32, f32)
+    r = r if with_res else None
+    fwd = torch.ops.fastmae_ext.add_layer_norm_fwd
+    args = (x.requires_grad_(True), None if r is None else r.requires_grad_(True), w.requires_grad_(True),
+            b.requires_grad_(True), EPS, f16, f32)
+    torch.library.opcheck(fwd, args)
+    y, s, mean, rstd = fwd(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+    bwd_args = (torch.randn_like(y), torch.randn_like(s) if with_res else None, s if with_res else x.detach(),
+                mean, rstd, w.detach(), b.detach(), f16, f32 if with_res else None)
+    torch.library.opcheck(torch.ops.fastmae_ext.add_layer_norm_bwd, bwd_args)
+
+
+def test_torch_compile_fullgraph():
+    # the ext wrapper itself (ops.add_layer_norm resolves the backend at trace time, which
+    # reads the extension's build record: not this op's concern)
+    from fastmae.ext import layer_norm as E
+
+    x, r, w, b = _inputs(64, 40, f32, f32, f32)
+
+    def f(x, r, w, b):
+        y, s = E.add_layer_norm(x, r, w, b, EPS)
+        return y * 2, s
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, r, w, b)
+    want = f(x, r, w, b)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_float64_is_a_clear_error():
+    x, r, w, b = _inputs(3, 8, f64, f64, f64)
+    with pytest.raises(TypeError, match="backend='ext' LayerNorm computes in float32"):
+        ops.add_layer_norm(x, r, w, b, EPS, backend="ext")
+
+
+def _error(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 -- the type and message are what is compared
+        return type(e), str(e)
+    return None
+
+
+@pytest.mark.parametrize("case", ["weight_shape", "int_x", "eps", "residual_shape", "out_dtype"])
+def test_bad_input_errors_are_the_other_backends(case):
+    x, r, w, b = _inputs(4, 8)
+    kw = dict(out_dtype=None)
+    if case == "weight_shape":
+        w = torch.ones(7)
+    elif case == "int_x":
+        x = torch.ones(4, 8, dtype=torch.int32)
+    elif case == "residual_shape":
+        r = torch.ones(4, 9)
+    elif case == "out_dtype":
+        kw = dict(out_dtype=torch.int64)
+    eps = 0.0 if case == "eps" else EPS
+    got = _error(lambda: ops.add_layer_norm(x, r, w, b, eps, backend="ext", **kw))
+    want = _error(lambda: ops.add_layer_norm(x, r, w, b, eps, backend="torch", **kw))
+    assert got is not None and got == want
+
+
+def test_cuda_kernels_are_registered():
+    # In a build with nvcc, both ops have CUDA kernels (checked on any machine, GPU or not).
+    if not ext.has_cuda_kernels():
+        pytest.skip("fastmae._C was built without CUDA (CppExtension)")
+    for name in _OPS:
+        for key in ("CPU", "CUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmae_ext::{name}", key), (name, key)
+
+
+# ----------------------------------------------------------------------------- CUDA kernels
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [bf16, f16, f32])
+@pytest.mark.parametrize("rows,D", [(1, 8), (3, 40), (197, 100), (1000, 768), (50, 1280), (7, 2048), (33, 3000)])
+def test_cuda_matches_reference(rows, D, dtype):
+    # D % 8 == 0: 16-byte path (in registers up to 1024, re-read above); 100, 3000: scalar path
+    x, r, w, b = _inputs(rows, D, dtype, f32, f32, device="cuda")
+    check_add(x, r, w, b, res_dtype=f32)
+    x, r, w, b = _inputs(rows, D, dtype, dtype, dtype, device="cuda")
+    check_add(x, r, w, b)
+    check_ln(x, w, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dt,r_dt,w_dt,out_dt,res_dt", DTYPE_CASES)
+def test_cuda_dtype_combinations(x_dt, r_dt, w_dt, out_dt, res_dt):
+    x, r, w, b = _inputs(197, 768, x_dt, r_dt, w_dt, device="cuda")
+    check_add(x, r, w, b, out_dt, res_dt)
+
+
+@pytest.mark.gpu
+def test_cuda_non_contiguous_and_misaligned():
+    base = torch.randn(197, 769, device="cuda")
+    x = base[:, 1:]  # rows 769 apart, first element misaligned: the scalar path after .contiguous()
+    r = torch.randn(768, 197, device="cuda").t()
+    w, b = 1 + 0.5 * torch.randn(768, device="cuda"), 0.3 * torch.randn(768, device="cuda")
+    check_add(x, r, w, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,D", [(12800, 768), (50432, 512)])
+def test_cuda_deterministic_and_mae_shapes(rows, D):
+    x, r, w, b = _inputs(rows, D, bf16, f32, f32, device="cuda")
+    check_add(x, r, w, b, out_dtype=bf16)
+    gy = torch.randn(rows, D, device="cuda").to(bf16)
+    runs = [_run(lambda *t: ops.add_layer_norm(*t, EPS, out_dtype=bf16, backend="ext"), [x, r, w, b], [gy, None])[1]
+            for _ in range(2)]
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
