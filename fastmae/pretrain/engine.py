@@ -299,6 +299,10 @@ def _train(run: _Run, tmpdir: str) -> TrainResult:  # noqa: C901 - one loop, rea
     random.seed(seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    elif args.demo and not os.environ.get("OMP_NUM_THREADS"):
+        # the demo on the CPU: leave a core per loader worker (on 2 cores, 2 compute threads beside a
+        # decoding worker spin-wait for each other and run many times slower)
+        torch.set_num_threads(max(1, torch.get_num_threads() - args.num_workers))
 
     # ---------------------------------------------------------------- data
     if args.synthetic:
