@@ -37,11 +37,11 @@ torch.save(res.model.state_dict(), os.path.join(sys.argv[1], "rank%s.pt" % os.en
 """
 
 
-def _torchrun(args, timeout=300):
+def _torchrun(args, timeout=300, nproc=2):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     return p.stdout + p.stderr
@@ -86,3 +86,15 @@ def test_torchrun_two_gloo_processes(tmp_path):
     s0, s1 = _ranks(res)
     assert_same_params(s0, s1)
     assert_same_params(r0, s0)
+
+
+@pytest.mark.gpu
+def test_torchrun_nccl_on_one_gpu(tmp_path):
+    """NCCL and DDP on CUDA (one process: NCCL refuses two processes on one GPU)."""
+    out = str(tmp_path / "o")
+    log = _torchrun(["-m", "fastmae", "pretrain", "--synthetic", "--synthetic_size", "128", "--model",
+                     "mae_vit_tiny_patch8", "--input_size", "64", "--batch_size", "16", "--epochs", "1",
+                     "--warmup_epochs", "0", "--max_steps", "4", "--log_every", "2", "--num_workers", "2",
+                     "--output_dir", out, "--log_dir", out, "--no_progress"], nproc=1)
+    assert "1 process(es) (nccl)" in log
+    assert state_of(os.path.join(out, "checkpoint-last.pth"))["fastmae"]["global_step"] == 4
