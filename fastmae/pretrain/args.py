@@ -100,7 +100,7 @@ def get_args_parser(demo: bool = False, add_help: bool = True,
                    help="the embedded demo's settings as defaults (what no arguments at all runs): "
                         + ", ".join(f"{k}={v}" for k, v in DEMO.items()))
     g.add_argument("--backend", default=None,
-                   help="fastmae ops backend for the model: auto, torch (stock), triton, cuda (default: the process "
+                   help="fastmae ops backend for the model: auto, torch (stock), triton, ext (default: the process "
                         "default, see fastmae.set_backend)")
     g.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16: bf16 autocast (default on CUDA); fp16: fp16 autocast with a GradScaler; "
