@@ -259,3 +259,16 @@ def test_rng_state_round_trip():
     ck.restore_rng(st, dev)
     b = (torch.rand(3), np.random.rand(3), random.random())  # noqa: NPY002
     assert torch.equal(a[0], b[0]) and (a[1] == b[1]).all() and a[2] == b[2]
+
+
+def test_resume_before_a_partial_accumulation_is_bitwise(images, tmp_path):
+    # 8 batches, accum 3: updates after batches 3 and 6; batches 7-8 accumulate and are dropped at the
+    # epoch's end (the official loop zeroes the gradients when the next epoch starts)
+    common = dict(batch_size=2, epochs=2, warmup_epochs=1, accum_iter=3)
+    ref = train(parse_args(tiny_flags(images, str(tmp_path / "ref"), **common)))
+    out = str(tmp_path / "run")
+    first = train(parse_args(tiny_flags(images, out, max_steps=2, **common)))
+    assert (first.next_epoch, first.next_step, first.global_step) == (0, 6, 2)
+    res = train(parse_args(tiny_flags(images, out, resume=os.path.join(out, "checkpoint-last.pth"), **common)))
+    assert res.global_step == ref.global_step == 4
+    assert_same_params(ref.model.state_dict(), res.model.state_dict())

@@ -636,12 +636,6 @@ def _train(run: _Run, tmpdir: str) -> TrainResult:  # noqa: C901 - one loop, rea
         loss_v = log_point(epoch, steps_per_epoch)
         if not math.isfinite(loss_v):
             return stop_non_finite(f"the loss is {loss_v} (not finite) in the log window", epoch)
-        if status == "max_steps" and pos[1] < steps_per_epoch:
-            # stopped at the last update of an epoch whose last micro-batches do not fill an accumulation
-            why = save("checkpoint-last.pth", *pos)
-            if why:
-                return stop_non_finite(why + ", checked before writing checkpoint-last.pth", epoch)
-            break
         pos = (epoch + 1, 0)
         (es,) = reduce_(epoch_sum)
         n = host["epoch_n"]
