@@ -47,10 +47,13 @@ def _ops(r: dict) -> list[str]:
     out = [f"bench_ops: {len(ok)} of {len(res)} measurements ok (copy {cei['copy']['gbps']:.0f} GB/s, "
            f"matmul {cei['matmul']['tflops']:.0f} TFLOP/s)"]
     for x in ok:
-        if x["section"] == "ops" and x["shape_label"] == "vit_b16" and x["direction"] == "fwd+bwd":
+        # the data-path ops at ViT-B/16, and the block ops (norms, bias_gelu) at every shape
+        if x["direction"] == "fwd+bwd" and "x_floor" in x and (
+                (x["section"] == "ops" and x["shape_label"] == "vit_b16") or x["section"] in ("norms", "bias_gelu")):
             g = (f"graph {x['graph_ms']:8.3f} ms {x['x_floor_graph']:6.1f}x floor"
                  if x.get("graph_status") == "ok" else f"graph {x.get('graph_status', 'n/a')}")
-            out.append(f"  {x['op']:18s} {x['backend']:7s} fwd+bwd eager {x['ms']:8.3f} ms "
+            label = "" if x["section"] == "ops" else f" {x['shape_label']}"
+            out.append(f"  {x['op'] + label:18s} {x['backend']:7s} fwd+bwd eager {x['ms']:8.3f} ms "
                        f"{x['x_floor']:6.1f}x floor | {g}")
     # attention: fastmae's kernels against the fastest SDPA kernel, per shape, forward+backward
     shapes: dict[tuple, dict] = {}

@@ -123,12 +123,14 @@ def _render_ops(rec: dict) -> str:
                f"{_num(cei['matmul']['tflops'])} TFLOP/s ({cei['matmul']['dtype']} {cei['matmul']['n']}^3). "
                "\"x floor\" is the time over the op's memory-traffic floor; \"of matmul\" its FLOP rate over the "
                "matmul rate.\n")
-    titles = {"ops": "Data-path ops", "attention": "Attention at MAE shapes", "long": "Attention, long sequences"}
-    for section in ("ops", "attention", "long"):
+    titles = {"ops": "Data-path ops", "attention": "Attention at MAE shapes", "long": "Attention, long sequences",
+              "norms": "LayerNorm and add + LayerNorm", "bias_gelu": "Bias + GELU (and linear + bias + GELU)"}
+    sections = list(titles) + sorted({r["section"] for r in rec["results"]} - set(titles))  # known first, then any
+    for section in sections:
         rows = [r for r in rec["results"] if r["section"] == section]
         if not rows:
             continue
-        out.append(f"\n### {titles[section]}\n")
+        out.append(f"\n### {titles.get(section, section)}\n")
         table = []
         for r in rows:
             shape = r["shape_label"] + ("" if section == "ops" else f" {tuple(r['shape'])}")

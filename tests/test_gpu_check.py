@@ -116,3 +116,33 @@ def test_gpu_check_refuses_a_work_folder_inside_out(tmp_path):
     r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out)], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "outside OUT_DIR" in r.stderr
+
+
+def test_summary_and_results_show_the_block_ops_sections():
+    """bench_ops' norms and bias_gelu sections reach the summary and RESULTS.md, not only ops/attention."""
+    from benchmarks import gpu_summary, make_results
+
+    rows = []
+    for section, op, label in (("norms", "add_layer_norm", "ViT-B encoder"), ("bias_gelu", "bias_gelu", "decoder fc1"),
+                               ("ops", "patchify", "vit_l16")):
+        xf = round(1 + int.from_bytes(os.urandom(2), "little") / 65536, 3)
+        rows.append({"section": section, "op": op, "shape_label": label, "shape": [12800, 768], "backend": "triton",
+                     "direction": "fwd+bwd", "status": "ok", "ms": 0.5, "x_floor": xf, "floor_ms": 0.5 / xf,
+                     "graph_status": "skipped"})
+    ceilings = {"copy": {"gbps": 4000.0}, "matmul": {"tflops": 700.0, "dtype": "bf16", "n": 8192}}
+    rec = {"kind": "ops", "ceilings": ceilings,
+           "config": {"dtype": "bf16", "reps": 20, "warmup": 5},
+           "env": {"card": "Synthetic GPU", "date": "2026-12-01", "command": "bench_ops", "commit": "abc"},
+           "results": rows, "_file": "ops-x.json"}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "ops-x.json"), "w") as f:
+            json.dump(rec, f)
+        text = gpu_summary.summarize(d)
+    for r in rows[:2]:
+        assert f"{r['op']} {r['shape_label']}" in text and f"{r['x_floor']:6.1f}x floor" in text
+    assert "patchify" not in text  # data-path ops are summarised at ViT-B/16 only
+    md = make_results._render_ops(rec)
+    assert "### LayerNorm and add + LayerNorm" in md and "### Bias + GELU" in md and "### Data-path ops" in md
+    assert f"{rows[0]['x_floor']:.1f}x" in md and f"{rows[1]['x_floor']:.1f}x" in md
