@@ -173,9 +173,10 @@ else
 fi
 
 B=$(budget 100 80)
-# attention first (the issue-4 shapes against SDPA's kernels), then the data-path ops at ViT-B/L
+# attention first (the issue-4 shapes against SDPA's kernels), then the data-path ops at ViT-B/L,
+# the block ops (add + LayerNorm, bias + GELU at the ViT-B encoder and decoder shapes), long sequences
 step bench_ops $((B + 20)) "$PY" -m benchmarks.bench_ops --quiet --out "$WORK/ops" --time-budget "$B" \
-    --sections attention,ops,long --models vit_b16,vit_l16
+    --sections attention,ops,norms,bias_gelu,long --models vit_b16,vit_l16
 
 B=$(budget 60 60)
 # bf16 only: the dtype the CPU interpreter cannot check (fp32/fp16 on the GPU: kernel_tests below)
