@@ -46,7 +46,7 @@ void gather(const at::Tensor& t, int64_t b, int64_t h, int64_t N, int64_t D, flo
 }
 
 // P (N x N) = softmax rows of scale * q k^T; returns lse per row into lse (N).
-void scores(const float* q, const float* kt, int64_t N, int64_t D, float scale, float* p, float* lse) {
+FASTMAE_CPU_CLONES void scores(const float* q, const float* kt, int64_t N, int64_t D, float scale, float* p, float* lse) {
   for (int64_t i = 0; i < N; ++i) {
     float* row = p + i * N;
     for (int64_t j = 0; j < N; ++j) row[j] = 0.0f;
@@ -65,6 +65,48 @@ void scores(const float* q, const float* kt, int64_t N, int64_t D, float scale, 
     const float inv = 1.0f / l;
     for (int64_t j = 0; j < N; ++j) row[j] *= inv;
     lse[i] = attention::lse_from(m, l);
+  }
+}
+
+// o (D) = p (N) v (N x D).
+FASTMAE_CPU_CLONES void pv_row(const float* p, const float* v, int64_t N, int64_t D, float* o) {
+  for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+  for (int64_t j = 0; j < N; ++j) {
+    const float pj = p[j];
+    const float* vr = v + j * D;
+    for (int64_t d = 0; d < D; ++d) o[d] += pj * vr[d];
+  }
+}
+
+// One query row i of the backward: dq (D) and the row's contributions to dk, dv (N x D).
+FASTMAE_CPU_CLONES void bwd_row(const float* qi, const float* doi, const float* oi, const float* kb, const float* kt,
+                                const float* vt, float lse, float scale, int64_t N, int64_t D, float* p, float* dp,
+                                float* dq, float* dk, float* dv) {
+  float delta = 0.0f;
+  for (int64_t d = 0; d < D; ++d) delta += doi[d] * oi[d];
+  for (int64_t j = 0; j < N; ++j) p[j] = dp[j] = 0.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float qd = qi[d] * scale, dod = doi[d];
+    const float* kr = kt + d * N;
+    const float* vr = vt + d * N;
+    for (int64_t j = 0; j < N; ++j) {
+      p[j] += qd * kr[j];
+      dp[j] += dod * vr[j];
+    }
+  }
+  for (int64_t j = 0; j < N; ++j) p[j] = std::exp(p[j] - lse);
+  for (int64_t d = 0; d < D; ++d) dq[d] = 0.0f;
+  for (int64_t j = 0; j < N; ++j) {
+    const float pij = p[j];
+    const float ds = attention::dscore(pij, dp[j], delta) * scale;
+    const float* kj = kb + j * D;
+    float* dkj = dk + j * D;
+    float* dvj = dv + j * D;
+    for (int64_t d = 0; d < D; ++d) {
+      dq[d] += ds * kj[d];
+      dkj[d] += ds * qi[d];
+      dvj[d] += pij * doi[d];
+    }
   }
 }
 
@@ -89,12 +131,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
       gather(v, b, h, N, D, vb.data(), nullptr);
       scores(qb.data(), kt.data(), N, D, scale, p.data(), lp + attention::lse_offset(b, h, 0, H, N));
       for (int64_t i = 0; i < N; ++i) {
-        for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
-        for (int64_t j = 0; j < N; ++j) {
-          const float pij = p[i * N + j];
-          const float* vr = vb.data() + j * D;
-          for (int64_t d = 0; d < D; ++d) o[d] += pij * vr[d];
-        }
+        pv_row(p.data() + i * N, vb.data(), N, D, o.data());
         store_row(o.data(), ot, op + attention::out_offset(b, i, h, 0, N, H, D) * oe, D);
       }
     }
@@ -129,34 +166,8 @@ at::Tensor attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const 
       const float* lrow = lp + attention::lse_offset(b, h, 0, H, N);
       for (int64_t e = 0; e < N * D; ++e) dk[e] = dv[e] = 0.0f;
       for (int64_t i = 0; i < N; ++i) {
-        const float* qi = qb.data() + i * D;
-        const float* doi = dob.data() + i * D;
-        float delta = 0.0f;
-        for (int64_t d = 0; d < D; ++d) delta += doi[d] * ob[i * D + d];
-        for (int64_t j = 0; j < N; ++j) p[j] = dp[j] = 0.0f;
-        for (int64_t d = 0; d < D; ++d) {
-          const float qd = qi[d] * scale, dod = doi[d];
-          const float* kr = kt.data() + d * N;
-          const float* vr = vt.data() + d * N;
-          for (int64_t j = 0; j < N; ++j) {
-            p[j] += qd * kr[j];
-            dp[j] += dod * vr[j];
-          }
-        }
-        for (int64_t j = 0; j < N; ++j) p[j] = std::exp(p[j] - lrow[i]);
-        for (int64_t d = 0; d < D; ++d) dq[d] = 0.0f;
-        for (int64_t j = 0; j < N; ++j) {
-          const float pij = p[j];
-          const float ds = attention::dscore(pij, dp[j], delta) * scale;
-          const float* kj = kb.data() + j * D;
-          float* dkj = dk.data() + j * D;
-          float* dvj = dv.data() + j * D;
-          for (int64_t d = 0; d < D; ++d) {
-            dq[d] += ds * kj[d];
-            dkj[d] += ds * qi[d];
-            dvj[d] += pij * doi[d];
-          }
-        }
+        bwd_row(qb.data() + i * D, dob.data() + i * D, ob.data() + i * D, kb.data(), kt.data(), vt.data(), lrow[i],
+                scale, N, D, p.data(), dp.data(), dq.data(), dk.data(), dv.data());
         store_row(dq.data(), gt, gp + attention::dqkv_offset(b, i, 0, h, 0, N, H, D) * ge, D);
       }
       for (int64_t j = 0; j < N; ++j) {

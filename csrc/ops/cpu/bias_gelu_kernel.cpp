@@ -21,15 +21,7 @@ using namespace fastmae::cpu;
 using namespace fastmae::bias_gelu;
 constexpr int64_t kRowsPerPartial = 32;
 
-// The two elementwise loops are compiled twice (GCC/Clang function multi-versioning): for
-// AVX2 + FMA (8 floats a vector, picked at load time where the CPU has them) and for the
-// baseline x86-64 target (SSE2); elsewhere once, for the default target.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTMAE_CPU_CLONES __attribute__((target_clones("avx2,fma", "default")))
-#else
-#define FASTMAE_CPU_CLONES
-#endif
-
+// The two elementwise loops are FASTMAE_CPU_CLONES: AVX2 + FMA where the CPU has them.
 // v <- gelu(v) (forward) for n values.
 FASTMAE_CPU_CLONES void gelu_row(float* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {

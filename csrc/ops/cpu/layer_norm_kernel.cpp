@@ -31,6 +31,57 @@ std::vector<float> param_or(const std::optional<at::Tensor>& p, int64_t D, float
   return out;
 }
 
+// One row of the forward: s = x (+ residual) into buf (rounded to s_dtype when stored), its
+// mean and rstd, y stored; residual and s are null without a residual.
+FASTMAE_CPU_CLONES void fwd_row(const char* x, at::ScalarType xt, const char* res, at::ScalarType rt, char* s,
+                                at::ScalarType st, char* y, at::ScalarType yt, const float* w, const float* b,
+                                float* buf, float* tmp, int64_t D, float eps, float* mean, float* rstd) {
+  load_row(x, xt, buf, D);
+  if (res != nullptr) {
+    add_row(res, rt, buf, tmp, D);
+    store_row(buf, st, s, D);
+    // normalise the stored (rounded) s, which is what the backward reads
+    if (st != at::kFloat) load_row(s, st, buf, D);
+  }
+  const float mu = sum_row(buf, D) / static_cast<float>(D);
+  for (int64_t i = 0; i < D; ++i) {
+    const float c = buf[i] - mu;
+    tmp[i] = c * c;
+  }
+  const float rs = layer_norm::rstd_from(sum_row(tmp, D), static_cast<int>(D), eps);
+  for (int64_t i = 0; i < D; ++i) tmp[i] = layer_norm::forward_elem(buf[i], mu, rs, w[i], b[i]);
+  store_row(tmp, yt, y, D);
+  *mean = mu;
+  *rstd = rs;
+}
+
+// One row of the backward: dx (and dresidual) stored, dy * xhat and dy added into the block's
+// dW / dB partial rows. ds and dres are null when absent.
+FASTMAE_CPU_CLONES void bwd_row(const char* s, at::ScalarType st, const char* dy, at::ScalarType dyt, const char* ds,
+                                at::ScalarType dst, char* dx, at::ScalarType dxt, char* dres, at::ScalarType drt,
+                                const float* w, float mu, float rs, float* dwp, float* dbp, float* sv, float* dyv,
+                                float* g, float* xh, float* tmp, int64_t D) {
+  const float invD = 1.0f / static_cast<float>(D);
+  load_row(s, st, sv, D);
+  load_row(dy, dyt, dyv, D);
+  for (int64_t i = 0; i < D; ++i) {
+    xh[i] = (sv[i] - mu) * rs;
+    g[i] = dyv[i] * w[i];
+    tmp[i] = xh[i] * g[i];
+    dwp[i] += dyv[i] * xh[i];
+    dbp[i] += dyv[i];
+  }
+  const float c1 = sum_row(tmp, D) * invD, c2 = sum_row(g, D) * invD;
+  if (ds != nullptr) {
+    load_row(ds, dst, tmp, D);
+  } else {
+    for (int64_t i = 0; i < D; ++i) tmp[i] = 0.0f;
+  }
+  for (int64_t i = 0; i < D; ++i) tmp[i] = layer_norm::backward_elem(dyv[i], sv[i], mu, rs, w[i], c1, c2, tmp[i]);
+  store_row(tmp, dxt, dx, D);
+  if (dres != nullptr) store_row(tmp, drt, dres, D);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cpu(
     const at::Tensor& x_, const std::optional<at::Tensor>& residual_, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, at::ScalarType out_dtype, at::ScalarType residual_dtype) {
@@ -61,25 +112,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cp
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(D), tmp(D);
-    for (int64_t r = r0; r < r1; ++r) {
-      load_row(xp + r * D * xe, xt, buf.data(), D);
-      if (has_res) {
-        add_row(rp + r * D * re, rt, buf.data(), tmp.data(), D);
-        store_row(buf.data(), residual_dtype, sp + r * D * se, D);
-        // normalise the stored (rounded) s, which is what the backward reads
-        if (residual_dtype != at::kFloat) load_row(sp + r * D * se, residual_dtype, buf.data(), D);
-      }
-      const float mu = sum_row(buf.data(), D) / static_cast<float>(D);
-      for (int64_t i = 0; i < D; ++i) {
-        const float c = buf[i] - mu;
-        tmp[i] = c * c;
-      }
-      const float rs = layer_norm::rstd_from(sum_row(tmp.data(), D), static_cast<int>(D), feps);
-      for (int64_t i = 0; i < D; ++i) tmp[i] = layer_norm::forward_elem(buf[i], mu, rs, w[i], b[i]);
-      store_row(tmp.data(), out_dtype, yp + r * D * ye, D);
-      mp[r] = mu;
-      rsp[r] = rs;
-    }
+    for (int64_t r = r0; r < r1; ++r)
+      fwd_row(xp + r * D * xe, xt, has_res ? rp + r * D * re : nullptr, rt, has_res ? sp + r * D * se : nullptr,
+              residual_dtype, yp + r * D * ye, out_dtype, w.data(), b.data(), buf.data(), tmp.data(), D, feps, mp + r,
+              rsp + r);
   });
   return {y, s, mean, rstd};
 }
@@ -115,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cp
   const float* mp = mean.const_data_ptr<float>();
   const float* rsp = rstd.const_data_ptr<float>();
   float* pp = part.mutable_data_ptr<float>();
-  const float invD = 1.0f / static_cast<float>(D);
+  const at::ScalarType rdt = sep_res ? *residual_dtype : x_dtype;
 
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> sv(D), dyv(D), g(D), xh(D), tmp(D);
@@ -124,27 +160,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cp
       float* dbp = dwp + D;
       for (int64_t i = 0; i < D; ++i) dwp[i] = dbp[i] = 0.0f;
       const int64_t r_end = std::min(rows, (blk + 1) * kRowsPerPartial);
-      for (int64_t r = blk * kRowsPerPartial; r < r_end; ++r) {
-        load_row(sp + r * D * se, st, sv.data(), D);
-        load_row(dyp + r * D * dye, dyt, dyv.data(), D);
-        const float mu = mp[r], rs = rsp[r];
-        for (int64_t i = 0; i < D; ++i) {
-          xh[i] = (sv[i] - mu) * rs;
-          g[i] = dyv[i] * w[i];
-          tmp[i] = xh[i] * g[i];
-          dwp[i] += dyv[i] * xh[i];
-          dbp[i] += dyv[i];
-        }
-        const float c1 = sum_row(tmp.data(), D) * invD, c2 = sum_row(g.data(), D) * invD;
-        if (has_ds) {
-          load_row(dsp + r * D * dse, dst, tmp.data(), D);
-        } else {
-          for (int64_t i = 0; i < D; ++i) tmp[i] = 0.0f;
-        }
-        for (int64_t i = 0; i < D; ++i) tmp[i] = layer_norm::backward_elem(dyv[i], sv[i], mu, rs, w[i], c1, c2, tmp[i]);
-        store_row(tmp.data(), x_dtype, dxp + r * D * dxe, D);
-        if (sep_res) store_row(tmp.data(), *residual_dtype, drp + r * D * dre, D);
-      }
+      for (int64_t r = blk * kRowsPerPartial; r < r_end; ++r)
+        bwd_row(sp + r * D * se, st, dyp + r * D * dye, dyt, has_ds ? dsp + r * D * dse : nullptr, dst,
+                dxp + r * D * dxe, x_dtype, sep_res ? drp + r * D * dre : nullptr, rdt, w.data(), mp[r], rsp[r], dwp,
+                dbp, sv.data(), dyv.data(), g.data(), xh.data(), tmp.data(), D);
     }
   });
 
