@@ -632,6 +632,8 @@ def _old_hf(model):
             loss = self.forward_loss(pixel_values, logits, out.mask, interpolate_pos_encoding=interpolate_pos_encoding)
             return ViTMAEForPreTrainingOutput(loss=loss, logits=logits, mask=out.mask, ids_restore=out.ids_restore)
 
+    if not hasattr(model.vit, "layers"):  # e.g. transformers 5.17 on the GPU machine: the real thing
+        pytest.skip("the installed transformers has the older layout itself; the other HF tests cover it")
     model.__class__ = OldViTMAEForPreTraining
     layers = [*model.vit.layers, *model.decoder.decoder_layers]
     for layer in layers:
