@@ -11,10 +11,10 @@ Sections:
                decoder_unshuffle, mae_loss with norm_pix_loss) at the ViT-B/16, ViT-L/16
                and ViT-H/14 shapes, batch 256, bf16 activations and parameters (images
                fp32 for the loss, as they come from the loader), mask ratio 0.75; backends
-               torch (stock), triton, cuda.
+               torch (stock), triton, ext.
 ``attention``  ``attention_qkvpacked`` (the model's path) and ``attention`` at the issue-4
                shapes, (B, H, N, D) = (256, 12, 50, 64), (256, 16, 197, 32),
-               (128, 16, 65, 80), bf16, for fastmae's backends (triton, cuda, xformers) and
+               (128, 16, 65, 80), bf16, for fastmae's backends (triton, ext, xformers) and
                SDPA restricted to each of its kernels (flash, efficient, cudnn, math) with
                ``torch.nn.attention.sdpa_kernel``.
 ``long``       the same at long sequences, N = 1024, 2048, 4096 with D = 64 and 128
@@ -26,7 +26,7 @@ Sections:
                activations in ``--dtype`` (bf16), the residual stream and the parameters in
                fp32; ``add_layer_norm(x, residual)`` gives y in bf16 and s in fp32,
                ``layer_norm`` takes the fp32 stream and gives y in bf16. Backends triton,
-               cuda and torch, which is the stock eager path at the stock dtypes: ``s = x +
+               ext and torch, which is the stock eager path at the stock dtypes: ``s = x +
                residual`` (fp32 by promotion), ``F.layer_norm(s)`` in fp32 and the cast of y to
                bf16 that autocast makes at the next matmul (see :func:`norm_op_bytes` for
                the floor).
@@ -34,11 +34,11 @@ Sections:
                GELU at the ViT-B encoder shape (12,800 x 3072: 256 x 50 visible tokens) and
                the decoder's (50,432 x 2048: 256 x 197): ``bias_gelu`` forward and forward +
                backward, activations in ``--dtype`` (bf16), the bias the fp32 parameter,
-               backends triton, cuda and torch, which is the stock path ``F.gelu(x +
+               backends triton, ext and torch, which is the stock path ``F.gelu(x +
                bias.to(x.dtype))`` (see :func:`bias_gelu_bytes` for the floor); and
                ``linear_bias_gelu``, the forward of fc1 + bias + GELU from the block's
                input (12,800 x 768 -> 3072, 50,432 x 512 -> 2048), as a fraction of the
-               matmul rate: ``F.linear(x, W)`` + fastmae's ``bias_gelu`` (triton, cuda), the
+               matmul rate: ``F.linear(x, W)`` + fastmae's ``bias_gelu`` (triton, ext), the
                stock ``F.gelu(F.linear(x, W, b))`` (torch), cuBLASLt's bias + GELU epilogue
                ``torch._addmm_activation(b, x, W.t(), use_gelu=True)``
                (``torch:addmm_activation``; its GELU is the tanh approximation on CUDA, so
@@ -583,7 +583,7 @@ def run_sections(args, device, dtype, ceilings, record, save, progress):
         for model, s in shapes.items():
             d = _dims(s, args.batch)
             for op in DATA_OPS:
-                for backend in [b for b in backends if b in ("torch", "triton", "cuda")]:
+                for backend in [b for b in backends if b in ("torch", "triton", "ext")]:
                     for direction in ("fwd", "fwd+bwd"):
                         progress.start(f"ops {model} {op} {backend} {direction}")
                         m = measure(backend, partial(_data_case, op, d, direction, backend, device, dtype))
@@ -592,7 +592,7 @@ def run_sections(args, device, dtype, ceilings, record, save, progress):
                             floor_bytes=data_op_bytes(op, d, direction, es))
                         progress.finish_task()
 
-    att_backends = [b for b in backends if b in ("triton", "cuda", "xformers")]
+    att_backends = [b for b in backends if b in ("triton", "ext", "xformers")]
 
     def attention_section(section, shape_list, kernels):
         sdpa = [f"sdpa:{k}" for k in kernels] if "sdpa" in backends else []
@@ -615,7 +615,7 @@ def run_sections(args, device, dtype, ceilings, record, save, progress):
     def norms_section():
         for label, M, D in NORM_SHAPES if gpu else CPU_NORM_SHAPES:
             for op in NORM_OPS:
-                for backend in [b for b in backends if b in ("torch", "triton", "cuda")]:
+                for backend in [b for b in backends if b in ("torch", "triton", "ext")]:
                     for direction in ("fwd", "fwd+bwd"):
                         progress.start(f"norms {label} {op} {backend} {direction}")
                         m = measure(backend, partial(_norm_case, op, M, D, direction, backend, device, dtype))
@@ -625,7 +625,7 @@ def run_sections(args, device, dtype, ceilings, record, save, progress):
 
     def mlp_section():
         for label, M, K, H in MLP_SHAPES if gpu else CPU_MLP_SHAPES:
-            ours = [b for b in backends if b in ("torch", "triton", "cuda")]
+            ours = [b for b in backends if b in ("torch", "triton", "ext")]
             for backend in ours:
                 for direction in ("fwd", "fwd+bwd"):
                     progress.start(f"bias_gelu {label} {backend} {direction}")
@@ -707,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per batch for the ops section (default 256; 8 on CPU)")
     p.add_argument("--attention-batch", type=int, default=None, help="override B of the attention shapes")
     p.add_argument("--backends", default=None,
-                   help="comma-separated from torch, triton, cuda, xformers, sdpa (default: all on a GPU, "
+                   help="comma-separated from torch, triton, ext, xformers, sdpa (default: all on a GPU, "
                         "torch,sdpa on CPU)")
     p.add_argument("--dtype", choices=tuple(_DTYPES), default="bf16")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 5; 2 on CPU)")
@@ -741,8 +741,9 @@ def main(argv=None) -> int:
     bad = [s for s in args.sections if s not in ("ops", "attention", "long", "norms", "bias_gelu")] + [
         m for m in args.models if m not in table]
     args.backends = [b.strip() for b in args.backends.split(",")] if args.backends else (
-        ["torch", "triton", "cuda", "xformers", "sdpa"] if gpu else ["torch", "sdpa"])
-    bad += [b for b in args.backends if b not in ("torch", "triton", "cuda", "xformers", "sdpa")]
+        ["torch", "triton", "ext", "xformers", "sdpa"] if gpu else ["torch", "sdpa"])
+    bad += [f"{b} (now called 'ext')" if b == "cuda" else b
+            for b in args.backends if b not in ("torch", "triton", "ext", "xformers", "sdpa")]
     if bad:
         print(f"bench_ops: unknown section/model/backend {bad}", file=sys.stderr)
         return 2
@@ -781,8 +782,8 @@ def main(argv=None) -> int:
 def _count_tasks(args, gpu: bool) -> int:
     n = 0
     if "ops" in args.sections:
-        n += len(args.models) * len(DATA_OPS) * 2 * len([b for b in args.backends if b in ("torch", "triton", "cuda")])
-    att = len([b for b in args.backends if b in ("triton", "cuda", "xformers")])
+        n += len(args.models) * len(DATA_OPS) * 2 * len([b for b in args.backends if b in ("torch", "triton", "ext")])
+    att = len([b for b in args.backends if b in ("triton", "ext", "xformers")])
     sd = "sdpa" in args.backends
     if "attention" in args.sections:
         n += len(ATTENTION_SHAPES if gpu else CPU_ATTENTION_SHAPES) * 2 * (2 * att + (4 if sd else 0))
@@ -790,9 +791,9 @@ def _count_tasks(args, gpu: bool) -> int:
         n += len(LONG_SHAPES if gpu else CPU_LONG_SHAPES) * 2 * (2 * att + (3 if sd else 0))
     if "norms" in args.sections:
         n += len(NORM_SHAPES if gpu else CPU_NORM_SHAPES) * len(NORM_OPS) * 2 * len(
-            [b for b in args.backends if b in ("torch", "triton", "cuda")])
+            [b for b in args.backends if b in ("torch", "triton", "ext")])
     if "bias_gelu" in args.sections:
-        nb = len([b for b in args.backends if b in ("torch", "triton", "cuda")])
+        nb = len([b for b in args.backends if b in ("torch", "triton", "ext")])
         n += len(MLP_SHAPES if gpu else CPU_MLP_SHAPES) * (3 * nb + (2 if "torch" in args.backends else 0))
     return max(n, 1)
 

@@ -2,8 +2,10 @@
 // argument checks. Included by the C++ (CPU) and the CUDA sources alike.
 #pragma once
 
-#include <ATen/ATen.h>
+// The per-operator headers, not ATen/ATen.h: a fraction of the compile time
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>

@@ -4,12 +4,15 @@ Every op in :mod:`fastmae.ops` takes ``backend=``:
 
 ========== ==================================================================
 ``auto``    the fastest implementation available for the tensors' device:
-            Triton on CUDA tensors when Triton imports, else the reference
-            (SDPA for attention); the plain-PyTorch reference on CPU
+            on CUDA tensors Triton when it imports, else the extension, else
+            the reference (SDPA for attention); on CPU tensors the extension's
+            C++ kernel for the ops where it was measured faster than the
+            reference (``fastmae.ops.EXT_CPU_AUTO``), else the reference
 ``torch``   the plain-PyTorch reference (:mod:`fastmae.reference`)
 ``triton``  fastmae's Triton kernels (CUDA tensors, or CPU tensors under
             ``TRITON_INTERPRET=1``)
-``cuda``    fastmae's compiled CUDA extension (``fastmae._C``)
+``ext``     fastmae's compiled extension ``fastmae._C`` (csrc/): CUDA kernels
+            for CUDA tensors, their C++ twins for CPU tensors
 ``sdpa``    attention only: ``torch.nn.functional.scaled_dot_product_attention``
 ``xformers`` attention only: ``xformers.ops.memory_efficient_attention``
 ========== ==================================================================
@@ -17,7 +20,8 @@ Every op in :mod:`fastmae.ops` takes ``backend=``:
 The process-wide default is ``"auto"``, overridden by the ``FASTMAE_BACKEND``
 environment variable and by :func:`set_backend`. A backend asked for by name that
 cannot run raises :class:`BackendUnavailableError` saying what is missing; fastmae
-never falls back silently.
+never falls back silently. ``"cuda"`` was the extension's name before it served
+both devices: it is a ``ValueError`` saying so.
 """
 
 from __future__ import annotations
@@ -41,21 +45,35 @@ __all__ = [
     "available_backends",
     "resolve",
     "check_name",
+    "RENAMED",
 ]
 
-BACKENDS = ("auto", "torch", "triton", "cuda")
+BACKENDS = ("auto", "torch", "triton", "ext")
 ATTENTION_BACKENDS = BACKENDS + ("sdpa", "xformers")
 
 _default: str | None = None  # set_backend(); None means FASTMAE_BACKEND or "auto"
+
+
+# old backend names -> what replaced them (a ValueError saying so wherever a name is accepted)
+RENAMED = {"cuda": "ext"}
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot run here; the message says what is missing."""
 
 
+def _renamed(name, what: str = "backend") -> None:
+    if isinstance(name, str) and name in RENAMED:
+        raise ValueError(
+            f"{what} {name!r} is now called {RENAMED[name]!r}: fastmae's compiled extension serves CUDA tensors "
+            f"(CUDA kernels) and CPU tensors (C++ kernels) under one name; use {RENAMED[name]!r}"
+        )
+
+
 def check_name(name, attention: bool = False) -> str:
     """``name`` if it is a backend name (``attention``: one of the attention backends), else ValueError."""
     allowed = ATTENTION_BACKENDS if attention else BACKENDS
+    _renamed(name)
     if not isinstance(name, str) or name not in allowed:
         raise ValueError(f"backend must be one of {allowed}, got {name!r}")
     return name
@@ -77,6 +95,7 @@ def get_backend() -> str:
         return _default
     env = os.environ.get("FASTMAE_BACKEND", "").strip()
     if env:
+        _renamed(env, "FASTMAE_BACKEND")
         if env not in ATTENTION_BACKENDS:
             raise ValueError(f"FASTMAE_BACKEND must be one of {ATTENTION_BACKENDS}, got {env!r}")
         return env
@@ -122,16 +141,17 @@ def _triton_problem(device: torch.device) -> str | None:
     )
 
 
-def _cuda_problem(device: torch.device) -> str | None:
-    err = _import_error("fastmae._C")
-    if err is not None:
-        return (
-            "the CUDA backend needs fastmae's compiled extension fastmae._C, which is not built: "
-            "this version of fastmae has no CUDA kernels yet (csrc/ holds no sources), so there is "
-            "nothing to build; use backend='triton' on CUDA tensors"
-        )
-    if device.type != "cuda":
-        return f"the CUDA backend runs on CUDA tensors; got a tensor on {device}"
+def _ext_problem(device: torch.device) -> str | None:
+    from . import ext  # light: loads fastmae._C only now, when the backend is asked about
+
+    why = ext.problem()
+    if why is not None:
+        return f"backend='ext': {why}"
+    if device.type == "cuda" and not ext.has_cuda_kernels():
+        return ("backend='ext': fastmae._C was built without its CUDA kernels (a CPU torch or no nvcc at build "
+                f"time), so it runs on CPU tensors only; rebuild it with the CUDA toolkit: {ext.BUILD_HINT}")
+    if device.type not in ("cpu", "cuda"):
+        return f"backend='ext' runs on CPU and CUDA tensors; got a tensor on {device}"
     return None
 
 
@@ -147,8 +167,8 @@ def _xformers_problem(device: torch.device) -> str | None:
 def _problem(backend: str, device: torch.device) -> str | None:
     if backend == "triton":
         return _triton_problem(device)
-    if backend == "cuda":
-        return _cuda_problem(device)
+    if backend == "ext":
+        return _ext_problem(device)
     if backend == "xformers":
         return _xformers_problem(device)
     return None  # torch, sdpa: always available
@@ -161,11 +181,14 @@ def available_backends(device="cpu", attention: bool = False) -> list[str]:
     return [b for b in names if b != "auto" and _problem(b, device) is None]
 
 
-def resolve(requested: str | None, device: torch.device, attention: bool = False, implemented=None) -> str:
+def resolve(requested: str | None, device: torch.device, attention: bool = False, implemented=None,
+            auto_cpu=()) -> str:
     """The concrete backend an op runs with.
 
     ``requested`` is the op's ``backend=`` argument (``None`` means the process default);
-    ``implemented`` is the set of backends the op has (default: all). Raises
+    ``implemented`` is the set of backends the op has (default: all); ``auto_cpu`` the
+    backends ``"auto"`` may take for CPU tensors, in order, before the reference (those
+    measured faster than it for this op). Raises
     :class:`BackendUnavailableError` when a named backend cannot run, ``ValueError`` for
     an unknown name.
     """
@@ -179,10 +202,13 @@ def resolve(requested: str | None, device: torch.device, attention: bool = False
     implemented = set(ATTENTION_BACKENDS if attention else BACKENDS) if implemented is None else set(implemented)
     if name == "auto":
         if device.type == "cuda":
-            for cand in ("triton", "cuda"):
+            for cand in ("triton", "ext"):
                 if cand in implemented and _problem(cand, device) is None:
                     return cand
             return "sdpa" if attention else "torch"
+        for cand in auto_cpu:
+            if cand in implemented and _problem(cand, device) is None:
+                return cand
         return "torch"
     problem = _problem(name, device)
     if problem is not None:

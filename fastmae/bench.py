@@ -5,7 +5,7 @@ an AdamW step (betas 0.9/0.95, weight decay 0.05, lr 1.5e-4; ``fused=True`` on C
 ``zero_grad``. A configuration is (model, batch, mask ratio, backend, encoder mode):
 
 * backend ``torch``: the stock model (reference data path, attention through SDPA);
-  ``triton``: fastmae's Triton kernels; ``cuda``: the CUDA extension where it is built.
+  ``triton``: fastmae's Triton kernels; ``ext``: the compiled extension where it is built.
   A backend that cannot run is reported as ``unavailable: <reason>``, never as a number.
 * encoder mode ``visible``: the encoder runs on the visible tokens only (MAE);
   ``mask tokens``: the paper's baseline with mask tokens in the encoder
@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 
 from . import _timing
-from .backend import BackendUnavailableError, available_backends, resolve
+from .backend import RENAMED, BackendUnavailableError, available_backends, resolve
 from .graph import CUDAGraphStep, adamw
 from .models import CONFIGS, MaskedAutoencoderViT
 
@@ -534,8 +534,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         + ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH.items()) + ")")
     p.add_argument("--mask-ratios", default="0.75", help="e.g. 0.75, 0.5,0.75,0.9 or 0.5..0.9 (each in [0.5, 0.9])")
     p.add_argument("--backends", default=None,
-                   help="comma-separated from torch (stock), triton, cuda "
-                        "(default: torch,triton (+cuda when built) on a GPU, torch on CPU)")
+                   help="comma-separated from torch (stock), triton, ext "
+                        "(default: torch,triton (+ext when built) on a GPU, torch on CPU)")
     p.add_argument("--encoder", choices=("both", "visible", "mask_tokens"), default="both",
                    help="encoder modes to run (default both: the encoder-only speedup needs both)")
     p.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
@@ -576,12 +576,16 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
         return 2
     if args.backends:
         backends = _csv_list(args.backends)
-        bad = [b for b in backends if b not in ("torch", "triton", "cuda")]
+        renamed = [b for b in backends if b in RENAMED]
+        if renamed:
+            print(f"fastmae bench: backend {renamed[0]!r} is now called {RENAMED[renamed[0]]!r}", file=sys.stderr)
+            return 2
+        bad = [b for b in backends if b not in ("torch", "triton", "ext")]
         if bad:
-            print(f"fastmae bench: unknown backend(s) {bad}; choose from torch, triton, cuda", file=sys.stderr)
+            print(f"fastmae bench: unknown backend(s) {bad}; choose from torch, triton, ext", file=sys.stderr)
             return 2
     elif gpu:
-        backends = ["torch", "triton"] + (["cuda"] if "cuda" in available_backends(device) else [])
+        backends = ["torch", "triton"] + (["ext"] if "ext" in available_backends(device) else [])
     else:
         backends = ["torch"]
         notes.append("no CUDA device: the small CPU configuration, stock backend only. The triton backend runs "

@@ -59,12 +59,13 @@ TRITON_LAYER_NORM_MAX_DIM = 2048
 # op -> {backend: "module:function"}; modules are imported on first use, so that
 # ``import fastmae`` never needs triton, xformers or the CUDA extension.
 _IMPLS: dict[str, dict[str, str]] = {
-    "patchify": {"triton": "fastmae.kernels.patchify:patchify"},
-    "unpatchify": {"triton": "fastmae.kernels.patchify:unpatchify"},
-    "random_masking": {"triton": "fastmae.kernels.masking:random_masking"},
-    "encoder_input": {"triton": "fastmae.kernels.masking:encoder_input"},
-    "decoder_unshuffle": {"triton": "fastmae.kernels.unshuffle:decoder_unshuffle"},
-    "mae_loss": {"triton": "fastmae.kernels.loss:mae_loss"},
+    "patchify": {"triton": "fastmae.kernels.patchify:patchify", "ext": "fastmae.ext.patchify:patchify"},
+    "unpatchify": {"triton": "fastmae.kernels.patchify:unpatchify", "ext": "fastmae.ext.patchify:unpatchify"},
+    "random_masking": {"triton": "fastmae.kernels.masking:random_masking", "ext": "fastmae.ext.masking:random_masking"},
+    "encoder_input": {"triton": "fastmae.kernels.masking:encoder_input", "ext": "fastmae.ext.masking:encoder_input"},
+    "decoder_unshuffle": {"triton": "fastmae.kernels.unshuffle:decoder_unshuffle",
+                          "ext": "fastmae.ext.unshuffle:decoder_unshuffle"},
+    "mae_loss": {"triton": "fastmae.kernels.loss:mae_loss", "ext": "fastmae.ext.loss:mae_loss"},
     "attention": {"triton": "fastmae.kernels.attention:attention"},
     "attention_qkvpacked": {"triton": "fastmae.kernels.attention:attention_qkvpacked"},
     "bias_gelu": {"triton": "fastmae.kernels.bias_gelu:bias_gelu"},
@@ -92,9 +93,16 @@ def _impl(op: str, backend: str):
         raise BackendUnavailableError(f"backend={backend!r} for {op}: cannot import {module} ({e})") from e
 
 
+# The ops whose C++ kernel (backend="ext" on CPU tensors) ``backend="auto"`` takes for CPU
+# tensors: those measured faster than the reference on CPU (benchmarks/bench_cpu_twins.py,
+# benchmarks/results/cpu_twins.json); the others run the reference there.
+EXT_CPU_AUTO = frozenset()
+
+
 def _backend(op: str, backend, device: torch.device, attention: bool = False) -> str:
     implemented = {"torch", *_IMPLS[op]} | ({"sdpa", "xformers"} if attention else set())
-    return resolve(backend, device, attention=attention, implemented=implemented)
+    return resolve(backend, device, attention=attention, implemented=implemented,
+                   auto_cpu=("ext",) if op in EXT_CPU_AUTO else ())
 
 
 def _attention_backend(op: str, backend, device: torch.device, head_dim: int) -> str:

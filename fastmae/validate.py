@@ -64,7 +64,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import _timing, ops, reference
-from .backend import ATTENTION_BACKENDS, BACKENDS, BackendUnavailableError
+from .backend import ATTENTION_BACKENDS, BACKENDS, RENAMED, BackendUnavailableError
 
 __all__ = ["OPS", "Check", "validate", "add_arguments", "run", "two_x_tolerance"]
 
@@ -614,7 +614,7 @@ def _jsonable(d: dict) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", default=None, help=f"comma-separated, from {', '.join(OPS)} (default: all)")
     p.add_argument("--backends", default=None,
-                   help="comma-separated, from torch, triton, cuda, sdpa, xformers (default: all; "
+                   help="comma-separated, from torch, triton, ext, sdpa, xformers (default: all; "
                         "those that cannot run are listed as skipped)")
     p.add_argument("--dtypes", default=None,
                    help="comma-separated from fp32, fp16, bf16 (default: fp32,bf16 and bf16,fp16,fp32 for attention "
@@ -641,6 +641,10 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     sel_ops = [o.strip() for o in args.ops.split(",")] if args.ops else list(OPS)
     unknown = [o for o in sel_ops if o not in OPS]
     sel_b = [b.strip() for b in args.backends.split(",")] if args.backends else None
+    for b in sel_b or []:
+        if b in RENAMED:
+            print(f"fastmae validate: backend {b!r} is now called {RENAMED[b]!r}", file=sys.stderr)
+            return 2
     unknown += [b for b in sel_b or [] if b not in ATTENTION_BACKENDS or b == "auto"]
     try:
         sel_dt = [_DTYPES[d.strip()] for d in args.dtypes.split(",")] if args.dtypes else None

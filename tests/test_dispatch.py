@@ -53,9 +53,50 @@ def test_unknown_backend_names():
         ops.patchify(torch.randn(1, 3, 8, 8), 4, backend="sdpa")
 
 
-def test_cuda_backend_names_the_missing_extension():
-    with pytest.raises(BackendUnavailableError, match="fastmae._C"):
+def test_old_cuda_backend_name_says_it_is_now_ext(monkeypatch):
+    # the compiled extension serves CPU and CUDA tensors, so it is "ext"; "cuda" is refused with
+    # the new name wherever a backend name is accepted
+    with pytest.raises(ValueError, match="'cuda' is now called 'ext'"):
         ops.patchify(torch.randn(1, 3, 8, 8), 4, backend="cuda")
+    with pytest.raises(ValueError, match="'cuda' is now called 'ext'"):
+        ops.attention(*(torch.randn(1, 4, 2, 8) for _ in range(3)), backend="cuda")
+    with pytest.raises(ValueError, match="'cuda' is now called 'ext'"):
+        fastmae.set_backend("cuda")
+    monkeypatch.setenv("FASTMAE_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FASTMAE_BACKEND 'cuda' is now called 'ext'"):
+        get_backend()
+    with pytest.raises(ValueError, match="'cuda' is now called 'ext'"):
+        fastmae.MaskedAutoencoderViT(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2,
+                                     decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, backend="cuda")
+
+
+def test_ext_backend_on_cpu_is_the_extension_or_says_why_not():
+    from fastmae import ext
+
+    imgs = torch.randn(1, 3, 8, 8)
+    if ext.problem() is None:  # built: the C++ kernel runs on CPU tensors
+        assert torch.equal(ops.patchify(imgs, 4, backend="ext"), ref.patchify(imgs, 4))
+        assert resolve("ext", torch.device("cpu")) == "ext"
+    else:
+        with pytest.raises(BackendUnavailableError, match="fastmae._C"):
+            ops.patchify(imgs, 4, backend="ext")
+
+
+def test_auto_on_cpu_takes_the_extension_only_where_measured_faster(monkeypatch):
+    # under TRITON_INTERPRET=1 too: "auto" never takes the interpreter on CPU
+    from fastmae import ext
+    from fastmae import ops as ops_mod
+
+    monkeypatch.delenv("FASTMAE_BACKEND", raising=False)
+    built = ext.problem() is None
+    cpu = torch.device("cpu")
+    for op in ops_mod._IMPLS:
+        want = "ext" if built and op in ops_mod.EXT_CPU_AUTO and "ext" in ops_mod._IMPLS[op] else "torch"
+        assert ops_mod._backend(op, None, cpu, attention=op.startswith("attention")) == want, op
+    assert resolve("auto", cpu, auto_cpu=("ext",)) == ("ext" if built else "torch")
+    assert resolve("auto", cpu, implemented={"torch", "triton"}, auto_cpu=("ext",)) == "torch"
+    monkeypatch.setattr(ext, "problem", lambda: "not built (simulated)")
+    assert resolve("auto", cpu, auto_cpu=("ext",)) == "torch"
 
 
 def test_xformers_backend_is_a_clear_error_on_cpu():
@@ -84,7 +125,7 @@ def test_ops_validate_before_dispatch():
     with pytest.raises(ValueError, match="scale"):
         ops.attention_qkvpacked(torch.randn(1, 4, 3, 2, 8), scale=-1.0)
     with pytest.raises(ValueError, match="mask_ratio"):
-        ops.encoder_input(torch.randn(1, 4, 8), torch.randn(1, 5, 8), torch.randn(1, 1, 8), 1.0, backend="cuda")
+        ops.encoder_input(torch.randn(1, 4, 8), torch.randn(1, 5, 8), torch.randn(1, 1, 8), 1.0, backend="ext")
     with pytest.raises(ValueError, match="pos_embed"):
         ops.encoder_input(torch.randn(1, 4, 8), torch.randn(1, 4, 8), torch.randn(1, 1, 8), 0.5)
 
@@ -114,6 +155,9 @@ def test_import_without_triton_xformers_or_extension():
 def test_available_backends_on_cpu():
     names = fastmae.available_backends("cpu", attention=True)
     assert "torch" in names and "sdpa" in names and "cuda" not in names and "xformers" not in names
+    from fastmae import ext
+
+    assert ("ext" in names) == (ext.problem() is None)
 
 
 def test_attention_head_dims_above_the_triton_limit(monkeypatch):

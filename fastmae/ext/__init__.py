@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from fastmae import _library
+
 __all__ = ["load", "problem", "build_info", "has_cuda_kernels", "sync_poison", "BUILD_HINT"]
 
 BUILD_HINT = "pip install --no-build-isolation -e .  (or: make ext)"
@@ -91,8 +93,6 @@ def sync_poison() -> None:
     """Forward :func:`fastmae._library.poisoned_outputs` to the extension's output allocator
     (a flag the C++ side reads; a Python bool compare per call when nothing changed)."""
     global _poison_state
-    from fastmae import _library
-
     if _library._poison != _poison_state:
         torch.ops.fastmae_ext._set_poison(_library._poison)
         _poison_state = _library._poison

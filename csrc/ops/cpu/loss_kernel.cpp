@@ -1,0 +1,171 @@
+// The MAE loss on CPU tensors: the C++ twin of cuda/loss_kernel.cu.
+//
+// Forward: fixed blocks of kRows patches (the partition does not depend on the thread count),
+// one task each: for every patch with mask != 0 the target is gathered from imgs into a row
+// buffer (ops/patchify.h), normalised (ops/loss.h, double sums), and the squared error summed;
+// each block writes (sum loss_m * mask_m, sum mask_m) in double, and the blocks are added in
+// order: a deterministic loss. Backward: the same row pass writes d pred (zero rows for mask 0).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ops/loss.h"
+
+namespace fastmae {
+namespace loss {
+namespace {
+
+constexpr int64_t kRows = 32;
+
+struct Args {
+  patchify::Geom g;
+  patchify::ImageStrides is;
+  int64_t spn, spl, spd;  // pred strides
+  int64_t M, L, P;
+  bool norm;
+};
+
+// The patch's (normalised) target, float32, into t[0, P).
+template <typename img_t>
+void load_target(const img_t* imgs, const Args& a, int64_t n, int64_t l, float* t) {
+  const int64_t p = a.g.p, C = a.g.C;
+  for (int64_t r = 0; r < p; ++r) {
+    int64_t c0, y, x;
+    patchify::token_to_pixel(a.g, l, r * p * C, c0, y, x);
+    const img_t* in = imgs + patchify::image_offset(a.is, n, c0, y, x);
+    float* o = t + r * p * C;
+    for (int64_t q = 0; q < p; ++q)
+      for (int64_t c = 0; c < C; ++c) o[q * C + c] = static_cast<float>(in[c * a.is.c + q * a.is.x]);
+  }
+  if (!a.norm) return;
+  double sum = 0;
+  for (int64_t d = 0; d < a.P; ++d) sum += t[d];
+  const float mean = static_cast<float>(sum / static_cast<double>(a.P));
+  double ss = 0;
+  for (int64_t d = 0; d < a.P; ++d) {
+    const double dev = static_cast<double>(t[d]) - sum / static_cast<double>(a.P);
+    ss += dev * dev;
+  }
+  const float rstd = inv_std(ss, a.P);
+  for (int64_t d = 0; d < a.P; ++d) t[d] = normalised(t[d], mean, rstd);
+}
+
+Args make_args(const at::Tensor& imgs, const at::Tensor& pred, int64_t patch_size, bool norm) {
+  const int64_t p = patch_size;
+  Args a{{imgs.size(1), p, imgs.size(2) / p, imgs.size(3) / p},
+         {imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3)},
+         pred.stride(0), pred.stride(1), pred.stride(2), 0, 0, 0, norm};
+  a.L = a.g.L();
+  a.M = imgs.size(0) * a.L;
+  a.P = a.g.D();
+  return a;
+}
+
+// float64 inputs are computed in float32, as the reference does (.float()); the mask as float32
+void prepare(at::Tensor& imgs, at::Tensor& pred, at::Tensor& mask) {
+  if (imgs.scalar_type() == at::kDouble) imgs = imgs.to(at::kFloat);
+  if (pred.scalar_type() == at::kDouble) pred = pred.to(at::kFloat);
+  mask = mask.to(at::kFloat).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> mae_loss_cpu(const at::Tensor& imgs_in, const at::Tensor& pred_in,
+                                                const at::Tensor& mask_in, int64_t patch_size, bool norm) {
+  FASTMAE_CHECK_DIM(imgs_in, 4);
+  FASTMAE_CHECK_DIM(pred_in, 3);
+  at::Tensor imgs = imgs_in, pred = pred_in, mask = mask_in;
+  prepare(imgs, pred, mask);
+  const Args a = make_args(imgs, pred, patch_size, norm);
+  FASTMAE_CHECK(pred.size(0) * pred.size(1) == a.M && pred.size(2) == a.P && mask.numel() == a.M,
+                "pred / mask do not match the patchified imgs");
+  const int64_t blocks = ceil_div(a.M, kRows);
+  std::vector<double> part_loss(blocks), part_mask(blocks);
+  const float* mp = mask.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, imgs.scalar_type(), "fastmae_ext::mae_loss", [&] {
+    using img_t = scalar_t;
+    const img_t* ip = imgs.const_data_ptr<img_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "fastmae_ext::mae_loss", [&] {
+      const scalar_t* pp = pred.const_data_ptr<scalar_t>();
+      at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> t(a.P);
+        for (int64_t b = begin; b < end; ++b) {
+          double sl = 0, sm = 0;
+          for (int64_t row = b * kRows; row < std::min(a.M, (b + 1) * kRows); ++row) {
+            const float m = mp[row];
+            if (m == 0.0f) continue;  // loss_m * 0: not read
+            const int64_t n = row / a.L, l = row % a.L;
+            load_target<img_t>(ip, a, n, l, t.data());
+            const scalar_t* pr = pp + n * a.spn + l * a.spl;
+            double err = 0;
+            for (int64_t d = 0; d < a.P; ++d) {
+              const float e = static_cast<float>(pr[d * a.spd]) - t[d];
+              err += static_cast<double>(e) * e;
+            }
+            sl += err / static_cast<double>(a.P) * m;
+            sm += m;
+          }
+          part_loss[b] = sl;
+          part_mask[b] = sm;
+        }
+      });
+    });
+  });
+  double sl = 0, sm = 0;
+  for (int64_t b = 0; b < blocks; ++b) {  // in order: deterministic
+    sl += part_loss[b];
+    sm += part_mask[b];
+  }
+  at::Tensor loss = empty_output({}, imgs.options().dtype(at::kFloat));
+  at::Tensor mask_sum = empty_output({}, imgs.options().dtype(at::kFloat));
+  loss.fill_(static_cast<float>(sl / sm));
+  mask_sum.fill_(static_cast<float>(sm));
+  return {loss, mask_sum};
+}
+
+at::Tensor mae_loss_backward_cpu(const at::Tensor& grad_out, const at::Tensor& mask_sum, const at::Tensor& imgs_in,
+                                 const at::Tensor& pred_in, const at::Tensor& mask_in, int64_t patch_size,
+                                 bool norm) {
+  at::Tensor imgs = imgs_in, pred = pred_in, mask = mask_in;
+  prepare(imgs, pred, mask);
+  const Args a = make_args(imgs, pred, patch_size, norm);
+  at::Tensor grad = empty_output(pred.sizes(), pred.options());
+  const float g_over_sum = grad_out.item<float>() / mask_sum.item<float>();
+  const float* mp = mask.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, imgs.scalar_type(), "fastmae_ext::mae_loss_backward", [&] {
+    using img_t = scalar_t;
+    const img_t* ip = imgs.const_data_ptr<img_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "fastmae_ext::mae_loss_backward",
+                                    [&] {
+      const scalar_t* pp = pred.const_data_ptr<scalar_t>();
+      scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, a.M, kRows, [&](int64_t begin, int64_t end) {
+        std::vector<float> t(a.P);
+        for (int64_t row = begin; row < end; ++row) {
+          scalar_t* out = gp + row * a.P;
+          const float m = mp[row];
+          if (m == 0.0f) {
+            for (int64_t d = 0; d < a.P; ++d) out[d] = scalar_t(0);
+            continue;
+          }
+          const int64_t n = row / a.L, l = row % a.L;
+          load_target<img_t>(ip, a, n, l, t.data());
+          const scalar_t* pr = pp + n * a.spn + l * a.spl;
+          for (int64_t d = 0; d < a.P; ++d) {
+            out[d] = static_cast<scalar_t>(pred_grad(g_over_sum, m, a.P, static_cast<float>(pr[d * a.spd]), t[d]));
+          }
+        }
+      });
+    });
+  });
+  // float64 pred: computed in float32 as the reference, returned in pred's dtype
+  return grad.scalar_type() == pred_in.scalar_type() ? grad : grad.to(pred_in.scalar_type());
+}
+
+}  // namespace
+}  // namespace loss
+}  // namespace fastmae
+
+TORCH_LIBRARY_IMPL(fastmae_ext, CPU, m) {
+  m.impl("mae_loss", &fastmae::loss::mae_loss_cpu);
+  m.impl("mae_loss_backward", &fastmae::loss::mae_loss_backward_cpu);
+}

@@ -1,0 +1,139 @@
+"""The compiled extension's patchify / unpatchify (fastmae.ext.patchify, backend="ext") against fastmae.reference.
+
+CPU tests run the C++ twins (csrc/ops/cpu/patchify_kernel.cpp); the GPU-marked ones the CUDA
+kernels (csrc/ops/cuda/patchify_kernel.cu). Pure data movement: every comparison is exact
+(torch.equal), gradients and casts included. Outputs are poisoned (NaN) by conftest, so an
+element a kernel does not write fails.
+
+The module skips (with the loader's reason) when fastmae._C is not built; under
+``FASTMAE_EXT_REQUIRED=1`` (``make test``) that is a failure instead.
+"""
+
+import os
+
+import pytest
+import torch
+
+from fastmae import ext, ops
+from fastmae import reference as ref
+
+_WHY = ext.problem()
+if _WHY is not None:
+    if os.environ.get("FASTMAE_EXT_REQUIRED") == "1":
+        raise RuntimeError(_WHY)
+    pytest.skip(_WHY, allow_module_level=True)
+
+from fastmae.ext import patchify as E  # noqa: E402
+
+# (N, C, H, W, p): one patch an image, L = 49, 196, a rectangular grid, P = 768 (ViT-B), p = 1, C = 4
+SHAPES = [
+    (3, 1, 2, 2, 2),
+    (3, 3, 14, 14, 2),
+    (1, 3, 28, 28, 2),
+    (3, 3, 8, 24, 4),
+    (2, 3, 32, 48, 16),
+    (2, 2, 10, 6, 1),
+    (2, 4, 12, 12, 3),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _imgs(N, C, H, W, dtype, device="cpu"):
+    return (torch.randn(N, C, H, W, device=device) * 3).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,C,H,W,p", SHAPES)
+def test_patchify_and_unpatchify_match_reference(N, C, H, W, p, dtype):
+    imgs = _imgs(N, C, H, W, dtype)
+    out = E.patchify(imgs, p)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out, ref.patchify(imgs, p))
+    h, w = H // p, W // p
+    x = torch.randn(N, h * w, p * p * C).to(dtype)
+    back = E.unpatchify(x, p, None if h == w else (h, w))
+    assert back.dtype == dtype and back.is_contiguous()
+    assert torch.equal(back, ref.unpatchify(x, p, (h, w)))
+    assert torch.equal(E.unpatchify(out, p, (h, w)), imgs)
+
+
+def test_any_input_layout():
+    imgs = _imgs(2, 3, 32, 48, torch.float32)
+    for view in (imgs.to(memory_format=torch.channels_last), imgs[:, :, ::2, ::3], imgs.transpose(2, 3),
+                 imgs[:, 1:]):
+        assert torch.equal(E.patchify(view, 8), ref.patchify(view, 8))
+    x = torch.randn(2, 64, 48)
+    for view in (x.transpose(0, 1).contiguous().transpose(0, 1), x.unsqueeze(-1).expand(-1, -1, -1, 2)[..., 0]):
+        assert torch.equal(E.unpatchify(view, 4, (8, 8)), ref.unpatchify(view, 4, (8, 8)))
+    t = torch.randn(2, 64, 96)[:, :, ::2]  # a strided last dim
+    assert torch.equal(E.unpatchify(t, 4, (8, 8)), ref.unpatchify(t, 4, (8, 8)))
+
+
+@pytest.mark.parametrize("in_dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_casts_on_the_way(in_dtype, out_dtype):
+    imgs = _imgs(2, 3, 16, 16, in_dtype)
+    assert torch.equal(E.patchify(imgs, 4, out_dtype=out_dtype), ref.patchify(imgs, 4).to(out_dtype))
+    x = torch.randn(2, 16, 48).to(in_dtype)
+    assert torch.equal(E.unpatchify(x, 4, out_dtype=out_dtype), ref.unpatchify(x, 4).to(out_dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gradients_are_the_inverse_permutation(dtype):
+    imgs = _imgs(2, 3, 16, 24, dtype).requires_grad_()
+    g = torch.randn(2, 24, 48).to(dtype)
+    (gi,) = torch.autograd.grad(E.patchify(imgs, 4), imgs, g)
+    (gr,) = torch.autograd.grad(ref.patchify(imgs, 4), imgs, g)
+    assert gi.dtype == dtype and torch.equal(gi, gr)
+    x = torch.randn(2, 24, 48).to(dtype).requires_grad_()
+    gimg = torch.randn(2, 3, 16, 24).to(dtype)
+    (gx,) = torch.autograd.grad(E.unpatchify(x, 4, (4, 6)), x, gimg)
+    (gxr,) = torch.autograd.grad(ref.unpatchify(x, 4, (4, 6)), x, gimg)
+    assert torch.equal(gx, gxr)
+    # a cast on the way: the gradient comes back in the input's dtype
+    imgs32 = _imgs(1, 3, 8, 8, torch.float32).requires_grad_()
+    out = E.patchify(imgs32, 4, out_dtype=torch.bfloat16)
+    (g32,) = torch.autograd.grad(out, imgs32, torch.ones_like(out))
+    assert g32.dtype == torch.float32 and torch.equal(g32, torch.ones_like(imgs32))
+
+
+def test_opcheck():
+    imgs = _imgs(2, 3, 8, 12, torch.float32).requires_grad_()
+    torch.library.opcheck(torch.ops.fastmae_ext.patchify, (imgs, 4, None))
+    torch.library.opcheck(torch.ops.fastmae_ext.patchify, (imgs, 2, torch.float16))
+    x = torch.randn(2, 6, 48, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastmae_ext.unpatchify, (x, 4, 2, 3, None))
+
+
+def test_ops_dispatch_and_compile():
+    imgs = _imgs(2, 3, 16, 16, torch.float32)
+    assert torch.equal(ops.patchify(imgs, 4, backend="ext"), ref.patchify(imgs, 4))
+    x = ops.patchify(imgs, 4, backend="ext")
+    assert torch.equal(ops.unpatchify(x, 4, backend="ext"), imgs)
+    f = torch.compile(lambda t: E.unpatchify(E.patchify(t, 4) * 2, 4), fullgraph=True, backend="eager")
+    assert torch.equal(f(imgs), imgs * 2)
+
+
+def test_cuda_kernels_are_registered():
+    # built with nvcc (as make test does with the CUDA torch): the CUDA kernels are in the module
+    if not ext.has_cuda_kernels():
+        pytest.skip("fastmae._C was built without its CUDA kernels")
+    for op in ("fastmae_ext::patchify", "fastmae_ext::unpatchify"):
+        for key in ("CPU", "CUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), (op, key)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,C,H,W,p", SHAPES + [(8, 3, 224, 224, 16)])
+def test_cuda_matches_reference(N, C, H, W, p, dtype):
+    imgs = _imgs(N, C, H, W, dtype, "cuda")
+    assert torch.equal(E.patchify(imgs, p), ref.patchify(imgs, p))
+    assert torch.equal(E.patchify(imgs.to(memory_format=torch.channels_last), p), ref.patchify(imgs, p))
+    for out_dtype in DTYPES:
+        assert torch.equal(E.patchify(imgs, p, out_dtype=out_dtype), ref.patchify(imgs, p).to(out_dtype))
+    h, w = H // p, W // p
+    x = torch.randn(N, h * w, p * p * C, device="cuda").to(dtype)
+    assert torch.equal(E.unpatchify(x, p, (h, w)), ref.unpatchify(x, p, (h, w)))
+    assert torch.equal(E.unpatchify(x[:, :, :], p, (h, w), out_dtype=torch.float32),
+                       ref.unpatchify(x, p, (h, w)).float())

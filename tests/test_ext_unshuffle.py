@@ -1,0 +1,144 @@
+"""The compiled extension's decoder_unshuffle (fastmae.ext.unshuffle, backend="ext") against fastmae.reference.
+
+CPU tests run the C++ twin (csrc/ops/cpu/unshuffle_kernel.cpp); the GPU-marked ones the CUDA
+kernels (csrc/ops/cuda/unshuffle_kernel.cu). The forward and grad x are data movement (the pos
+add one rounding, as torch's): exact. grad mask_token is a sum over the removed rows, in a
+fixed order of our own: float64 against a direct sum to 1e-12, and assert_close's dtype
+tolerances against the reference's order (as the Triton tests).
+
+The module skips (with the loader's reason) when fastmae._C is not built; under
+``FASTMAE_EXT_REQUIRED=1`` (``make test``) that is a failure instead.
+"""
+
+import os
+
+import pytest
+import torch
+
+from fastmae import ext, ops
+from fastmae import reference as ref
+
+_WHY = ext.problem()
+if _WHY is not None:
+    if os.environ.get("FASTMAE_EXT_REQUIRED") == "1":
+        raise RuntimeError(_WHY)
+    pytest.skip(_WHY, allow_module_level=True)
+
+from fastmae.ext import unshuffle as E  # noqa: E402
+
+f16, f32, f64, bf16 = torch.float16, torch.float32, torch.float64, torch.bfloat16
+
+
+def assert_same(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+    assert torch.equal(a, b)
+
+
+def make(N, L, D, ratio, x_dtype=f32, m_dtype=None, p_dtype=None, device="cpu", ids_dtype=torch.int64):
+    len_keep = ref.num_kept(L, ratio)
+    x = torch.randn(N, 1 + len_keep, D, device=device).to(x_dtype)
+    ids = torch.argsort(torch.rand(N, L, device=device), dim=1).to(ids_dtype)
+    mt = torch.randn(1, 1, D, device=device).to(m_dtype or x_dtype)
+    pos = torch.randn(1, 1 + L, D, device=device).to(p_dtype or x_dtype)
+    return x, ids, mt, pos
+
+
+@pytest.mark.parametrize("L,ratio", [(1, 0.0), (4, 0.5), (49, 0.75), (196, 0.75), (197, 0.9)])
+@pytest.mark.parametrize("with_pos", [True, False])
+def test_matches_reference(L, ratio, with_pos):
+    x, ids, mt, pos = make(3, L, 40, ratio)
+    pos = pos if with_pos else None
+    assert_same(E.decoder_unshuffle(x, ids, mt, pos), ref.decoder_unshuffle(x, ids, mt, pos))
+
+
+@pytest.mark.parametrize("x_dtype,m_dtype,p_dtype", [(f16, None, None), (bf16, None, None), (f64, None, None),
+                                                     (bf16, f32, f32), (f16, f16, f32), (f32, bf16, f16)])
+def test_dtypes(x_dtype, m_dtype, p_dtype):
+    x, ids, mt, pos = make(2, 49, 24, 0.75, x_dtype, m_dtype, p_dtype)
+    assert_same(E.decoder_unshuffle(x, ids, mt, pos), ref.decoder_unshuffle(x, ids, mt, pos))
+    assert_same(E.decoder_unshuffle(x, ids, mt), ref.decoder_unshuffle(x, ids, mt))
+
+
+def test_int32_ids_and_strides():
+    x, ids, mt, pos = make(2, 49, 32, 0.75, ids_dtype=torch.int32)
+    xs = torch.randn(2, x.shape[1], 64)[:, :, ::2]
+    ids_t = ids.t().contiguous().t()
+    for xx, ii in ((x, ids), (xs, ids_t), (x.transpose(0, 1).contiguous().transpose(0, 1), ids)):
+        assert_same(E.decoder_unshuffle(xx, ii, mt, pos), ref.decoder_unshuffle(xx, ii, mt, pos))
+
+
+def _grads(fn, tensors, g):
+    tensors = [t.detach().requires_grad_() for t in tensors]
+    out = fn(*tensors)
+    out.backward(g)
+    return out, [t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("x_dtype,m_dtype,ratio", [(f32, None, 0.75), (f32, None, 0.0), (f16, None, 0.5),
+                                                   (f16, f32, 0.9), (bf16, None, 0.75)])
+@pytest.mark.parametrize("with_pos", [True, False])
+def test_grads(x_dtype, m_dtype, ratio, with_pos):
+    N, L, D = 3, 49, 40
+    x, ids, mt, pos = make(N, L, D, ratio, x_dtype, m_dtype, m_dtype)
+    tensors = (x, mt, pos) if with_pos else (x, mt)
+    g = torch.randn(N, 1 + L, D).to(torch.promote_types(x.dtype, mt.dtype))
+
+    def run(fn):
+        return _grads(lambda x, mt, pos=None: fn(x, ids, mt, pos), tensors, g)
+
+    out, grads = run(E.decoder_unshuffle)
+    want, ref_grads = run(ref.decoder_unshuffle)
+    assert_same(out, want)
+    assert_same(grads[0], ref_grads[0])  # grad x: rows moved and cast: exact
+    for a, b in zip(grads[1:], ref_grads[1:]):  # sums in another order: a few ulps
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b)
+
+
+def test_backward_op_removed_sum():
+    N, L, D, ratio = 3, 196, 40, 0.75
+    _, ids, _, _ = make(N, L, D, ratio)
+    g = torch.randn(N, 1 + L, D, dtype=f64)
+    len_keep = ref.num_kept(L, ratio)
+    gx, gm = torch.ops.fastmae_ext.decoder_unshuffle_backward(g, ids, len_keep, f32)
+    expect = (g[:, 1:] * (ids >= len_keep).unsqueeze(-1)).sum((0, 1))
+    torch.testing.assert_close(gm, expect, rtol=1e-12, atol=1e-12)
+    ids_keep = torch.argsort(ids, dim=1)[:, :len_keep]
+    rows = torch.gather(g[:, 1:], 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))
+    assert_same(gx, torch.cat([g[:, :1], rows], dim=1).to(f32))
+
+
+def test_opcheck():
+    x, ids, mt, pos = make(2, 16, 8, 0.75)
+    for t in (x, mt, pos):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.fastmae_ext.decoder_unshuffle, (x, ids, mt, pos))
+    torch.library.opcheck(torch.ops.fastmae_ext.decoder_unshuffle, (x, ids, mt, None))
+    torch.library.opcheck(torch.ops.fastmae_ext.decoder_unshuffle_backward, (torch.randn(2, 17, 8), ids, 4, f16))
+
+
+def test_ops_dispatch():
+    x, ids, mt, pos = make(2, 49, 16, 0.75)
+    assert_same(ops.decoder_unshuffle(x, ids, mt, pos, backend="ext"), ref.decoder_unshuffle(x, ids, mt, pos))
+
+
+def test_cuda_kernels_are_registered():
+    if not ext.has_cuda_kernels():
+        pytest.skip("fastmae._C was built without its CUDA kernels")
+    for op in ("decoder_unshuffle", "decoder_unshuffle_backward"):
+        for key in ("CPU", "CUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmae_ext::{op}", key), (op, key)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("x_dtype,m_dtype", [(bf16, None), (f16, f32), (f32, None), (f64, None)])
+@pytest.mark.parametrize("N,L,D,ratio", [(8, 196, 512, 0.75), (3, 49, 40, 0.5), (2, 197, 36, 0.0)])
+def test_cuda_matches_reference(x_dtype, m_dtype, N, L, D, ratio):
+    x, ids, mt, pos = make(N, L, D, ratio, x_dtype, m_dtype, m_dtype, device="cuda")
+    assert_same(E.decoder_unshuffle(x, ids, mt, pos), ref.decoder_unshuffle(x, ids, mt, pos))
+    assert_same(E.decoder_unshuffle(x, ids.int(), mt), ref.decoder_unshuffle(x, ids, mt))
+    g = torch.randn(N, 1 + L, D, device="cuda").to(torch.promote_types(x.dtype, mt.dtype))
+    _, grads = _grads(lambda x, mt: E.decoder_unshuffle(x, ids, mt, pos), (x, mt), g)
+    _, ref_grads = _grads(lambda x, mt: ref.decoder_unshuffle(x, ids, mt, pos), (x, mt), g)
+    assert_same(grads[0], ref_grads[0])
+    torch.testing.assert_close(grads[1], ref_grads[1])
