@@ -225,6 +225,38 @@ def ext_modules(env=None):
     return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
+def find_jpeglib(env=None) -> str | None:
+    """The include directory holding libjpeg(-turbo)'s ``jpeglib.h``, or None."""
+    env = os.environ if env is None else env
+    dirs = [d for v in ("CPATH", "C_INCLUDE_PATH", "CPLUS_INCLUDE_PATH") for d in env.get(v, "").split(os.pathsep) if d]
+    dirs += [os.path.join(sys.prefix, "include"), "/usr/local/include", "/usr/include"]
+    return next((d for d in dirs if os.path.isfile(os.path.join(d, "jpeglib.h"))), None)
+
+
+def jpeg_ext_modules(cmdclass: dict, env=None) -> list:
+    """``fastmae._jpeg`` (csrc/jpeg/crop_decode.cc, linked with -ljpeg: fastmae.data's crop-aware
+    JPEG decode) when ``jpeglib.h`` is found and the extensions are built at all; ``cmdclass``
+    gets torch's BuildExtension if it has no build_ext yet."""
+    env = os.environ if env is None else env
+    if build_ext_mode(env) == "never":
+        return []
+    include = find_jpeglib(env)
+    if include is None:
+        _notice("not building fastmae._jpeg (no jpeglib.h found: apt install libjpeg62-turbo-dev or "
+                "libjpeg-turbo8-dev); fastmae.data decodes with torchvision")
+        return []
+    try:
+        import torch.utils.cpp_extension as cpp
+    except ImportError:
+        return []  # ext_modules() above has said why
+    cxx, _ = _warning_flags(cpp.include_paths("cpu"))
+    cmdclass.setdefault("build_ext", cpp.BuildExtension.with_options(use_ninja=True))
+    _notice(f"building fastmae._jpeg (libjpeg headers in {include})")
+    return [cpp.CppExtension("fastmae._jpeg", ["csrc/jpeg/crop_decode.cc"], include_dirs=[] if include == "/usr/include" else [include],
+                             libraries=["jpeg"], extra_compile_args={"cxx": cxx})]
+
+
 if __name__ == "__main__":
     exts, cmdclass = ext_modules()
+    exts += jpeg_ext_modules(cmdclass)
     setup(ext_modules=exts, cmdclass=cmdclass)

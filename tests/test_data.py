@@ -22,6 +22,7 @@ Oracles (see each test for the numbers):
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 import warnings
@@ -303,6 +304,136 @@ def test_jpeg_info_rejects_non_jpeg():
     assert D.jpeg_info(b"\x89PNG\r\n\x1a\n" + bytes(100)) is None
     assert D.jpeg_info(b"\xff\xd8\xff") is None
     assert D.jpeg_info(_jpeg_bytes(_photo((64, 48)))[:30]) is None
+
+
+# ------------------------------------------------------------------------------ fastmae._jpeg crop decode
+def _jpeg_ext():
+    """fastmae._jpeg, or skip (fail under FASTMAE_EXT_REQUIRED=1, as `make test` runs) saying why."""
+    try:
+        from fastmae import _jpeg
+    except ImportError as e:
+        if os.environ.get("FASTMAE_EXT_REQUIRED") == "1":
+            pytest.fail(f"fastmae._jpeg is not built ({e}) but FASTMAE_EXT_REQUIRED=1")
+        pytest.skip(f"fastmae._jpeg is not built ({e}): `make ext` builds it where libjpeg's jpeglib.h is installed")
+    return _jpeg
+
+
+def _u8(payload) -> torch.Tensor:
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+
+
+_KINDS = [("RGB", 2, False), ("RGB", 0, False), ("RGB", 1, False), ("L", 0, False), ("RGB", 2, True)]
+
+
+@pytest.mark.parametrize("mode,subsampling,progressive", _KINDS, ids=["420", "444", "422", "gray", "420prog"])
+@pytest.mark.parametrize("s", [1, 2, 4, 8])
+def test_crop_decode_equals_its_full_decode_bitwise(mode, subsampling, progressive, s):
+    """Random boxes (odd image sizes, boxes down to 1 px, at the image's edges) equal the same box
+    cut from the decoder's own full decode, bitwise: the crop margin makes edge upsampling exact."""
+    J = _jpeg_ext()
+    for k, size in enumerate([(333, 251), (97, 129), (17, 9), (500, 375)]):
+        img = _photo(size, k + s).convert(mode)
+        kw = {} if mode == "L" else {"subsampling": subsampling}
+        buf = _u8(_jpeg_bytes(img, progressive=progressive, **kw))
+        H, W = -(-size[1] // s), -(-size[0] // s)
+        full = J.crop_decode(buf, 0, 0, H, W, s)
+        assert full.shape == (H, W, 3) and full.dtype == torch.uint8
+        for _ in range(12):
+            t, l = int(torch.randint(0, H, ())), int(torch.randint(0, W, ()))
+            h, w = int(torch.randint(1, H - t + 1, ())), int(torch.randint(1, W - l + 1, ()))
+            if int(torch.randint(0, 4, ())) == 0:  # also boxes touching the right/bottom edges
+                h, w = H - t, W - l
+            crop = J.crop_decode(buf, t, l, h, w, s)
+            assert torch.equal(crop, full[t : t + h, l : l + w]), (size, (t, l, h, w))
+
+
+@pytest.mark.parametrize("mode,subsampling,progressive", _KINDS, ids=["420", "444", "422", "gray", "420prog"])
+def test_crop_decode_full_image_equals_torchvision_and_pil(mode, subsampling, progressive):
+    """Measured here: fastmae._jpeg (system libjpeg-turbo 2.1.5), torchvision's decode_jpeg and
+    Pillow's decode give identical pixels at scale 1 (all libjpeg-turbo, ISLOW IDCT, fancy upsampling)."""
+    J = _jpeg_ext()
+    img = _photo((333, 251), 2).convert(mode)
+    jpg = _jpeg_bytes(img, progressive=progressive, **({} if mode == "L" else {"subsampling": subsampling}))
+    ours = J.crop_decode(_u8(jpg), 0, 0, 251, 333, 1).permute(2, 0, 1)
+    assert torch.equal(ours, D._tv_decode(jpg))
+    pil = torch.from_numpy(np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB")).copy()).permute(2, 0, 1)
+    assert torch.equal(ours, pil)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+@pytest.mark.parametrize("size", [(500, 375), (1400, 1050)])
+def test_decode_crop_with_crop_decoder_equals_resize_of_full_decode(flip, size):
+    """decode_crop(decoder="crop") is resized_crop of the same box of a full decode (at the scale
+    dct_scale picks, on snap_box's grid), flip included, bitwise."""
+    J = _jpeg_ext()
+    jpg = _jpeg_bytes(_photo(size, 1))
+    rng = T.sample_rng(int(torch.randint(0, 2**31, ()).item()), 0, 0)
+    for _ in range(3):
+        box = T.crop_params(size[1], size[0], (0.2, 1.0), (3 / 4, 4 / 3), rng)
+        s = D.dct_scale(box[2], box[3], 224)
+        rbox = D.snap_box(box, s, size[1], size[0]) if s > 1 else box
+        full = J.crop_decode(_u8(jpg), 0, 0, -(-size[1] // s), -(-size[0] // s), s).permute(2, 0, 1)
+        want = T.resized_crop(full, rbox, 224, flip)
+        got = D.decode_crop(jpg, 224, lambda h, w, box=box: box, lambda: flip, decoder="crop")
+        assert torch.equal(got, want), (box, s)
+        tv = D.decode_crop(jpg, 224, lambda h, w, box=box: box, lambda: flip, decoder="torchvision")
+        if s == 1:  # torchvision's path: the same pixels, the same resize
+            assert torch.equal(got, tv)
+
+
+def test_crop_decode_errors():
+    J = _jpeg_ext()
+    jpg = _jpeg_bytes(_photo((120, 90)), progressive=True)  # progressive: every scan is read
+    with pytest.raises(RuntimeError, match="Premature end"):
+        J.crop_decode(_u8(jpg[: len(jpg) // 2]), 0, 0, 10, 10)
+    with pytest.raises(RuntimeError, match="libjpeg"):
+        J.crop_decode(_u8(b"\xff\xd8 nothing"), 0, 0, 1, 1)
+    with pytest.raises(RuntimeError, match="outside the 90x120 image"):
+        J.crop_decode(_u8(jpg), 0, 0, 91, 1)
+    with pytest.raises(RuntimeError, match="outside the 45x60 image"):
+        J.crop_decode(_u8(jpg), 0, 50, 1, 11, 2)
+    with pytest.raises(RuntimeError, match="scale_denom"):
+        J.crop_decode(_u8(jpg), 0, 0, 1, 1, 3)
+    base = _jpeg_bytes(_photo((120, 90)))  # baseline, cut: the crop decoder reads to the end, whatever the box
+    J.crop_decode(_u8(base[: len(base) // 2]), 0, 0, 4, 4)  # the crop alone would not see the cut
+    with pytest.raises((RuntimeError, OSError), match="truncated|Premature"):
+        D.decode_crop(base[: len(base) // 2], 8, lambda h, w: (0, 0, 4, 4), lambda: False, decoder="crop")
+    cmyk = io.BytesIO()
+    _photo((40, 30)).convert("CMYK").save(cmyk, format="JPEG")
+    with pytest.raises(RuntimeError, match="4-component"):
+        J.crop_decode(_u8(cmyk.getvalue()), 0, 0, 1, 1)
+
+
+def test_decoder_switch(monkeypatch):
+    jpg = _jpeg_bytes(_photo((64, 48)))
+    with pytest.raises(ValueError, match="decoder"):
+        D.decode_crop(jpg, 16, lambda h, w: (0, 0, h, w), lambda: False, decoder="nvjpeg")
+    monkeypatch.setattr(D, "_CROP", False)  # as if fastmae._jpeg were not built
+    with pytest.raises(ImportError, match="fastmae._jpeg"):
+        D.decode_crop(jpg, 16, lambda h, w: (0, 0, h, w), lambda: False, decoder="crop")
+    out = D.decode_crop(jpg, 16, lambda h, w: (0, 0, h, w), lambda: False)  # auto: torchvision
+    assert out.shape == (3, 16, 16)
+
+
+def test_import_and_decode_without_the_jpeg_extension():
+    code = ("import sys; sys.modules['fastmae._jpeg'] = None\n"
+            "import io, fastmae, fastmae.data\nfrom fastmae.data import decode as D\n"
+            "from PIL import Image\nb = io.BytesIO(); Image.new('RGB', (40, 30), (200, 10, 30)).save(b, 'JPEG')\n"
+            "out = D.decode_crop(b.getvalue(), 8, lambda h, w: (0, 0, h, w), lambda: False)\n"
+            "assert out.shape == (3, 8, 8) and D._CROP is False, D._CROP")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+@pytest.mark.parametrize("decoder", ["crop", "torchvision"])
+def test_corrupt_files_are_skipped_with_either_decoder(tmp_path, decoder):
+    if decoder == "crop":
+        _jpeg_ext()
+    _corrupt_folder(tmp_path)
+    ds = data.PretrainDataset(tmp_path, 32)
+    ds.jpeg_decoder = decoder
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        items = [ds[i] for i in range(len(ds))]
+    assert ds.num_skipped == 4 and all(img.shape == (3, 32, 32) for img, _ in items)
 
 
 # ------------------------------------------------------------------------------ corrupt files

@@ -143,6 +143,7 @@ class PretrainDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.num_skipped = 0
         self.crop_aware = True  # decode only what the crop needs (rows above its bottom, DCT-reduced scale)
+        self.jpeg_decoder = None  # "auto", "crop" or "torchvision": fastmae.data.decode.JPEG_DECODER if None
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
@@ -161,7 +162,8 @@ class PretrainDataset(torch.utils.data.Dataset):
             data = f.read()
         return decode_crop(data, self.input_size,
                            lambda h, w: crop_params(h, w, self.scale, self.ratio, rng),
-                           lambda: rng.random() < self.hflip, crop_aware=self.crop_aware)  # fmt: skip
+                           lambda: rng.random() < self.hflip, crop_aware=self.crop_aware,
+                           decoder=self.jpeg_decoder)  # fmt: skip
 
     def __getitem__(self, index):
         """``(uint8 image, label)`` of sample ``index`` for the current epoch; ``index`` may also be

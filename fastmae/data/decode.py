@@ -3,6 +3,18 @@
 A JPEG's size is read from its frame header (:func:`jpeg_info`, a few markers, no decoding),
 so the crop box is drawn *before* anything is decoded (:func:`decode_crop`). Then:
 
+0. **fastmae._jpeg's crop decode** (``csrc/jpeg/crop_decode.cc``, libjpeg-turbo's own API, built
+   by setup.py when ``jpeglib.h`` is found) for 1- and 3-component JPEGs: only the crop's columns
+   are inverse-DCT'd, upsampled and colour-converted (``jpeg_crop_scanline``, plus a 16-pixel
+   margin each side so chroma upsampling at the crop's edges sees real neighbours), the rows
+   above it are entropy-decoded only (``jpeg_skip_scanlines``), and decoding stops after its
+   last row. At the DCT-reduced scale of step 1 when the crop allows it (same :func:`snap_box`).
+   Its crop equals, bitwise, the same box cut from its own full decode (tests). Files it
+   rejects go on to the steps below (which raise if they cannot read them either).
+   :data:`JPEG_DECODER` (env ``FASTMAE_JPEG_DECODER``) picks the decoder: ``"auto"`` (this one
+   when built, else the steps below), ``"crop"`` (this one, ImportError if not built) or
+   ``"torchvision"`` (the steps below); ``decode_crop(decoder=...)`` and
+   ``PretrainDataset.jpeg_decoder`` choose per call / per dataset (the benchmark does).
 1. **DCT-reduced decode** when the crop allows it: libjpeg-turbo decodes at 1/2, 1/4 or 1/8
    scale by computing a smaller inverse DCT per 8x8 block. The largest scale ``s`` is taken
    at which the crop box still has at least ``size`` pixels on each side
@@ -37,13 +49,21 @@ whether to skip it.
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import torch
 
 from .transforms import resized_crop
 
-__all__ = ["jpeg_info", "rows_needed", "decode_rgb", "decode_crop", "dct_scale", "snap_box"]
+__all__ = ["jpeg_info", "rows_needed", "decode_rgb", "decode_crop", "dct_scale", "snap_box", "crop_decoder",
+           "JPEG_DECODER"]
+
+#: The JPEG decoder when ``decode_crop(decoder=None)``: "auto", "crop" or "torchvision" (module docstring).
+JPEG_DECODER = os.environ.get("FASTMAE_JPEG_DECODER", "auto").strip().lower() or "auto"
+_DECODERS = ("auto", "crop", "torchvision")
+_CROP = None  # fastmae._jpeg.crop_decode once imported; False if it does not import
+_CROP_ERROR = ""
 
 # Start-of-frame markers: SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC).
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -174,20 +194,58 @@ def _tv_decode(data) -> torch.Tensor:
     return _JPEG_OP(buf)
 
 
-def decode_crop(data, size: int, draw_box, flip_fn, *, crop_aware: bool = True) -> torch.Tensor:
+def crop_decoder(decoder: str | None = None):
+    """``fastmae._jpeg.crop_decode`` if ``decoder`` (default :data:`JPEG_DECODER`) asks for it
+    and it is built, else None. ``"crop"`` without the extension is an ImportError saying why."""
+    global _CROP, _CROP_ERROR
+    decoder = JPEG_DECODER if decoder is None else decoder
+    if decoder not in _DECODERS:
+        raise ValueError(f"decoder (FASTMAE_JPEG_DECODER) must be one of {_DECODERS}, got {decoder!r}")
+    if decoder == "torchvision":
+        return None
+    if _CROP is None:
+        try:
+            from fastmae import _jpeg
+
+            _CROP = _jpeg.crop_decode
+        except ImportError as e:  # not built (no jpeglib.h at build time), or built for another torch
+            _CROP, _CROP_ERROR = False, str(e)
+    if _CROP is False and decoder == "crop":
+        raise ImportError(f"decoder='crop' needs the extension fastmae._jpeg, which does not import ({_CROP_ERROR}); "
+                          "build it with `make ext` (needs libjpeg-turbo's jpeglib.h)")
+    return _CROP or None
+
+
+def decode_crop(data, size: int, draw_box, flip_fn, *, crop_aware: bool = True,
+                decoder: str | None = None) -> torch.Tensor:  # fmt: skip
     """Decode ``data`` (the file's bytes) and return its random crop as uint8 (3, size, size).
 
     ``draw_box(height, width) -> (top, left, h, w)`` draws the crop from the image size;
     ``flip_fn() -> bool`` draws the flip, after the crop (the official order of draws).
-    ``crop_aware=False`` decodes every JPEG whole at full scale (for measurement and tests).
+    ``crop_aware=False`` decodes every JPEG whole at full scale with torchvision (for
+    measurement and tests). ``decoder``: "auto", "crop" or "torchvision" (default
+    :data:`JPEG_DECODER`, see the module docstring).
     """
     info = jpeg_info(data)
+    crop_fn = crop_decoder(decoder) if crop_aware else None
     if info is not None and info[2] in (1, 3):
         height, width = info[0], info[1]
         box = draw_box(height, width)
         flip = flip_fn()
         top, left, h, w = box
         s = dct_scale(h, w, size) if crop_aware else 1
+        if crop_fn is not None:
+            rbox = snap_box(box, s, height, width) if s > 1 else box
+            # a file that does not end with EOI may be truncated: decode down to the last row, so
+            # that libjpeg meets the end of its data (an error) whatever the crop, as a full decode does
+            rows = rbox[2] if data[-2:] == b"\xff\xd9" else -(-height // s) - rbox[0]
+            buf = torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
+            try:
+                hwc = crop_fn(buf, rbox[0], rbox[1], rows, rbox[3], s)
+            except RuntimeError:
+                pass  # corrupt, truncated, or something libjpeg rejects: the paths below decide
+            else:
+                return resized_crop(hwc.permute(2, 0, 1), (0, 0, rbox[2], rbox[3]), size, flip)
         if s > 1:
             rtop, rleft, rh, rw = snap_box(box, s, height, width)
             cut, rows = data, height
