@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -202,20 +201,10 @@ def reconstruct(model, imgs_normalised: torch.Tensor, mask_ratio: float = 0.75, 
 
 
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Temp file beside ``path`` (usual permissions), fsync, rename: the pretraining checkpoints' writer."""
+    from .pretrain.checkpoint import atomic_write
+
+    atomic_write(str(path), write)
 
 
 def _caption(panels: dict, mask_ratio: float, seed: int, title: str | None) -> str:

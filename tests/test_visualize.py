@@ -3,6 +3,7 @@ of norm-pix predictions, the input conventions, and the CLI's errors."""
 
 import argparse
 import copy
+import os
 
 import numpy as np
 import official_mae
@@ -53,6 +54,9 @@ def test_png_written_with_four_panels(tmp_path):
         quarter = band[:, i * w // 4 + 10: (i + 1) * w // 4 - 10]
         assert (quarter < 245).any(axis=-1).mean() > 0.5, i
     assert not list(tmp_path.glob("sub/.*tmp"))  # the atomic write left no temp file
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual permissions, not mkstemp's 0600
 
 
 def test_reconstruction_definition():
