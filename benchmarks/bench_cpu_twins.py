@@ -1,0 +1,203 @@
+"""The extension's C++ CPU kernels ("twins", backend="ext") against the reference ops, on CPU.
+
+ViT-B shapes at batch 8 (224x224 RGB, p = 16: L = 196, P = 768; encoder D = 768, decoder
+D = 512, mask ratio 0.75, norm-pix loss), fp32, both sides in one run, interleaved call by
+call (ext, reference, ext, ...) so that load from other processes hits both alike; the median
+of each. Before timing, every pair is checked to agree (exactly for data movement, 1e-6
+relative for the loss), so a fast wrong kernel cannot be reported.
+
+Targets (issue 12): data movement and encoder_input >= 3x the reference, the loss >= 2x.
+``fastmae.ops.EXT_CPU_AUTO`` (the ops ``backend="auto"`` sends to the C++ kernel on CPU)
+lists the ops measured faster than the reference here.
+
+    .venv/bin/python benchmarks/bench_cpu_twins.py [--iters 30] [--out benchmarks/results/cpu_twins.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from fastmae import ops
+from fastmae import reference as ref
+
+TARGETS = {"patchify": 3.0, "unpatchify": 3.0, "random_masking": 3.0, "encoder_input": 3.0,
+           "decoder_unshuffle": 3.0, "mae_loss": 2.0, "mae_loss fwd+bwd": 2.0}
+# LayerNorm >= 2x (issue 12); bias + GELU and attention have no CPU target (> 1x: worth taking on auto)
+TARGETS.update({"add_layer_norm": 2.0, "add_layer_norm fwd+bwd": 2.0, "add_layer_norm dec fwd+bwd": 2.0,
+                "bias_gelu": 1.0, "bias_gelu fwd+bwd": 1.0, "attention": 1.0, "attention fwd+bwd": 1.0,
+                "attention dec fwd+bwd": 1.0})
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cases(batch: int = 8):
+    """name -> (ext call, reference call, equal(a, b))."""
+    g = torch.Generator().manual_seed(0)
+    N, C, H, p, D, Dd = batch, 3, 224, 16, 768, 512
+    L = (H // p) ** 2
+    imgs = torch.randn(N, C, H, H, generator=g)
+    tokens = torch.randn(N, L, D, generator=g)
+    patches = torch.randn(N, L, p * p * C, generator=g)
+    pos = torch.randn(1, 1 + L, D, generator=g)
+    cls = torch.randn(1, 1, D, generator=g)
+    noise = torch.rand(N, L, generator=g)
+    len_keep = ref.num_kept(L, 0.75)
+    _, mask, ids_restore = ref.random_masking(tokens, 0.75, noise)
+    dec = torch.randn(N, 1 + len_keep, Dd, generator=g)
+    mask_token = torch.randn(1, 1, Dd, generator=g)
+    dpos = torch.randn(1, 1 + L, Dd, generator=g)
+    pred = torch.randn(N, L, p * p * C, generator=g)
+    pred_g = pred.clone().requires_grad_()
+
+    def eq(a, b):
+        if isinstance(a, tuple):
+            return all(eq(x, y) for x, y in zip(a, b))
+        return torch.equal(a, b)
+
+    def close(a, b):
+        return bool(((a - b).abs() <= 1e-6 * b.abs()).all())
+
+    def loss_fb(backend):
+        def run():
+            loss = ops.mae_loss(imgs, pred_g, mask, p, True, backend=backend)
+            return torch.autograd.grad(loss, pred_g)[0]
+        return run
+
+    def grads_close(a, b):
+        return bool(((a - b).abs() <= 1e-5 * b.abs().max()).all())
+
+    # LayerNorm, bias + GELU, attention (fp32 math both sides, different summation orders):
+    # agreement within 1e-4 of the reference's magnitude
+    def near(a, b):
+        if isinstance(a, (tuple, list)):
+            return all(near(x, y) for x, y in zip(a, b))
+        return bool((a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-6)
+
+    def grads(fn, *inputs):
+        def run():
+            leaves = [t.detach().requires_grad_(True) for t in inputs]
+            out = fn(*leaves)
+            out = out if isinstance(out, tuple) else (out,)
+            return torch.autograd.grad(out, leaves, [torch.ones_like(o) for o in out])
+        return run
+
+    enc = N * (1 + len_keep)  # encoder tokens (cls + kept) of the batch
+    x_enc, r_enc = torch.randn(enc, D, generator=g), torch.randn(enc, D, generator=g)
+    x_dec, r_dec = torch.randn(N * (1 + L), Dd, generator=g), torch.randn(N * (1 + L), Dd, generator=g)
+    w, b, wd, bd = (torch.randn(n, generator=g) for n in (D, D, Dd, Dd))
+    h_enc, fc_b = torch.randn(enc, 4 * D, generator=g), torch.randn(4 * D, generator=g)
+    qkv_enc = torch.randn(N, 1 + len_keep, 3, 12, 64, generator=g)
+    qkv_dec = torch.randn(N, 1 + L, 3, 16, 32, generator=g)
+    return {
+        "patchify": (lambda: ops.patchify(imgs, p, backend="ext"), lambda: ref.patchify(imgs, p), eq),
+        "unpatchify": (lambda: ops.unpatchify(patches, p, backend="ext"), lambda: ref.unpatchify(patches, p), eq),
+        "random_masking": (lambda: ops.random_masking(tokens, 0.75, noise, backend="ext"),
+                           lambda: ref.random_masking(tokens, 0.75, noise), eq),
+        "encoder_input": (lambda: ops.encoder_input(tokens, pos, cls, 0.75, noise, backend="ext"),
+                          lambda: ref.encoder_input(tokens, pos, cls, 0.75, noise), eq),
+        "decoder_unshuffle": (lambda: ops.decoder_unshuffle(dec, ids_restore, mask_token, dpos, backend="ext"),
+                              lambda: ref.decoder_unshuffle(dec, ids_restore, mask_token, dpos), eq),
+        "mae_loss": (lambda: ops.mae_loss(imgs, pred, mask, p, True, backend="ext"),
+                     lambda: ref.mae_loss(imgs, pred, mask, p, True), close),
+        "mae_loss fwd+bwd": (loss_fb("ext"), loss_fb("torch"), grads_close),
+        "add_layer_norm": (lambda: ops.add_layer_norm(x_enc, r_enc, w, b, 1e-6, backend="ext"),
+                           lambda: ref.add_layer_norm(x_enc, r_enc, w, b, 1e-6), near),
+        "add_layer_norm fwd+bwd": (grads(lambda *t: ops.add_layer_norm(*t, 1e-6, backend="ext"), x_enc, r_enc, w, b),
+                                   grads(lambda *t: ref.add_layer_norm(*t, 1e-6), x_enc, r_enc, w, b), near),
+        "add_layer_norm dec fwd+bwd": (
+            grads(lambda *t: ops.add_layer_norm(*t, 1e-6, backend="ext"), x_dec, r_dec, wd, bd),
+            grads(lambda *t: ref.add_layer_norm(*t, 1e-6), x_dec, r_dec, wd, bd), near),
+        "bias_gelu": (lambda: ops.bias_gelu(h_enc, fc_b, backend="ext"), lambda: ref.bias_gelu(h_enc, fc_b), near),
+        "bias_gelu fwd+bwd": (grads(lambda *t: ops.bias_gelu(*t, backend="ext"), h_enc, fc_b),
+                              grads(ref.bias_gelu, h_enc, fc_b), near),
+        "attention": (lambda: ops.attention_qkvpacked(qkv_enc, backend="ext"),
+                      lambda: ref.attention_qkvpacked(qkv_enc), near),
+        "attention fwd+bwd": (grads(lambda t: ops.attention_qkvpacked(t, backend="ext"), qkv_enc),
+                              grads(ref.attention_qkvpacked, qkv_enc), near),
+        "attention dec fwd+bwd": (grads(lambda t: ops.attention_qkvpacked(t, backend="ext"), qkv_dec),
+                                  grads(ref.attention_qkvpacked, qkv_dec), near),
+    }
+
+
+def measure(ext_fn, ref_fn, iters: int, warmup: int = 3):
+    for _ in range(warmup):
+        ext_fn()
+        ref_fn()
+    t_ext, t_ref = [], []
+    for _ in range(iters):
+        for fn, out in ((ext_fn, t_ext), (ref_fn, t_ref)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(t_ext), statistics.median(t_ref)
+
+
+def _atomic_write(path: str, obj) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--ops", default=None, help="comma-separated subset of " + ", ".join(TARGETS))
+    ap.add_argument("--out", default=None, help="results JSON (written atomically)")
+    args = ap.parse_args(argv)
+    from fastmae import ext
+
+    if ext.problem() is not None:
+        print(f"bench_cpu_twins: {ext.problem()}", file=sys.stderr)
+        return 2
+    rows = []
+    selected = None if args.ops is None else set(args.ops.split(","))
+    print(f"{'op':<20} {'ext ms':>9} {'torch ms':>9} {'speedup':>8} {'target':>7}")
+    for name, (ext_fn, ref_fn, agree) in cases(args.batch).items():
+        if selected is not None and name not in selected:
+            continue
+        if not agree(ext_fn(), ref_fn()):
+            print(f"bench_cpu_twins: {name}: the C++ kernel disagrees with the reference", file=sys.stderr)
+            return 1
+        te, tr = measure(ext_fn, ref_fn, args.iters)
+        row = dict(op=name, ext_ms=te * 1e3, torch_ms=tr * 1e3, speedup=tr / te, target=TARGETS[name])
+        rows.append(row)
+        flag = "" if row["speedup"] >= row["target"] else "  (below target)"
+        print(f"{name:<20} {te * 1e3:9.3f} {tr * 1e3:9.3f} {tr / te:7.2f}x {TARGETS[name]:6.1f}x{flag}")
+    record = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=" ".join([os.path.basename(sys.executable), *sys.argv]),
+        cpu=_cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+        batch=args.batch, dtype="float32", iters=args.iters, load_avg=os.getloadavg(), results=rows,
+    )
+    if args.out:
+        _atomic_write(args.out, record)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
