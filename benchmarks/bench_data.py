@@ -14,11 +14,14 @@ Timed, in one process with one torch thread (what a DataLoader worker does, i.e.
 - ``official``: ``torchvision.datasets.ImageFolder`` (PIL open + ``convert("RGB")``) with
   ``main_pretrain.py``'s ``transform_train`` (RandomResizedCrop(224, scale=(0.2, 1.0),
   bicubic), RandomHorizontalFlip, ToTensor, Normalize), batches by ``default_collate``;
-- ``fastmae``: :class:`fastmae.data.PretrainDataset` (header-first crop draw, DCT-reduced
-  decode where the crop allows it, torchvision's libjpeg-turbo decode otherwise, uint8
-  bicubic crop-resize, flip) batched by :func:`fastmae.data.collate` (uint8; normalisation
-  happens later, on the device);
-- ``fastmae_full_decode``: the same with the DCT-reduced decode turned off.
+- ``fastmae``: :class:`fastmae.data.PretrainDataset` as it runs by default (header-first crop
+  draw; the crop-aware libjpeg-turbo decode of ``fastmae._jpeg`` when it is built, at a
+  DCT-reduced scale where the crop allows it; uint8 bicubic crop-resize, flip) batched by
+  :func:`fastmae.data.collate` (uint8; normalisation happens later, on the device). The
+  record's ``jpeg_decoder`` says which decoder that was;
+- ``fastmae_torchvision_decode``: the same with ``jpeg_decoder="torchvision"`` (torchvision's
+  full-image decode, or Pillow's reduced-scale decode where the crop allows it);
+- ``fastmae_full_decode``: every JPEG decoded whole at full scale by torchvision.
 
 Each round times every pipeline over all images (``--batch-size`` items, then the collate),
 pipelines interleaved round by round (in a rotating order) so that load from other
@@ -100,11 +103,14 @@ def pipelines(root: str, input_size: int = 224, seed: int = 0) -> dict:
     ])
     official = datasets.ImageFolder(root, transform=transform_train)
     fast = data.PretrainDataset(root, input_size, seed=seed)
+    tv = data.PretrainDataset(root, input_size, seed=seed)
+    tv.jpeg_decoder = "torchvision"
     full = data.PretrainDataset(root, input_size, seed=seed)
     full.crop_aware = False
     return {
         "official": (official, torch.utils.data.default_collate),
         "fastmae": (fast, data.collate),
+        "fastmae_torchvision_decode": (tv, data.collate),
         "fastmae_full_decode": (full, data.collate),
     }
 
@@ -140,7 +146,10 @@ def run(root: str, *, rounds: int = 5, batch_size: int = 32, input_size: int = 2
             cpu[name].append(n / c)
             wall[name].append(n / w)
         log(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in cpu.items()) + " images/CPU-s")
-    out = {"images": n, "rounds": rounds, "batch_size": batch_size, "input_size": input_size, "pipelines": {}}
+    from fastmae.data import decode
+
+    out = {"images": n, "rounds": rounds, "batch_size": batch_size, "input_size": input_size,
+           "jpeg_decoder": "fastmae._jpeg" if decode.crop_decoder() else "torchvision", "pipelines": {}}  # fmt: skip
     for name in pipes:
         rec = out["pipelines"][name] = {
             "images_per_cpu_s_median": statistics.median(cpu[name]),
@@ -220,9 +229,10 @@ def main(argv=None) -> dict:
     _timing.write_json(path, record)
     print(f"\n{env['card']} | torch {env['torch']} | {env['date']} | commit {env['git_commit'][:12]}")
     print(f"{args.images} JPEGs, long side {args.long_side}, quality {args.quality}, {args.input_size} px crops, "
-          f"{args.rounds} rounds, {torch.get_num_threads()} torch thread(s), one process")
+          f"{args.rounds} rounds, {torch.get_num_threads()} torch thread(s), one process; "
+          f"fastmae's JPEG decoder: {results['jpeg_decoder']}")
     for name, r in results["pipelines"].items():
-        line = f"  {name:20s} {r['images_per_cpu_s_median']:8,.0f} images/s per core"
+        line = f"  {name:26s} {r['images_per_cpu_s_median']:8,.0f} images/s per core"
         if name != "official":
             lo, hi = r["speedup_vs_official_min"], r["speedup_vs_official_max"]
             line += f"  {r['speedup_vs_official_median']:.2f}x official (rounds {lo:.2f}-{hi:.2f})"

@@ -550,7 +550,8 @@ def test_bench_data_smoke(tmp_path):
     files = list(tmp_path.glob("bench-data-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["kind"] == "data"
     pipes = record["results"]["pipelines"]
-    assert set(pipes) == {"official", "fastmae", "fastmae_full_decode"}
+    assert set(pipes) == {"official", "fastmae", "fastmae_torchvision_decode", "fastmae_full_decode"}
+    assert record["results"]["jpeg_decoder"] in ("fastmae._jpeg", "torchvision")
     assert all(p["images_per_cpu_s_median"] > 0 for p in pipes.values())
     assert record["env"]["card"].startswith("cpu")
     t = record["results"]["device_transfer"]
