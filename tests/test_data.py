@@ -424,6 +424,24 @@ def test_import_and_decode_without_the_jpeg_extension():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
 
 
+def test_setup_builds_the_jpeg_extension_only_with_jpeglib(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fastmae_setup_jpeg", REPO / "setup.py")
+    setup_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_py)  # not __main__: setup() does not run
+    assert "csrc/jpeg/crop_decode.cc" not in setup_py.sources()[0]  # not compiled into fastmae._C
+    (tmp_path / "jpeglib.h").write_text("")
+    cmd = {}
+    (ext,) = setup_py.jpeg_ext_modules(cmd, {"CPATH": str(tmp_path)})
+    assert ext.name == "fastmae._jpeg" and "jpeg" in ext.libraries and str(tmp_path) in ext.include_dirs
+    assert ext.sources == ["csrc/jpeg/crop_decode.cc"] and "build_ext" in cmd
+    assert setup_py.jpeg_ext_modules({}, {"CPATH": str(tmp_path), "FASTMAE_BUILD_EXT": "0"}) == []
+    setup_py.find_jpeglib = lambda env=None: None
+    assert setup_py.jpeg_ext_modules({}, {}) == []
+    assert "not building fastmae._jpeg" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("decoder", ["crop", "torchvision"])
 def test_corrupt_files_are_skipped_with_either_decoder(tmp_path, decoder):
     if decoder == "crop":
