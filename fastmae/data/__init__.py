@@ -2,8 +2,9 @@
 
 The official ``main_pretrain.py`` decodes with PIL and runs RandomResizedCrop, ToTensor and
 Normalize on the CPU, then ships float32 batches. Here each worker reads the JPEG header,
-draws the crop first, decodes (at a DCT-reduced scale when the crop allows it, else with
-torchvision's libjpeg-turbo decoder), crops and resizes in uint8, and batches stay uint8 up
+draws the crop first, decodes only the crop (``fastmae._jpeg``, libjpeg-turbo's crop/skip API, at a
+DCT-reduced scale when the crop allows it; torchvision's decoder when that extension is not
+built), resizes in uint8, and batches stay uint8 up
 to the device, where one kernel normalises them. The crops have the official distribution
 and the pixels equal the official tensors up to interpolation rounding.
 
