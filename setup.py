@@ -252,7 +252,8 @@ def jpeg_ext_modules(cmdclass: dict, env=None) -> list:
     cxx, _ = _warning_flags(cpp.include_paths("cpu"))
     cmdclass.setdefault("build_ext", cpp.BuildExtension.with_options(use_ninja=True))
     _notice(f"building fastmae._jpeg (libjpeg headers in {include})")
-    return [cpp.CppExtension("fastmae._jpeg", ["csrc/jpeg/crop_decode.cc"], include_dirs=[] if include == "/usr/include" else [include],
+    include_dirs = [] if include == "/usr/include" else [include]  # -I/usr/include would reorder system headers
+    return [cpp.CppExtension("fastmae._jpeg", ["csrc/jpeg/crop_decode.cc"], include_dirs=include_dirs,
                              libraries=["jpeg"], extra_compile_args={"cxx": cxx})]
 
 
