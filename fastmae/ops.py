@@ -96,8 +96,9 @@ def _impl(op: str, backend: str):
 # The ops whose C++ kernel (backend="ext" on CPU tensors) ``backend="auto"`` takes for CPU
 # tensors: those measured faster than the reference on CPU (benchmarks/bench_cpu_twins.py,
 # benchmarks/results/cpu_twins.json); the others run the reference there.
-# Measured 2026-12-01 (AMD EPYC, 2 threads, ViT-B batch 8 fp32): 9x-99x for the data path, 1.7x for
-# the loss forward (1.3x with its backward).
+# Measured 2026-12-01 (AMD EPYC, 2 shared threads, ViT-B batch 8 fp32), several runs under load: faster than
+# the reference in every run: patchify 1.1x-9.3x, unpatchify 4x-12x, random_masking / encoder_input 2.5x-99x,
+# decoder_unshuffle 15x-106x, mae_loss 5.5x-8x (forward + backward 2.3x-6x).
 EXT_CPU_AUTO = frozenset({"patchify", "unpatchify", "random_masking", "encoder_input", "decoder_unshuffle",
                           "mae_loss"})
 

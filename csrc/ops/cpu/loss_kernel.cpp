@@ -2,7 +2,7 @@
 //
 // Forward: fixed blocks of kRows patches (the partition does not depend on the thread count),
 // one task each: for every patch with mask != 0 the target is gathered from imgs into a row
-// buffer (ops/patchify.h), normalised (ops/loss.h, double sums), and the squared error summed;
+// buffer (ops/patchify.h), normalised (ops/loss.h; sums in 16 float lanes added in double), and the squared error summed;
 // each block writes (sum loss_m * mask_m, sum mask_m) in double, and the blocks are added in
 // order: a deterministic loss. Backward: the same row pass writes d pred (zero rows for mask 0).
 #include <ATen/Parallel.h>
@@ -26,10 +26,28 @@ struct Args {
   bool norm;
 };
 
-// The patch's (normalised) target, float32, into t[0, P).
-template <typename img_t>
+// Sums over a row in kLanes independent float partial sums (so that the compiler vectorises the
+// loop) combined in double at the end: a fixed order, whatever the thread count.
+constexpr int kLanes = 16;
+
+template <typename F>
+double lane_sum(int64_t P, F term) {
+  float acc[kLanes] = {};
+  int64_t d = 0;
+  for (; d + kLanes <= P; d += kLanes) {
+    for (int k = 0; k < kLanes; ++k) acc[k] += term(d + k);
+  }
+  double total = 0;
+  for (; d < P; ++d) total += static_cast<double>(term(d));
+  for (int k = 0; k < kLanes; ++k) total += static_cast<double>(acc[k]);
+  return total;
+}
+
+// The patch's (normalised) target, float32, into t[0, P). C_STATIC > 0: the channel count as a
+// compile-time constant (the gather's inner loop unrolls); 0: runtime.
+template <typename img_t, int C_STATIC>
 void load_target(const img_t* imgs, const Args& a, int64_t n, int64_t l, float* t) {
-  const int64_t p = a.g.p, C = a.g.C;
+  const int64_t p = a.g.p, C = C_STATIC > 0 ? C_STATIC : a.g.C;
   for (int64_t r = 0; r < p; ++r) {
     int64_t c0, y, x;
     patchify::token_to_pixel(a.g, l, r * p * C, c0, y, x);
@@ -39,16 +57,32 @@ void load_target(const img_t* imgs, const Args& a, int64_t n, int64_t l, float* 
       for (int64_t c = 0; c < C; ++c) o[q * C + c] = static_cast<float>(in[c * a.is.c + q * a.is.x]);
   }
   if (!a.norm) return;
-  double sum = 0;
-  for (int64_t d = 0; d < a.P; ++d) sum += t[d];
-  const float mean = static_cast<float>(sum / static_cast<double>(a.P));
-  double ss = 0;
-  for (int64_t d = 0; d < a.P; ++d) {
-    const double dev = static_cast<double>(t[d]) - sum / static_cast<double>(a.P);
-    ss += dev * dev;
-  }
+  const float mean = static_cast<float>(lane_sum(a.P, [&](int64_t d) { return t[d]; }) / static_cast<double>(a.P));
+  const double ss = lane_sum(a.P, [&](int64_t d) {
+    const float dev = t[d] - mean;
+    return dev * dev;
+  });
   const float rstd = inv_std(ss, a.P);
   for (int64_t d = 0; d < a.P; ++d) t[d] = normalised(t[d], mean, rstd);
+}
+
+template <typename img_t>
+void load_target(const img_t* imgs, const Args& a, int64_t n, int64_t l, float* t) {
+  if (a.g.C == 3) {
+    load_target<img_t, 3>(imgs, a, n, l, t);
+  } else {
+    load_target<img_t, 0>(imgs, a, n, l, t);
+  }
+}
+
+// pred's row as float32 into x[0, P)
+template <typename pred_t>
+void load_pred(const pred_t* pr, int64_t stride, int64_t P, float* x) {
+  if (stride == 1) {
+    for (int64_t d = 0; d < P; ++d) x[d] = static_cast<float>(pr[d]);
+  } else {
+    for (int64_t d = 0; d < P; ++d) x[d] = static_cast<float>(pr[d * stride]);
+  }
 }
 
 Args make_args(const at::Tensor& imgs, const at::Tensor& pred, int64_t patch_size, bool norm) {
@@ -87,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> mae_loss_cpu(const at::Tensor& imgs_in, const
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "fastmae_ext::mae_loss", [&] {
       const scalar_t* pp = pred.const_data_ptr<scalar_t>();
       at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> t(a.P);
+        std::vector<float> t(a.P), x(a.P);
         for (int64_t b = begin; b < end; ++b) {
           double sl = 0, sm = 0;
           for (int64_t row = b * kRows; row < std::min(a.M, (b + 1) * kRows); ++row) {
@@ -95,12 +129,11 @@ std::tuple<at::Tensor, at::Tensor> mae_loss_cpu(const at::Tensor& imgs_in, const
             if (m == 0.0f) continue;  // loss_m * 0: not read
             const int64_t n = row / a.L, l = row % a.L;
             load_target<img_t>(ip, a, n, l, t.data());
-            const scalar_t* pr = pp + n * a.spn + l * a.spl;
-            double err = 0;
-            for (int64_t d = 0; d < a.P; ++d) {
-              const float e = static_cast<float>(pr[d * a.spd]) - t[d];
-              err += static_cast<double>(e) * e;
-            }
+            load_pred<scalar_t>(pp + n * a.spn + l * a.spl, a.spd, a.P, x.data());
+            const double err = lane_sum(a.P, [&](int64_t d) {
+              const float e = x[d] - t[d];
+              return e * e;
+            });
             sl += err / static_cast<double>(a.P) * m;
             sm += m;
           }
