@@ -11,10 +11,10 @@ decoder_unshuffle   :func:`fastmae.reference.decoder_unshuffle` :mod:`fastmae.ke
 mae_loss            :func:`fastmae.reference.mae_loss`         :mod:`fastmae.kernels.loss`
 attention           :func:`fastmae.reference.attention`        :mod:`fastmae.kernels.attention`
 attention_qkvpacked :func:`fastmae.reference.attention_qkvpacked` :mod:`fastmae.kernels.attention`
-layer_norm          :func:`fastmae.reference.layer_norm`       :mod:`fastmae.kernels.layer_norm`
-add_layer_norm      :func:`fastmae.reference.add_layer_norm`   :mod:`fastmae.kernels.layer_norm`
 bias_gelu           :func:`fastmae.reference.bias_gelu`        :mod:`fastmae.kernels.bias_gelu`
 normalize_images    :func:`fastmae.reference.normalize_images` :mod:`fastmae.kernels.normalize`
+layer_norm          :func:`fastmae.reference.layer_norm`       :mod:`fastmae.kernels.layer_norm`
+add_layer_norm      :func:`fastmae.reference.add_layer_norm`   :mod:`fastmae.kernels.layer_norm`
 =================== =============================== ==========================================
 
 Arguments are validated here, once, whatever the backend: bad input raises a
@@ -286,6 +286,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     if b == "torch":
         return ref.add_layer_norm(x, residual, weight, bias, eps, out_dtype, residual_dtype)
     return _impl("add_layer_norm", b)(x, residual, weight, bias, eps, out_dtype, residual_dtype)
+
 
 def normalize_images(imgs: torch.Tensor, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), *,
                      out_dtype: torch.dtype = torch.float32, backend: str | None = None) -> torch.Tensor:
