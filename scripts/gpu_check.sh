@@ -3,10 +3,18 @@
 #
 # Made for a short GPU lease (15 minutes, no internet; torch and triton preinstalled): it
 # runs fastmae from this checkout (PYTHONPATH; nothing is installed unless
-# GPU_CHECK_INSTALL=1): `fastmae bench` (ViT-B/L/H), the GPU tests (pytest -m gpu; the
-# timing-sensitive harness tests apart and alone), the kernel micro-benchmarks
-# (benchmarks/bench_ops.py), `fastmae validate` and the kernel test files, in that order
-# (most wanted first), each under `timeout`, the whole within ~9.5 minutes.
+# GPU_CHECK_INSTALL=1), in this order (most wanted first), each step under `timeout`, the
+# whole within ~9.5 minutes (GPU_CHECK_BUDGET_S; steps the budget leaves out are listed, and
+# a second call with GPU_CHECK_STEPS=... runs them):
+#   bench            `fastmae bench`, ViT-B/L/H, stock and Triton, eager and graphed
+#   bench_compiled   the same under torch.compile, ViT-B/16
+#   build_ext        the extension fastmae._C (backend "ext") for this card
+#   gpu_tests        pytest -m gpu (the timing-sensitive harness tests apart and alone)
+#   bench_ops        kernel micro-benchmarks (benchmarks/bench_ops.py)
+#   validate         `fastmae validate`, bf16
+#   kernel_tests     the kernel test files on the GPU, fp32/fp16
+#   bench_step, pretrain_step, pretrain_vs_bench   a `fastmae pretrain` step against bench's
+#   data_transfer    a batch's pinned uint8 copy + normalisation against the official copy
 #
 # Autotuning is most of the first minutes on a fresh machine (each attention shape
 # compiles and times 6 to 50 configs): TRITON_CACHE_AUTOTUNING=1 keeps each choice on
@@ -70,6 +78,9 @@ cd "$REPO" || exit 2
 # fastmae imports from the checkout; nothing needs it installed
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# the extension (fastmae._C, backend "ext") is built for this card only; its build test compares
+# the recorded archs with this variable, so it is set for every step
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export TRITON_CACHE_AUTOTUNING=1
 # compiled kernels and autotune choices: shared by the steps, outside OUT_DIR (not sent back)
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/fastmae-triton-cache}
@@ -172,6 +183,12 @@ B=$(budget 300 90)
 step bench_compiled $((B + 90)) "$PY" -m fastmae bench --quiet --no-plot --out "$WORK/bench" --time-budget "$B" \
     $COMPILE_ARGS
 
+# the compiled extension: its CUDA kernels have never run before this step; everything after
+# it (GPU tests, bench_ops, validate) then covers backend "ext" too
+step build_ext 240 env MAX_JOBS="${MAX_JOBS:-16}" FASTMAE_BUILD_EXT=1 "$PY" setup.py -q build_ext --inplace
+wanted build_ext && "$PY" -c 'import fastmae.ext as e; print("ext:", e.build_info(), e.problem())' \
+    >>"$WORK/logs/build_ext.log" 2>&1
+
 if ((HAVE_PYTEST)); then
     step gpu_tests 120 "${PYTEST[@]}" "${PARALLEL[@]}" -m gpu tests --ignore=tests/test_bench_harness.py --ignore=tests/test_sm90_compile.py
     # CUDA-event and graph timing checks: alone on the GPU
@@ -202,6 +219,18 @@ if ((HAVE_PYTEST)); then
 else
     SUMMARY+=("kernel_tests|skipped (pytest not installed)|0")
 fi
+
+# fastmae pretrain's step against fastmae bench's bare step, same configuration (issue 11: within 3%)
+PRE=(--model mae_vit_base_patch16 --batch_size 256 --backend triton)
+step bench_step 120 "$PY" -m fastmae bench --quiet --no-plot --models vit_b16 --batch-size 256 --backends triton \
+    --encoder visible --dtype bf16 --modes eager --steps 10 --warmup 3 --out "$WORK/bench-step"
+step pretrain_step 150 "$PY" -m fastmae pretrain --synthetic "${PRE[@]}" --norm_pix_loss --precision bf16 --epochs 1 \
+    --warmup_epochs 0 --max_steps 60 --log_every 10 --output_dir '' --log_dir "$WORK/pretrain-step" \
+    --num_workers 8 --no_progress
+step pretrain_vs_bench 30 "$PY" -m fastmae.pretrain.measure --bench "$WORK/bench-step/bench-*.json" \
+    --log "$WORK/pretrain-step/log_steps.txt" "${PRE[@]}" --mode eager --out "$WORK/records/pretrain-vs-bench.json"
+# the batch's trip to the GPU: pinned uint8 copy + normalize_images against the official float32 copy
+step data_transfer 90 "$PY" -m benchmarks.bench_data --images 64 --rounds 3 --device-transfer cuda --out "$WORK/data"
 
 # --------------------------------------------------------------------------- summary
 pack
