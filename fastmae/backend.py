@@ -115,10 +115,17 @@ def use_backend(name: str | None):
 
 
 # ----------------------------------------------------------------- availability
+def _assume_constant_result(fn):
+    """What ``torch.compiler.assume_constant_result`` does (it sets this attribute), without
+    importing torch._dynamo when fastmae is imported (~2 s; it is needed only when compiling)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # assume_constant_result: torch.compile calls it at trace time and keeps the answer (dynamo
 # would otherwise trace into importlib, which it refuses: a graph break, an error under fullgraph)
 @functools.cache
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _import_error(module: str) -> str | None:
     try:
         importlib.import_module(module)
