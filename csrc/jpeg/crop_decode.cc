@@ -194,7 +194,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("crop_decode", &fastmae_jpeg::crop_decode, "Decode a box of a JPEG into uint8 (height, width, 3) RGB",
         pybind11::arg("data"), pybind11::arg("top"), pybind11::arg("left"), pybind11::arg("height"),
         pybind11::arg("width"), pybind11::arg("scale_denom") = 1, pybind11::arg("col_margin") = 16,
-        pybind11::arg("row_margin") = 16);
+        pybind11::arg("row_margin") = 16,
+        pybind11::call_guard<pybind11::gil_scoped_release>());  // threads may decode in parallel
   m.attr("LIBJPEG_VERSION") = JPEG_LIB_VERSION;
 #ifdef LIBJPEG_TURBO_VERSION_NUMBER
   m.attr("LIBJPEG_TURBO_VERSION") = LIBJPEG_TURBO_VERSION_NUMBER;
