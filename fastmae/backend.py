@@ -148,6 +148,8 @@ def _triton_problem(device: torch.device) -> str | None:
     )
 
 
+# a constant for torch.compile too: loading the extension reads its build record (a file)
+@_assume_constant_result
 def _ext_problem(device: torch.device) -> str | None:
     from . import ext  # light: loads fastmae._C only now, when the backend is asked about
 
