@@ -7,7 +7,10 @@ the same inputs and noise is the exact answer; the patched fp32 model passes whe
     max|patched - exact64| <= 2 * max|unpatched_fp32 - exact64| + floor
 
 for the loss, the prediction and every parameter's gradient; ``floor`` is two fp32 ulps at the
-exact value's magnitude (for results that the fp32 model happens to get exactly right). The stock
+exact value's magnitude (for results that the fp32 model happens to get exactly right), and for a
+gradient at the magnitude of its module's largest exact gradient: a gradient that is zero in exact
+arithmetic (the key projection's bias: softmax ignores a per-query constant) is fp32 rounding
+noise of that module's backward on both sides, and 2x of noise is not an oracle. The stock
 models have two fp32 attention paths (timm: ``fused_attn`` SDPA or its explicit softmax; HF:
 ``sdpa`` or ``eager``), which round differently; PyTorch's own fp32 error is the larger of the
 two (with one alone, ~1 in 500 gradient tensors of the patched model lands just above 2x: 17 vs
@@ -34,15 +37,15 @@ OPS = ("patchify", "encoder_input", "decoder_unshuffle", "mae_loss", "attention_
 
 
 # ----------------------------------------------------------------------------- helpers
-def _floor(exact: torch.Tensor) -> float:
-    mag = exact.double().abs().max().item()
+def _floor(exact: torch.Tensor, scale: float = 0.0) -> float:
+    mag = max(exact.double().abs().max().item(), scale)
     return 2 * torch.finfo(torch.float32).eps * max(mag, 1e-30)
 
 
-def _assert_oracle(name, got, lows, exact):
+def _assert_oracle(name, got, lows, exact, scale: float = 0.0):
     err = (got.double() - exact.double()).abs().max().item()
     base = max((low.double() - exact.double()).abs().max().item() for low in lows)
-    bound = 2 * base + _floor(exact)
+    bound = 2 * base + _floor(exact, scale)
     assert err <= bound, f"{name}: max error {err:.3g} > 2 * {base:.3g} (unpatched fp32) + floor = {bound:.3g}"
 
 
@@ -86,8 +89,13 @@ def _compare(got, lows, exact):
     for r in lows:
         assert torch.equal(got[2], r[2]) and got[2].dtype == r[2].dtype, "mask"
     assert got[3].keys() == low[3].keys() == exact[3].keys()
+    module_scale = {}  # module name -> its largest exact gradient magnitude (see the floor above)
+    for n, g in exact[3].items():
+        mod = n.rpartition(".")[0]
+        module_scale[mod] = max(module_scale.get(mod, 0.0), g.double().abs().max().item())
     for n in got[3]:
-        _assert_oracle(f"grad {n}", got[3][n], [r[3][n] for r in lows], exact[3][n])
+        _assert_oracle(f"grad {n}", got[3][n], [r[3][n] for r in lows], exact[3][n],
+                       module_scale[n.rpartition(".")[0]])
 
 
 @contextlib.contextmanager
