@@ -154,11 +154,21 @@ def plan(env=None):
     return None, None, "no C++ compiler found"
 
 
+def _openmp_flags() -> list[str]:
+    """``-fopenmp`` where torch's CPU parallelism is OpenMP (Linux builds): ATen's
+    ``at::parallel_for`` is an inline ``#pragma omp parallel`` in the extension's own code, and
+    without the flag it quietly runs every C++ kernel on one thread. The module then uses the
+    libgomp torch has loaded (the same soname), so both share one thread pool."""
+    if sys.platform.startswith("linux"):
+        return ["-fopenmp"]
+    return []
+
+
 def _warning_flags(torch_includes):
     """Warnings as errors for fastmae's own sources; torch's headers as system headers
     (``-isystem`` takes precedence over the ``-I`` torch adds), so their warnings do not count."""
     system = [f for d in torch_includes for f in ("-isystem", d)]
-    cxx = ["-O3", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", *system]
+    cxx = ["-O3", "-Wall", "-Wextra", "-Werror", "-Wno-unused-parameter", *_openmp_flags(), *system]
     nvcc = ["-O3", "--Werror", "all-warnings", "-lineinfo", "--expt-relaxed-constexpr",
             *system, "-Xcompiler", "-Wall,-Wextra,-Werror,-Wno-unused-parameter"]
     return cxx, nvcc
@@ -189,9 +199,11 @@ def ext_modules(env=None):
     if kind == "cuda":
         include = common.pop("include_dirs") + nvidia_include_dirs()
         ext = cpp.CUDAExtension("fastmae._C", cxx_src + cu_src, include_dirs=include,
-                                extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)
+                                extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                                extra_link_args=_openmp_flags(), **common)
     else:
-        ext = cpp.CppExtension("fastmae._C", cxx_src, extra_compile_args={"cxx": cxx}, **common)
+        ext = cpp.CppExtension("fastmae._C", cxx_src, extra_compile_args={"cxx": cxx},
+                               extra_link_args=_openmp_flags(), **common)
     _notice(f"building fastmae._C ({kind}: {reason}; archs {os.environ['TORCH_CUDA_ARCH_LIST']})"
             if kind == "cuda" else f"building fastmae._C ({kind}: {reason})")
 
@@ -254,7 +266,8 @@ def jpeg_ext_modules(cmdclass: dict, env=None) -> list:
     _notice(f"building fastmae._jpeg (libjpeg headers in {include})")
     include_dirs = [] if include == "/usr/include" else [include]  # -I/usr/include would reorder system headers
     return [cpp.CppExtension("fastmae._jpeg", ["csrc/jpeg/crop_decode.cc"], include_dirs=include_dirs,
-                             libraries=["jpeg"], extra_compile_args={"cxx": cxx})]
+                             libraries=["jpeg"], extra_compile_args={"cxx": cxx},
+                             extra_link_args=_openmp_flags())]
 
 
 if __name__ == "__main__":
