@@ -59,6 +59,34 @@
 #define FASTMAE_CHECK_SAME_DEVICE(a, b) \
   FASTMAE_CHECK((a).device() == (b).device(), #a " and " #b " must be on one device")
 
+// CPU kernels: the build targets baseline x86-64 (SSE2) or aarch64, so that one wheel runs
+// anywhere. On x86-64 a hot loop may be compiled a second time for AVX2+FMA and picked at run
+// time: write the body once as an always-inline template, then two thin entry points,
+//
+//   FASTMAE_TARGET_AVX2 void rows_avx2(...) { rows_body(...); }   // compiled for AVX2+FMA
+//   void rows_base(...) { rows_body(...); }                         // baseline
+//   ... if (fastmae::cpu_has_avx2_fma()) rows_avx2(...); else rows_base(...);
+//
+// The target attribute does not reach into lambdas: call the entry point from inside
+// at::parallel_for's lambda, not at::parallel_for from inside the entry point. Elsewhere
+// (aarch64, MSVC) FASTMAE_TARGET_AVX2 is empty and cpu_has_avx2_fma() is false.
+#if !defined(__CUDACC__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTMAE_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define FASTMAE_ALWAYS_INLINE inline __attribute__((always_inline))
+namespace fastmae {
+inline bool cpu_has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+}  // namespace fastmae
+#else
+#define FASTMAE_TARGET_AVX2
+#define FASTMAE_ALWAYS_INLINE inline
+namespace fastmae {
+inline bool cpu_has_avx2_fma() { return false; }
+}  // namespace fastmae
+#endif
+
 namespace fastmae {
 
 // A 16-byte vector of T (4 floats, 8 halves, 2 doubles): one LDG.128 / STG.128 on a GPU.
