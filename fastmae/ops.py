@@ -23,13 +23,12 @@ Arguments are validated here, once, whatever the backend: bad input raises a
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import torch
 
 from . import reference as ref
-from .backend import BackendUnavailableError, get_backend, resolve
+from .backend import BackendUnavailableError, _import_error, get_backend, resolve
 
 __all__ = [
     "patchify",
@@ -85,12 +84,13 @@ _IMPLS["attention_qkvpacked"]["ext"] = "fastmae.ext.attention:attention_qkvpacke
 def _impl(op: str, backend: str):
     target = _IMPLS[op][backend]
     module, fn = target.split(":")
-    try:
-        # an imported module through sys.modules: torch.compile(fullgraph=True) traces that,
-        # not importlib's frames (a graph break); the model imports its kernels eagerly
-        return getattr(sys.modules.get(module) or importlib.import_module(module), fn)
-    except ImportError as e:
-        raise BackendUnavailableError(f"backend={backend!r} for {op}: cannot import {module} ({e})") from e
+    # the import goes through backend._import_error, which torch.compile runs at trace time
+    # and keeps as a constant (dynamo refuses to trace importlib: under fullgraph an error);
+    # the imported module is then read from sys.modules, which dynamo traces
+    err = _import_error(module)
+    if err is not None:
+        raise BackendUnavailableError(f"backend={backend!r} for {op}: cannot import {module} ({err})")
+    return getattr(sys.modules[module], fn)
 
 
 # The ops whose C++ kernel (backend="ext" on CPU tensors) ``backend="auto"`` takes for CPU

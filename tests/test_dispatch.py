@@ -187,3 +187,33 @@ def test_attention_head_dims_above_the_triton_limit(monkeypatch):
             ops.attention(q, k, v)
     finally:
         fastmae.set_backend("auto")
+
+
+def test_ops_on_ext_compile_fullgraph_before_their_module_is_imported():
+    # ops.<op>(backend="ext") imports fastmae.ext.<op> on first use; under torch.compile that first
+    # use is traced, and dynamo refuses importlib (fullgraph: an error). A fresh process, so that
+    # nothing has imported the ext modules yet.
+    from fastmae import ext
+
+    if ext.problem() is not None:
+        if os.environ.get("FASTMAE_EXT_REQUIRED") == "1":
+            pytest.fail(ext.problem())
+        pytest.skip(ext.problem())
+    code = (
+        "import sys, torch\n"
+        "from fastmae import ops\n"
+        "assert not any(m.startswith('fastmae.ext.') for m in sys.modules), sorted(sys.modules)\n"
+        "x = torch.randn(2, 3, 8, 8)\n"
+        "f = torch.compile(lambda t: ops.patchify(t, 4, backend='ext') * 2, fullgraph=True, backend='eager')\n"
+        "assert torch.equal(f(x), ops.patchify(x, 4) * 2)\n"
+        "t = [torch.randn(5, 8, requires_grad=True) for _ in range(2)] + [torch.randn(8) for _ in range(2)]\n"
+        "def g(x, r, w, b):\n"
+        "    y, s = ops.add_layer_norm(x, r, w, b, 1e-6, backend='ext')\n"
+        "    return y * 2, s\n"
+        "y, s = torch.compile(g, fullgraph=True, backend='eager')(*t)\n"
+        "y0, s0 = g(*t)\n"
+        "assert torch.equal(s, s0) and torch.allclose(y, y0)\n"
+        "print('OK')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
