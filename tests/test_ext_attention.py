@@ -13,29 +13,16 @@ Skips (with the loader's reason) when fastmae._C is not built; fails instead und
 ``FASTMAE_EXT_REQUIRED=1``.
 """
 
-import os
-
 import pytest
 import torch
+from _ext import require_ext
 
 from fastmae import ext, ops
 from fastmae import reference as ref
 
 _OPS = ("attention_fwd", "attention_bwd")
 
-
-def _why_unavailable():
-    why = ext.problem()
-    if why is None and not all(hasattr(torch.ops.fastmae_ext, n) for n in _OPS):
-        why = f"fastmae._C was built without {_OPS}; rebuild it: {ext.BUILD_HINT}"
-    return why
-
-
-_WHY = _why_unavailable()
-if _WHY is not None:
-    if os.environ.get("FASTMAE_EXT_REQUIRED") == "1":
-        raise RuntimeError(_WHY)
-    pytest.skip(_WHY, allow_module_level=True)
+require_ext(_OPS)
 
 from fastmae.ext import attention as A  # noqa: E402
 

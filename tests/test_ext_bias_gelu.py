@@ -12,11 +12,10 @@ Skips (with the loader's reason) when fastmae._C is not built; fails instead und
 ``FASTMAE_EXT_REQUIRED=1``.
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _ext import require_ext
 
 from fastmae import ext, ops
 from fastmae import reference as ref
@@ -25,19 +24,7 @@ from fastmae.validate import two_x_tolerance
 f16, f32, f64, bf16 = torch.float16, torch.float32, torch.float64, torch.bfloat16
 _OPS = ("bias_gelu_fwd", "bias_gelu_bwd")
 
-
-def _why_unavailable():
-    why = ext.problem()
-    if why is None and not all(hasattr(torch.ops.fastmae_ext, n) for n in _OPS):
-        why = f"fastmae._C was built without {_OPS}; rebuild it: {ext.BUILD_HINT}"
-    return why
-
-
-_WHY = _why_unavailable()
-if _WHY is not None:
-    if os.environ.get("FASTMAE_EXT_REQUIRED") == "1":
-        raise RuntimeError(_WHY)
-    pytest.skip(_WHY, allow_module_level=True)
+require_ext(_OPS)
 
 ROWS = [1, 3, 197, 1000]
 HIDDEN = [8, 40, 100, 768]

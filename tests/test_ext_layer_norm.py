@@ -15,10 +15,9 @@ The module skips (with the loader's reason) when fastmae._C is not built, or was
 without these ops; under ``FASTMAE_EXT_REQUIRED=1`` (``make test``) that is a failure instead.
 """
 
-import os
-
 import pytest
 import torch
+from _ext import require_ext
 
 from fastmae import ext, ops
 from fastmae import reference as ref
@@ -28,19 +27,7 @@ f16, f32, f64, bf16 = torch.float16, torch.float32, torch.float64, torch.bfloat1
 EPS = 1e-6
 _OPS = ("add_layer_norm_fwd", "add_layer_norm_bwd")
 
-
-def _why_unavailable():
-    why = ext.problem()
-    if why is None and not all(hasattr(torch.ops.fastmae_ext, n) for n in _OPS):
-        why = f"fastmae._C was built without {_OPS}; rebuild it: {ext.BUILD_HINT}"
-    return why
-
-
-_WHY = _why_unavailable()
-if _WHY is not None:
-    if os.environ.get("FASTMAE_EXT_REQUIRED") == "1":
-        raise RuntimeError(_WHY)
-    pytest.skip(_WHY, allow_module_level=True)
+require_ext(_OPS)
 
 DEVICE = "cpu"
 

@@ -14,19 +14,14 @@ The module skips (with the loader's reason) when fastmae._C is not built; under
 ``FASTMAE_EXT_REQUIRED=1`` (``make test``) that is a failure instead.
 """
 
-import os
-
 import pytest
 import torch
+from _ext import require_ext
 
 from fastmae import ext, ops
 from fastmae import reference as ref
 
-_WHY = ext.problem()
-if _WHY is not None:
-    if os.environ.get("FASTMAE_EXT_REQUIRED") == "1":
-        raise RuntimeError(_WHY)
-    pytest.skip(_WHY, allow_module_level=True)
+require_ext()
 
 from test_kernel_loss import CASES, _grad_tols, _inputs, _mae_mask, _mask_of_kind  # noqa: E402
 
