@@ -16,8 +16,9 @@ DEVICE_TRITON_DIR = .triton-device
 # ninja: CUDA kernels for TORCH_CUDA_ARCH_LIST when torch has CUDA and nvcc is found (the
 # default torch here is a CUDA build, so CI compiles them for sm_80 and sm_90 with warnings as
 # errors, and runs the C++ CPU twins), else the C++ kernels only. FASTMAE_BUILD_EXT=1 (the
-# default here) fails when it cannot build. ninja keeps its objects in build/ and recompiles
-# only what changed (a clean clone has no build/: a full build).
+# default here) fails when it cannot build. ninja keeps its objects in build/temp.<platform>-<kind>
+# (cuda or cpp, one directory each) and recompiles only what changed (a clean clone has no
+# build/: a full build).
 MAX_JOBS ?= 2
 FASTMAE_BUILD_EXT ?= 1
 TORCH_CUDA_ARCH_LIST ?= 8.0;9.0

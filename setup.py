@@ -221,6 +221,14 @@ def ext_modules(env=None):
                 os.fsync(f.fileno())
             os.replace(tmp, path)
 
+        def finalize_options(self):
+            # ninja's objects in a directory per kind (build/temp.<platform>-cuda or -cpp): the
+            # CUDA build and the C++-only build compile the same .cpp files with different macros,
+            # and switching between them would otherwise recompile everything each time
+            if self.build_temp is None:
+                self.build_temp = f"{self.get_finalized_command('build').build_temp}-{kind}"
+            super().finalize_options()
+
         def build_extension(self, ext):
             super().build_extension(ext)
             self._record(ext)  # in build_lib: what a wheel ships
