@@ -8,13 +8,19 @@ stored ``s`` in float32 math, stored in ``out_dtype``. Both outputs are differen
 The ops are ``torch.ops.fastmae_ext.add_layer_norm_fwd`` / ``add_layer_norm_bwd``
 (``csrc/ops/layer_norm.cpp``; math in ``csrc/ops/layer_norm.h``):
 
-* CPU (``csrc/ops/cpu/layer_norm_kernel.cpp``): ``at::parallel_for`` over rows, each row
-  converted once to an fp32 buffer, two-pass mean / centred variance; the backward cuts
-  the rows into fixed 32-row blocks with one dW/dB partial each, summed in block order.
+* CPU (``csrc/ops/cpu/layer_norm_kernel.cpp``): ``at::parallel_for`` over rows; fp32 rows
+  are read and written in place (fp16 / bf16 through fp32 row buffers), one pass for the add
+  and its sum, a centred-variance pass, one for y; the row loops are compiled for AVX2+FMA
+  and for the baseline target, picked at run time. The backward cuts the rows into fixed
+  32-row blocks with one dW/dB partial each, summed in block order.
 * CUDA (``csrc/ops/cuda/layer_norm_kernel.cu``): a warp per row with 16-byte accesses
   (scalar for D % 8 != 0), the row in registers up to D = 1024; the backward gives each
   128-row block one dW/dB partial (warps accumulate in shared memory, lanes own columns),
   then a fixed-order column sum. No atomics: the same bits on every run.
+
+Eagerly, :func:`add_layer_norm` runs the ops through :class:`_AddLayerNorm` (an
+``autograd.Function`` with the registered formula, below the autograd key: no generated
+Python autograd kernel per call); under torch.compile, the registered ops themselves.
 
 Saved for the backward: ``s`` (``x`` for ``layer_norm``), ``mean``, ``rstd``, ``weight`` and
 ``bias`` -- never the normalised output. Inputs and outputs are float32, float16 or

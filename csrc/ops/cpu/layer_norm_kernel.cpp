@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <memory>
 #include <vector>
 
 #include "../layer_norm.h"
@@ -35,13 +36,17 @@ using namespace fastmae::cpu;
 constexpr int64_t kRowsPerPartial = 32;
 constexpr int kLanes = 16;
 
-std::vector<float> param_or(const std::optional<at::Tensor>& p, int64_t D, float fill) {
-  std::vector<float> out(D, fill);
+// A (D,) parameter as fp32: read in place when it is a contiguous fp32 tensor, else converted
+// into `store` (filled with `fill` when absent).
+const float* param_f32(const std::optional<at::Tensor>& p, int64_t D, float fill, std::vector<float>& store) {
+  if (p.has_value() && p->defined() && p->scalar_type() == at::kFloat && p->is_contiguous())
+    return p->const_data_ptr<float>();
+  store.assign(D, fill);
   if (p.has_value() && p->defined()) {
     at::Tensor c = p->contiguous();
-    load_row(c.const_data_ptr(), c.scalar_type(), out.data(), D);
+    load_row(c.const_data_ptr(), c.scalar_type(), store.data(), D);
   }
-  return out;
+  return store.data();
 }
 
 // ----------------------------------------------------------------------------- row loops
@@ -343,7 +348,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cp
   const at::Tensor res = has_res ? residual_->contiguous() : at::Tensor();
   const int64_t rows = x.size(0), D = x.size(1);
   if (has_res) TORCH_CHECK(res.sizes() == x.sizes(), "add_layer_norm_fwd: residual must match x");
-  const std::vector<float> w = param_or(weight, D, 1.0f), b = param_or(bias, D, 0.0f);
+  std::vector<float> w_store, b_store;
+  const float* w = param_f32(weight, D, 1.0f, w_store);
+  const float* b = param_f32(bias, D, 0.0f, b_store);
 
   auto f32 = x.options().dtype(at::kFloat);
   at::Tensor y = empty_output({rows, D}, x.options().dtype(out_dtype));
@@ -363,8 +370,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cp
   a.re = has_res ? res.element_size() : 0;
   a.se = s.element_size();
   a.ye = y.element_size();
-  a.w = w.data();
-  a.b = b.data();
+  a.w = w;
+  a.b = b;
   a.mean = mean.mutable_data_ptr<float>();
   a.rstd = rstd.mutable_data_ptr<float>();
   a.D = D;
@@ -395,13 +402,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cp
   const bool has_w = weight.has_value() && weight->defined(), has_b = bias.has_value() && bias->defined();
   const bool sep_res = residual_dtype.has_value() && *residual_dtype != x_dtype;
   const int64_t rows = s.size(0), D = s.size(1);
-  const std::vector<float> w = param_or(weight, D, 1.0f);
+  std::vector<float> w_store;
+  const float* w = param_f32(weight, D, 1.0f, w_store);
 
   at::Tensor dx = empty_output({rows, D}, s.options().dtype(x_dtype));
   at::Tensor dres = sep_res ? empty_output({rows, D}, s.options().dtype(*residual_dtype)) : at::empty({0}, s.options());
   const bool acc = has_w || has_b;
   const int64_t nblk = layer_norm::num_partials(rows, kRowsPerPartial);
-  std::vector<float> part(acc ? nblk * 2 * D : 0);
+  // uninitialised: each block zeroes its own partial rows
+  std::unique_ptr<float[]> part(new float[acc ? nblk * 2 * D : 1]);
 
   BwdArgs a;
   a.s = byte_ptr(s);
@@ -419,10 +428,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cp
   a.dse = has_ds ? ds.element_size() : 0;
   a.dxe = dx.element_size();
   a.dre = dres.element_size();
-  a.w = w.data();
+  a.w = w;
   a.mean = mean.const_data_ptr<float>();
   a.rstd = rstd.const_data_ptr<float>();
-  a.part = part.data();
+  a.part = part.get();
   a.rows = rows;
   a.D = D;
   const bool avx2 = use_avx2();
@@ -449,9 +458,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cp
     float* dwp = dw32.mutable_data_ptr<float>();
     float* dbp = db32.mutable_data_ptr<float>();
     if (avx2)
-      combine_avx2(part.data(), nblk, D, dwp, dbp);
+      combine_avx2(part.get(), nblk, D, dwp, dbp);
     else
-      combine_base(part.data(), nblk, D, dwp, dbp);
+      combine_base(part.get(), nblk, D, dwp, dbp);
     if (has_w) dw = w32 ? dw32 : dw32.to(weight->scalar_type());
     if (has_b) db = b32 ? db32 : db32.to(bias->scalar_type());
   }
