@@ -315,3 +315,71 @@ def test_cuda_deterministic_and_mae_shapes(rows, D):
             for _ in range(2)]
     for a, c in zip(*runs):
         assert torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------- CPU code paths
+@pytest.fixture(params=["avx2", "baseline"])
+def cpu_path(request):
+    """Both row-loop builds of the CPU twin: AVX2+FMA (where the CPU has it) and baseline,
+    switched through the private op; always switched back."""
+    force = torch.ops.fastmae_ext._add_layer_norm_cpu_force_baseline
+    force(request.param == "baseline")
+    try:
+        yield request.param
+    finally:
+        force(False)
+
+
+@pytest.mark.parametrize("x_dt,r_dt,w_dt,out_dt,res_dt", [(f32, f32, f32, None, None), (f16, f16, f16, None, None),
+                                                          (bf16, bf16, bf16, None, None), *DTYPE_CASES])
+@pytest.mark.parametrize("rows,D", [(1, 8), (37, 100), (70, 768), (3, 1000)])  # D % 16 != 0: the tails
+def test_cpu_paths_against_oracle(cpu_path, rows, D, x_dt, r_dt, w_dt, out_dt, res_dt):
+    x, r, w, b = _inputs(rows, D, x_dt, r_dt, w_dt)
+    check_add(x, r, w, b, out_dt, res_dt)
+    if r_dt is None:
+        check_ln(x, w, b, out_dt)
+
+
+def test_cpu_paths_without_weight_or_ds(cpu_path):
+    x, r, w, b = _inputs(70, 100, f32, f32, f32)
+    check_add(x, r, None, None)
+    check_add(x, r, w, None, grad_s=False)
+
+
+def test_cpu_same_bits_for_any_thread_count():
+    # dW / dB partials over fixed 32-row blocks, summed in block order: no dependence on threads
+    x, r, w, b = _inputs(1000, 768, f32, f32, f32)
+    gy, gs = torch.randn(1000, 768), torch.randn(1000, 768)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_run(lambda *t: ops.add_layer_norm(*t, EPS, backend="ext"), [x, r, w, b], [gy, gs]))
+    finally:
+        torch.set_num_threads(threads)
+    for (outs, grads) in runs[1:]:
+        for a, c in zip(outs + grads, runs[0][0] + runs[0][1]):
+            assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("with_res", [True, False])
+def test_eager_path_is_the_registered_op(with_res):
+    # fastmae.ext.layer_norm calls the ops below the autograd key (an autograd.Function): the
+    # same bits as the op's registered autograd formula, which torch.compile traces
+    x, r, w, b = _inputs(50, 40, f16, f32, f32)
+    r = r if with_res else None
+    gy, gs = torch.randn(50, 40).to(f16), torch.randn(50, 40)
+
+    def registered(x, r, w, b):
+        y, s, _, _ = torch.ops.fastmae_ext.add_layer_norm_fwd(x, r, w, b, EPS, f16, f32 if with_res else f16)
+        return (y, s) if with_res else (y,)
+
+    def eager(x, r, w, b):
+        y, s = ops.add_layer_norm(x, r, w, b, EPS, backend="ext")
+        return (y, s) if with_res else (y,)
+
+    grads = [gy, gs] if with_res else [gy]
+    got, want = _run(eager, [x, r, w, b], grads), _run(registered, [x, r, w, b], grads)
+    for a, c in zip(got[0] + got[1], want[0] + want[1]):
+        assert (a is None and c is None) or torch.equal(a, c)

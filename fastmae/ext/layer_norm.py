@@ -8,13 +8,19 @@ stored ``s`` in float32 math, stored in ``out_dtype``. Both outputs are differen
 The ops are ``torch.ops.fastmae_ext.add_layer_norm_fwd`` / ``add_layer_norm_bwd``
 (``csrc/ops/layer_norm.cpp``; math in ``csrc/ops/layer_norm.h``):
 
-* CPU (``csrc/ops/cpu/layer_norm_kernel.cpp``): ``at::parallel_for`` over rows, each row
-  converted once to an fp32 buffer, two-pass mean / centred variance; the backward cuts
-  the rows into fixed 32-row blocks with one dW/dB partial each, summed in block order.
+* CPU (``csrc/ops/cpu/layer_norm_kernel.cpp``): ``at::parallel_for`` over rows; fp32 rows
+  are read and written in place (fp16 / bf16 through fp32 row buffers), one pass for the add
+  and its sum, a centred-variance pass, one for y; the row loops are compiled for AVX2+FMA
+  and for the baseline target, picked at run time. The backward cuts the rows into fixed
+  32-row blocks with one dW/dB partial each, summed in block order.
 * CUDA (``csrc/ops/cuda/layer_norm_kernel.cu``): a warp per row with 16-byte accesses
   (scalar for D % 8 != 0), the row in registers up to D = 1024; the backward gives each
   128-row block one dW/dB partial (warps accumulate in shared memory, lanes own columns),
   then a fixed-order column sum. No atomics: the same bits on every run.
+
+Eagerly, :func:`add_layer_norm` runs the ops through :class:`_AddLayerNorm` (an
+``autograd.Function`` with the registered formula, below the autograd key: no generated
+Python autograd kernel per call); under torch.compile, the registered ops themselves.
 
 Saved for the backward: ``s`` (``x`` for ``layer_norm``), ``mean``, ``rstd``, ``weight`` and
 ``bias`` -- never the normalised output. Inputs and outputs are float32, float16 or
@@ -85,6 +91,43 @@ def _backward(ctx, dy, ds, dmean, drstd):
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
 
 
+class _AddLayerNorm(torch.autograd.Function):
+    """The eager path of :func:`add_layer_norm`: the registered autograd formula (``_setup``,
+    ``_backward``) with the ops called below the autograd dispatch key, which skips the
+    generated Python autograd kernel of ``register_autograd`` (tens of microseconds a call,
+    forward and backward). Under torch.compile the registered op is traced instead."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps, out_dtype, residual_dtype):
+        inputs = (x, residual, weight, bias, eps, out_dtype, residual_dtype)
+        with torch._C._AutoDispatchBelowAutograd():
+            out = _ops.add_layer_norm_fwd(*inputs)
+        _setup(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy, ds, dmean, drstd):
+        if torch.is_grad_enabled():  # create_graph: as the registered op does
+            return _backward(ctx, dy, ds, dmean, drstd)
+        with torch._C._AutoDispatchBelowAutograd():
+            return _backward(ctx, dy, ds, dmean, drstd)
+
+
+def _fwd(*args):
+    """``add_layer_norm_fwd`` with autograd: the registered op when compiling, else the
+    :class:`_AddLayerNorm` fast path (straight to the kernel when no input needs a gradient)."""
+    if torch.compiler.is_compiling():
+        return _ops.add_layer_norm_fwd(*args)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args[:4]):
+        return _AddLayerNorm.apply(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _ops.add_layer_norm_fwd(*args)
+
+
+_OK = frozenset(DTYPES)
+_OK_OR_NONE = frozenset((*DTYPES, None))
+
+
 def _check_dtypes(**tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.dtype not in DTYPES:
@@ -96,20 +139,23 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
                    bias: torch.Tensor | None, eps: float = 1e-6, out_dtype: torch.dtype | None = None,
                    residual_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, s)``: see the module docstring (arguments validated by :func:`fastmae.ops.add_layer_norm`)."""
-    _check_dtypes(x=x, residual=residual, weight=weight, bias=bias)
-    for name, dt in (("out_dtype", out_dtype), ("residual_dtype", residual_dtype)):
-        if dt is not None and dt not in DTYPES:
-            raise TypeError(f"backend='ext' LayerNorm: {name} must be float32, float16 or bfloat16, got {dt}")
+    if not (x.dtype in _OK and (residual is None or residual.dtype in _OK) and (weight is None or weight.dtype in _OK)
+            and (bias is None or bias.dtype in _OK) and out_dtype in _OK_OR_NONE and residual_dtype in _OK_OR_NONE):
+        _check_dtypes(x=x, residual=residual, weight=weight, bias=bias)
+        for name, dt in (("out_dtype", out_dtype), ("residual_dtype", residual_dtype)):
+            if dt is not None and dt not in DTYPES:
+                raise TypeError(f"backend='ext' LayerNorm: {name} must be float32, float16 or bfloat16, got {dt}")
     sync_poison()
     shape, D = x.shape, x.shape[-1]
     out_dtype = out_dtype or x.dtype
     if residual is None:
         s = x.to(residual_dtype or x.dtype)
-        y = _ops.add_layer_norm_fwd(s.reshape(-1, D), None, weight, bias, float(eps), out_dtype, s.dtype)[0]
+        y = _fwd(s.reshape(-1, D), None, weight, bias, float(eps), out_dtype, s.dtype)[0]
         return y.view(shape), s
     rd = residual_dtype or residual.dtype
-    y, s, _, _ = _ops.add_layer_norm_fwd(x.reshape(-1, D), residual.reshape(-1, D), weight, bias, float(eps),
-                                         out_dtype, rd)
+    if x.dim() == 2:  # (rows, D) already: no reshapes
+        return _fwd(x, residual, weight, bias, float(eps), out_dtype, rd)[:2]
+    y, s, _, _ = _fwd(x.reshape(-1, D), residual.reshape(-1, D), weight, bias, float(eps), out_dtype, rd)
     return y.view(shape), s.view(shape)
 
 
