@@ -10,7 +10,10 @@ Targets (issue 12): data movement and encoder_input >= 3x the reference, the los
 ``fastmae.ops.EXT_CPU_AUTO`` (the ops ``backend="auto"`` sends to the C++ kernel on CPU)
 lists the ops measured faster than the reference here.
 
-    .venv/bin/python benchmarks/bench_cpu_twins.py [--iters 30] [--out benchmarks/results/cpu_twins.json]
+    .venv/bin/python -m benchmarks.bench_cpu_twins [--iters 30] [--out benchmarks/results/cpu_twins.json]
+
+(or ``python benchmarks/bench_cpu_twins.py``: either way it measures the fastmae of the checkout it
+sits in, not whichever one an editable install points at.)
 """
 
 from __future__ import annotations
@@ -24,10 +27,13 @@ import statistics
 import sys
 import time
 
-import torch
+if __package__ in (None, ""):  # run as a script: sys.path[0] is benchmarks/, not the checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from fastmae import ops
-from fastmae import reference as ref
+import torch  # noqa: E402
+
+from fastmae import ops  # noqa: E402
+from fastmae import reference as ref  # noqa: E402
 
 TARGETS = {"patchify": 3.0, "unpatchify": 3.0, "random_masking": 3.0, "encoder_input": 3.0,
            "decoder_unshuffle": 3.0, "mae_loss": 2.0, "mae_loss fwd+bwd": 2.0}
