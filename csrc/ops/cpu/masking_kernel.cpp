@@ -12,6 +12,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -22,23 +24,47 @@ namespace fastmae {
 namespace masking {
 namespace {
 
+// Writes sample n's outputs from its tokens in the stable order (order[r] = the token of rank r).
+inline void write_ranks(const int64_t* order, int64_t n, int64_t L, int64_t len_keep, int64_t* ids_keep, float* mask,
+                        int64_t* ids_restore) {
+  for (int64_t r = 0; r < L; ++r) {
+    const int64_t j = order[r];
+    ids_restore[n * L + j] = r;
+    mask[n * L + j] = r >= len_keep ? 1.0f : 0.0f;
+    if (r < len_keep) ids_keep[n * len_keep + r] = j;
+  }
+}
+
 // Fills ids_keep (N, len_keep) int64, mask (N, L) float32, ids_restore (N, L) int64.
+// Keys of fp16/bf16/fp32 noise fit 32 bits: (key, index) packs into one uint64 (the key's
+// signed order made unsigned in the high half, the index in the low half), whose plain order
+// is the (key, index) order; fp64 keys sort as (key, index) pairs.
 template <typename noise_t>
 void shuffle(const at::Tensor& noise, int64_t len_keep, int64_t* ids_keep, float* mask, int64_t* ids_restore) {
   const int64_t N = noise.size(0), L = noise.size(1), sn = noise.stride(0), sl = noise.stride(1);
   const noise_t* u = noise.const_data_ptr<noise_t>();
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<int64_t, int64_t>> keys(L);
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t j = 0; j < L; ++j) keys[j] = {key_of<noise_t>(u[n * sn + j * sl]), j};
-      std::sort(keys.begin(), keys.end(), [](const auto& a, const auto& b) {
-        return before(a.first, a.second, b.first, b.second);
-      });
-      for (int64_t r = 0; r < L; ++r) {
-        const int64_t j = keys[r].second;
-        ids_restore[n * L + j] = r;
-        mask[n * L + j] = r >= len_keep ? 1.0f : 0.0f;
-        if (r < len_keep) ids_keep[n * len_keep + r] = j;
+    std::vector<int64_t> order(L);
+    if constexpr (std::is_same_v<noise_t, double>) {
+      std::vector<std::pair<int64_t, int64_t>> keys(L);
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t j = 0; j < L; ++j) keys[j] = {key_of<noise_t>(u[n * sn + j * sl]), j};
+        std::sort(keys.begin(), keys.end(), [](const auto& a, const auto& b) {
+          return before(a.first, a.second, b.first, b.second);
+        });
+        for (int64_t r = 0; r < L; ++r) order[r] = keys[r].second;
+        write_ranks(order.data(), n, L, len_keep, ids_keep, mask, ids_restore);
+      }
+    } else {
+      std::vector<uint64_t> keys(L);
+      for (int64_t n = begin; n < end; ++n) {
+        for (int64_t j = 0; j < L; ++j) {
+          const uint32_t k = static_cast<uint32_t>(key_of<noise_t>(u[n * sn + j * sl])) ^ 0x80000000u;
+          keys[j] = (static_cast<uint64_t>(k) << 32) | static_cast<uint64_t>(j);
+        }
+        std::sort(keys.begin(), keys.end());
+        for (int64_t r = 0; r < L; ++r) order[r] = static_cast<int64_t>(keys[r] & 0xFFFFFFFFu);
+        write_ranks(order.data(), n, L, len_keep, ids_keep, mask, ids_restore);
       }
     }
   });
