@@ -76,10 +76,11 @@ template <typename img_t, int C_STATIC, bool X1>
 void load_target(const img_t* imgs, const Args& a, int64_t n, int64_t l, float* t) {
   const int64_t p = a.g.p, C = C_STATIC > 0 ? C_STATIC : a.g.C;
   const int64_t sc = a.is.c, sx = X1 ? 1 : a.is.x;
+  int64_t c0, y0, x0;
+  patchify::token_to_pixel(a.g, l, 0, c0, y0, x0);  // the patch's first pixel; row r is r*sy further
+  const img_t* patch = imgs + patchify::image_offset(a.is, n, c0, y0, x0);
   for (int64_t r = 0; r < p; ++r) {
-    int64_t c0, y, x;
-    patchify::token_to_pixel(a.g, l, r * p * C, c0, y, x);
-    const img_t* in = imgs + patchify::image_offset(a.is, n, c0, y, x);
+    const img_t* in = patch + r * a.is.y;
     float* o = t + r * p * C;
     int64_t q = 0;
 #if FASTMAE_LOSS_SSE

@@ -89,37 +89,44 @@ inline void scatter_run(const in_t* in, int64_t sd, out_t* out, int64_t so, int6
   }
 }
 
-template <typename in_t, typename out_t, int C_STATIC, bool X1>
+// The task's runs: token j, patch row r starts at image pixel (c = 0, y = i*p + r, x = j*p)
+// (ops/patchify.h), r*sy + j*p*sx past the strip's first pixel; no index division per run.
+template <typename in_t, typename out_t, int C_STATIC, bool X1, int P_STATIC>
 void patchify_rows(const in_t* src, out_t* dst, const Geom& g, const ImageStrides& s, int64_t N) {
-  const int64_t D = g.D(), p = g.p, C = g.C;
+  const int64_t C = C_STATIC > 0 ? C_STATIC : g.C, p = P_STATIC > 0 ? P_STATIC : g.p, D = p * p * C;
+  const int64_t sx = X1 ? 1 : s.x;
   at::parallel_for(0, N * g.h, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / g.h, i = nh % g.h;
+      int64_t c0, y0, x0;
+      token_to_pixel(g, i * g.w, 0, c0, y0, x0);  // the strip's first pixel: (0, i*p, 0)
+      const in_t* strip = src + image_offset(s, n, c0, y0, x0);
       out_t* o = dst + nh * g.w * D;  // tokens (n, i*w .. i*w + w - 1): contiguous
       for (int64_t j = 0; j < g.w; ++j) {
         for (int64_t r = 0; r < p; ++r) {
-          int64_t c0, y, x;
-          token_to_pixel(g, i * g.w + j, r * p * C, c0, y, x);  // the run's first element: channel 0, column j*p
-          gather_run<in_t, out_t, C_STATIC, X1>(src + image_offset(s, n, c0, y, x), s.c, s.x, o + j * D + r * p * C,
-                                                C, p);
+          gather_run<in_t, out_t, C_STATIC, X1>(strip + r * s.y + j * p * sx, s.c, sx, o + j * D + r * p * C, C, p);
         }
       }
     }
   });
 }
 
-template <typename in_t, typename out_t, int C_STATIC, bool D1>
+// The inverse runs: token j, patch row r fills out[n, c, i*p + r, j*p : j*p + p] for every c.
+template <typename in_t, typename out_t, int C_STATIC, bool D1, int P_STATIC>
 void unpatchify_rows(const in_t* src, out_t* dst, const Geom& g, const TokenStrides& s, int64_t N) {
-  const int64_t C = g.C, H = g.H(), W = g.W(), p = g.p;
+  const int64_t C = C_STATIC > 0 ? C_STATIC : g.C, H = g.H(), W = g.W(), p = P_STATIC > 0 ? P_STATIC : g.p;
+  const int64_t sd = D1 ? 1 : s.d;
   at::parallel_for(0, N * g.h, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / g.h, i = nh % g.h;
+      int64_t l0, d0;
+      pixel_to_token(g, 0, i * p, 0, l0, d0);  // the strip's first pixel: token i*w, element 0
+      const in_t* tok = src + token_offset(s, n, l0, d0);
+      out_t* strip = dst + ((n * C) * H + i * p) * W;  // out[n, 0, i*p, 0]
       for (int64_t j = 0; j < g.w; ++j) {
         for (int64_t r = 0; r < p; ++r) {
-          int64_t l, d;
-          pixel_to_token(g, 0, i * p + r, j * p, l, d);  // the run's first element: channel 0, q = 0
-          out_t* o = dst + ((n * C) * H + i * p + r) * W + j * p;  // out[n, 0, i*p + r, j*p]
-          scatter_run<in_t, out_t, C_STATIC, D1>(src + token_offset(s, n, l, d), s.d, o, H * W, C, p);
+          scatter_run<in_t, out_t, C_STATIC, D1>(tok + j * s.l + r * p * C * sd, sd, strip + r * W + j * p, H * W, C,
+                                                 p);
         }
       }
     }
@@ -130,19 +137,22 @@ at::ScalarType out_type(const at::Tensor& t, std::optional<at::ScalarType> out_d
   return out_dtype.has_value() ? *out_dtype : t.scalar_type();
 }
 
-// f.template operator()<C_STATIC, UNIT>(): the channel count 3 as a constant, and a unit stride
+// f.template operator()<C_STATIC, UNIT, P_STATIC>(): the channel count 3 as a constant, a unit
+// stride, and ViT's patch size 16 as a constant where the rest is the fast path
 template <typename F>
-void dispatch_c_unit(int64_t C, bool unit, F&& f) {
+void dispatch_c_unit(int64_t C, bool unit, int64_t p, F&& f) {
   if (C == 3) {
-    if (unit) {
-      f.template operator()<3, true>();
+    if (unit && p == 16) {
+      f.template operator()<3, true, 16>();
+    } else if (unit) {
+      f.template operator()<3, true, 0>();
     } else {
-      f.template operator()<3, false>();
+      f.template operator()<3, false, 0>();
     }
   } else if (unit) {
-    f.template operator()<0, true>();
+    f.template operator()<0, true, 0>();
   } else {
-    f.template operator()<0, false>();
+    f.template operator()<0, false, 0>();
   }
 }
 
@@ -159,8 +169,9 @@ at::Tensor patchify_cpu(const at::Tensor& imgs, int64_t patch_size, std::optiona
     using in_t = scalar_t;
     FASTMAE_DISPATCH_FLOAT(out.scalar_type(), "fastmae_ext::patchify", [&] {
       using o_t = scalar_t;
-      dispatch_c_unit(g.C, s.x == 1, [&]<int C_STATIC, bool X1>() {
-        patchify_rows<in_t, o_t, C_STATIC, X1>(imgs.const_data_ptr<in_t>(), out.mutable_data_ptr<o_t>(), g, s, N);
+      dispatch_c_unit(g.C, s.x == 1, g.p, [&]<int C_STATIC, bool X1, int P_STATIC>() {
+        patchify_rows<in_t, o_t, C_STATIC, X1, P_STATIC>(imgs.const_data_ptr<in_t>(), out.mutable_data_ptr<o_t>(), g,
+                                                         s, N);
       });
     });
   });
@@ -181,8 +192,9 @@ at::Tensor unpatchify_cpu(const at::Tensor& x, int64_t patch_size, int64_t h, in
     using in_t = scalar_t;
     FASTMAE_DISPATCH_FLOAT(out.scalar_type(), "fastmae_ext::unpatchify", [&] {
       using o_t = scalar_t;
-      dispatch_c_unit(g.C, s.d == 1, [&]<int C_STATIC, bool D1>() {
-        unpatchify_rows<in_t, o_t, C_STATIC, D1>(x.const_data_ptr<in_t>(), out.mutable_data_ptr<o_t>(), g, s, N);
+      dispatch_c_unit(g.C, s.d == 1, g.p, [&]<int C_STATIC, bool D1, int P_STATIC>() {
+        unpatchify_rows<in_t, o_t, C_STATIC, D1, P_STATIC>(x.const_data_ptr<in_t>(), out.mutable_data_ptr<o_t>(), g,
+                                                           s, N);
       });
     });
   });
