@@ -26,6 +26,12 @@
 
 #include "ops/patchify.h"
 
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTMAE_PREFETCH(ptr) __builtin_prefetch(ptr)
+#else
+#define FASTMAE_PREFETCH(ptr) ((void)0)
+#endif
+
 namespace fastmae {
 namespace patchify {
 namespace {
@@ -104,7 +110,11 @@ void patchify_rows(const in_t* src, out_t* dst, const Geom& g, const ImageStride
       out_t* o = dst + nh * g.w * D;  // tokens (n, i*w .. i*w + w - 1): contiguous
       for (int64_t j = 0; j < g.w; ++j) {
         for (int64_t r = 0; r < p; ++r) {
-          gather_run<in_t, out_t, C_STATIC, X1>(strip + r * s.y + j * p * sx, s.c, sx, o + j * D + r * p * C, C, p);
+          const in_t* in = strip + r * s.y + j * p * sx;
+          if (j + 1 < g.w) {  // the next token's runs continue these rows: prefetched
+            for (int64_t c = 0; c < C; ++c) FASTMAE_PREFETCH(in + c * s.c + p * sx);
+          }
+          gather_run<in_t, out_t, C_STATIC, X1>(in, s.c, sx, o + j * D + r * p * C, C, p);
         }
       }
     }
