@@ -133,8 +133,8 @@ void unpatchify_rows(const in_t* src, out_t* dst, const Geom& g, const TokenStri
       pixel_to_token(g, 0, i * p, 0, l0, d0);  // the strip's first pixel: token i*w, element 0
       const in_t* tok = src + token_offset(s, n, l0, d0);
       out_t* strip = dst + ((n * C) * H + i * p) * W;  // out[n, 0, i*p, 0]
-      for (int64_t j = 0; j < g.w; ++j) {
-        for (int64_t r = 0; r < p; ++r) {
+      for (int64_t r = 0; r < p; ++r) {  // r outer: each output row (c, i*p + r) is written left to right
+        for (int64_t j = 0; j < g.w; ++j) {
           scatter_run<in_t, out_t, C_STATIC, D1>(tok + j * s.l + r * p * C * sd, sd, strip + r * W + j * p, H * W, C,
                                                  p);
         }
