@@ -207,3 +207,21 @@ def test_cuda_matches_reference(x_dtype, p_dtype, N, L, D, ratio):
     _, grads = _grads(lambda *t: E.encoder_input(*t, ratio, noise), (x, pos, cls), g)
     _, ref_grads = _grads(lambda *t: ref.encoder_input(*t, ratio, noise), (x, pos, cls), g)
     assert_same(grads[0], ref_grads[0])
+
+
+# The C++ twin sorts and gathers each sample in one task: more samples than threads, one sample,
+# and each sample of a batch alone give the batch's rows (nothing leaks between tasks).
+@pytest.mark.parametrize("noise_dtype", [f32, f16, f64])
+def test_samples_are_independent_tasks(noise_dtype):
+    N, L, D = 9, 196, 48
+    x, pos, cls = inputs(N, L, D)
+    noise = tied_noise(N, L, levels=11, dtype=noise_dtype)
+    got = E.encoder_input(x, pos, cls, 0.75, noise)
+    for a, b in zip(got, ref.encoder_input(x, pos, cls, 0.75, noise)):
+        assert_same(a, b)
+    for n in (0, 4, N - 1):
+        one = E.encoder_input(x[n:n + 1], pos, cls, 0.75, noise[n:n + 1])
+        for a, b in zip(one, got):
+            assert_same(a, b[n:n + 1])
+    for a, b in zip(E.random_masking(x, 0.75, noise), ref.random_masking(x, 0.75, noise)):
+        assert_same(a, b)

@@ -132,3 +132,30 @@ def test_cuda_matches_reference(N, C, H, W, p, dtype):
     assert torch.equal(E.unpatchify(x, p, (h, w)), ref.unpatchify(x, p, (h, w)))
     assert torch.equal(E.unpatchify(x[:, :, :], p, (h, w), out_dtype=torch.float32),
                        ref.unpatchify(x, p, (h, w)).float())
+
+
+# The C++ twin's fast path (fp32, C = 3, unit x / d stride: SSE (de)interleave of 4 pixels, a
+# scalar tail for p % 4, p = 16 as a compile-time constant) against its fallbacks: patch sizes
+# with and without a tail, ViT-B's shape, non-finite values moved bit for bit, and views that
+# keep a unit last stride but not the others (an image crop, tokens of a sliced batch).
+@pytest.mark.parametrize("p", [4, 5, 6, 7, 16])
+def test_fast_path_patch_sizes_and_views(p):
+    N, C, h, w = 2, 3, 3, 5
+    imgs = _imgs(N, C, h * p, w * p, torch.float32)
+    imgs[0, 1, 0, :3] = float("nan")
+    imgs[1, 2, -1, -2:] = float("inf")
+    out = E.patchify(imgs, p)
+    assert torch.equal(out.view(torch.int32), ref.patchify(imgs, p).view(torch.int32))
+    assert torch.equal(E.unpatchify(out, p, (h, w)).view(torch.int32), imgs.view(torch.int32))
+    big = _imgs(N + 1, C, h * p + 3, w * p + 5, torch.float32)
+    crop = big[1:, :, 2:2 + h * p, 1:1 + w * p]
+    assert torch.equal(E.patchify(crop, p), ref.patchify(crop, p))
+    x = torch.randn(2 * N, h * w, p * p * C)[::2]
+    assert torch.equal(E.unpatchify(x, p, (h, w)), ref.unpatchify(x, p, (h, w)))
+
+
+def test_fast_path_vit_b():
+    imgs = _imgs(2, 3, 224, 224, torch.float32)
+    out = E.patchify(imgs, 16)
+    assert torch.equal(out, ref.patchify(imgs, 16))
+    assert torch.equal(E.unpatchify(out, 16), imgs)

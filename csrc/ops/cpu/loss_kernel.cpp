@@ -2,15 +2,35 @@
 //
 // Forward: fixed blocks of kRows patches (the partition does not depend on the thread count),
 // one task each: for every patch with mask != 0 the target is gathered from imgs into a row
-// buffer (ops/patchify.h), normalised (ops/loss.h; sums in 16 float lanes added in double), and the squared error summed;
-// each block writes (sum loss_m * mask_m, sum mask_m) in double, and the blocks are added in
-// order: a deterministic loss. Backward: the same row pass writes d pred (zero rows for mask 0).
+// buffer (ops/patchify.h; for an fp32 image with unit x stride and C = 3, each patch row's
+// three channel runs are interleaved 4 pixels at a time with SSE shuffles), normalised
+// (ops/loss.h; sums in 16 float lanes added in double), and the squared error summed; each
+// block writes (sum loss_m * mask_m, sum mask_m) in double, and the blocks are added in order:
+// a deterministic loss. Backward: the same row pass writes d pred (zero rows for mask 0).
+// fp32 pred with a unit last stride is read in place (no row copy).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__SSE2__)
+#include <xmmintrin.h>
+#define FASTMAE_LOSS_SSE 1
+#else
+#define FASTMAE_LOSS_SSE 0
+#endif
+
 #include "ops/loss.h"
+
+// The patches' image rows are 3*p strided runs: the next patch's are prefetched while one is
+// gathered (its rows continue the current ones).
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTMAE_PREFETCH(ptr) __builtin_prefetch(ptr)
+#else
+#define FASTMAE_PREFETCH(ptr) ((void)0)
+#endif
 
 namespace fastmae {
 namespace loss {
@@ -43,18 +63,45 @@ double lane_sum(int64_t P, F term) {
   return total;
 }
 
+#if FASTMAE_LOSS_SSE
+// (x0..x3), (y0..y3), (z0..z3) -> x0 y0 z0 x1 | y1 z1 x2 y2 | z2 x3 y3 z3 at o[0, 12)
+inline void interleave3(const float* a, const float* b, const float* c, float* o) {
+  const __m128 x = _mm_loadu_ps(a), y = _mm_loadu_ps(b), z = _mm_loadu_ps(c);
+  const __m128 xy_lo = _mm_unpacklo_ps(x, y);  // x0 y0 x1 y1
+  const __m128 xy_hi = _mm_unpackhi_ps(x, y);  // x2 y2 x3 y3
+  const __m128 t0 = _mm_shuffle_ps(z, xy_lo, _MM_SHUFFLE(2, 2, 0, 0));      // z0 z0 x1 x1
+  const __m128 t1 = _mm_shuffle_ps(xy_lo, z, _MM_SHUFFLE(1, 1, 3, 3));      // y1 y1 z1 z1
+  const __m128 t2 = _mm_shuffle_ps(xy_hi, z, _MM_SHUFFLE(3, 2, 3, 2));      // x3 y3 z2 z3
+  _mm_storeu_ps(o, _mm_shuffle_ps(xy_lo, t0, _MM_SHUFFLE(2, 0, 1, 0)));     // x0 y0 z0 x1
+  _mm_storeu_ps(o + 4, _mm_shuffle_ps(t1, xy_hi, _MM_SHUFFLE(1, 0, 2, 0)));  // y1 z1 x2 y2
+  _mm_storeu_ps(o + 8, _mm_shuffle_ps(t2, t2, _MM_SHUFFLE(3, 1, 0, 2)));     // z2 x3 y3 z3
+}
+#endif
+
 // The patch's (normalised) target, float32, into t[0, P). C_STATIC > 0: the channel count as a
-// compile-time constant (the gather's inner loop unrolls); 0: runtime.
-template <typename img_t, int C_STATIC>
+// compile-time constant (the gather's inner loop unrolls); 0: runtime. X1: unit x stride.
+template <typename img_t, int C_STATIC, bool X1>
 void load_target(const img_t* imgs, const Args& a, int64_t n, int64_t l, float* t) {
   const int64_t p = a.g.p, C = C_STATIC > 0 ? C_STATIC : a.g.C;
+  const int64_t sc = a.is.c, sx = X1 ? 1 : a.is.x;
+  int64_t c0, y0, x0;
+  patchify::token_to_pixel(a.g, l, 0, c0, y0, x0);  // the patch's first pixel; row r is r*sy further
+  const img_t* patch = imgs + patchify::image_offset(a.is, n, c0, y0, x0);
+  const bool next_in_row = (l + 1) % a.g.w != 0;  // the next patch, to the right: its rows prefetched
   for (int64_t r = 0; r < p; ++r) {
-    int64_t c0, y, x;
-    patchify::token_to_pixel(a.g, l, r * p * C, c0, y, x);
-    const img_t* in = imgs + patchify::image_offset(a.is, n, c0, y, x);
+    const img_t* in = patch + r * a.is.y;
+    if (next_in_row) {
+      for (int64_t c = 0; c < C; ++c) FASTMAE_PREFETCH(in + c * sc + p * sx);
+    }
     float* o = t + r * p * C;
-    for (int64_t q = 0; q < p; ++q)
-      for (int64_t c = 0; c < C; ++c) o[q * C + c] = static_cast<float>(in[c * a.is.c + q * a.is.x]);
+    int64_t q = 0;
+#if FASTMAE_LOSS_SSE
+    if constexpr (X1 && C_STATIC == 3 && std::is_same_v<img_t, float>) {
+      for (; q + 4 <= p; q += 4) interleave3(in + q, in + sc + q, in + 2 * sc + q, o + q * 3);
+    }
+#endif
+    for (; q < p; ++q)
+      for (int64_t c = 0; c < C; ++c) o[q * C + c] = static_cast<float>(in[c * sc + q * sx]);
   }
   if (!a.norm) return;
   const float mean = static_cast<float>(lane_sum(a.P, [&](int64_t d) { return t[d]; }) / static_cast<double>(a.P));
@@ -68,21 +115,26 @@ void load_target(const img_t* imgs, const Args& a, int64_t n, int64_t l, float* 
 
 template <typename img_t>
 void load_target(const img_t* imgs, const Args& a, int64_t n, int64_t l, float* t) {
+  const bool x1 = a.is.x == 1;
   if (a.g.C == 3) {
-    load_target<img_t, 3>(imgs, a, n, l, t);
+    x1 ? load_target<img_t, 3, true>(imgs, a, n, l, t) : load_target<img_t, 3, false>(imgs, a, n, l, t);
   } else {
-    load_target<img_t, 0>(imgs, a, n, l, t);
+    x1 ? load_target<img_t, 0, true>(imgs, a, n, l, t) : load_target<img_t, 0, false>(imgs, a, n, l, t);
   }
 }
 
-// pred's row as float32 into x[0, P)
+// pred's row as float32: in place for fp32 with a unit stride, else converted into x[0, P)
 template <typename pred_t>
-void load_pred(const pred_t* pr, int64_t stride, int64_t P, float* x) {
+const float* load_pred(const pred_t* pr, int64_t stride, int64_t P, float* x) {
+  if constexpr (std::is_same_v<pred_t, float>) {
+    if (stride == 1) return pr;
+  }
   if (stride == 1) {
     for (int64_t d = 0; d < P; ++d) x[d] = static_cast<float>(pr[d]);
   } else {
     for (int64_t d = 0; d < P; ++d) x[d] = static_cast<float>(pr[d * stride]);
   }
+  return x;
 }
 
 Args make_args(const at::Tensor& imgs, const at::Tensor& pred, int64_t patch_size, bool norm) {
@@ -129,9 +181,9 @@ std::tuple<at::Tensor, at::Tensor> mae_loss_cpu(const at::Tensor& imgs_in, const
             if (m == 0.0f) continue;  // loss_m * 0: not read
             const int64_t n = row / a.L, l = row % a.L;
             load_target<img_t>(ip, a, n, l, t.data());
-            load_pred<scalar_t>(pp + n * a.spn + l * a.spl, a.spd, a.P, x.data());
+            const float* xr = load_pred<scalar_t>(pp + n * a.spn + l * a.spl, a.spd, a.P, x.data());
             const double err = lane_sum(a.P, [&](int64_t d) {
-              const float e = x[d] - t[d];
+              const float e = xr[d] - t[d];
               return e * e;
             });
             sl += err / static_cast<double>(a.P) * m;
@@ -172,19 +224,19 @@ at::Tensor mae_loss_backward_cpu(const at::Tensor& grad_out, const at::Tensor& m
       const scalar_t* pp = pred.const_data_ptr<scalar_t>();
       scalar_t* gp = grad.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, a.M, kRows, [&](int64_t begin, int64_t end) {
-        std::vector<float> t(a.P);
+        std::vector<float> t(a.P), x(a.P);
         for (int64_t row = begin; row < end; ++row) {
           scalar_t* out = gp + row * a.P;
           const float m = mp[row];
           if (m == 0.0f) {
-            for (int64_t d = 0; d < a.P; ++d) out[d] = scalar_t(0);
+            std::fill(out, out + a.P, scalar_t(0));
             continue;
           }
           const int64_t n = row / a.L, l = row % a.L;
           load_target<img_t>(ip, a, n, l, t.data());
-          const scalar_t* pr = pp + n * a.spn + l * a.spl;
+          const float* xr = load_pred<scalar_t>(pp + n * a.spn + l * a.spl, a.spd, a.P, x.data());
           for (int64_t d = 0; d < a.P; ++d) {
-            out[d] = static_cast<scalar_t>(pred_grad(g_over_sum, m, a.P, static_cast<float>(pr[d * a.spd]), t[d]));
+            out[d] = static_cast<scalar_t>(pred_grad(g_over_sum, m, a.P, xr[d], t[d]));
           }
         }
       });

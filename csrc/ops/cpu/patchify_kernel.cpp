@@ -1,58 +1,142 @@
 // patchify / unpatchify on CPU tensors: the C++ twins of cuda/patchify_kernel.cu.
 //
-// patchify: one task per (image n, patch row i), writing that patch row's w*D contiguous token
-// elements in order; each (j, r) run of p*C outputs reads C image rows of p contiguous pixels.
-// unpatchify: one task per output image row (n, c, y), written contiguously.
-// Any input strides; outputs contiguous, cast to out_dtype on the way (as Tensor.to does).
+// Both: one task per (image n, patch row i). The task's image strip (C channels x p rows x W)
+// and its w tokens (w*D contiguous elements) are both a few tens of KB, so each side is read
+// or written from cache however the inner loop walks it.
+//
+// patchify: for each token j and patch row r, the C image rows imgs[n, c, i*p + r, j*p : j*p + p]
+// (contiguous when the image's x stride is 1) are interleaved into the token's contiguous run
+// of p*C elements, channel innermost. unpatchify: the inverse, each token run de-interleaved
+// into C contiguous runs of p pixels of the output rows. fp32 with C = 3 interleaves 4 pixels
+// (12 elements) at a time with SSE shuffles (baseline x86-64); other dtypes/C, or a strided
+// image / token row, take scalar loops (compile-time C where it is 3), cast to out_dtype on the
+// way (as Tensor.to does). Outputs contiguous.
 #include <ATen/Parallel.h>
 #include <c10/util/TypeCast.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
+#if defined(__x86_64__) && defined(__SSE2__)
+#include <xmmintrin.h>
+#define FASTMAE_PATCHIFY_SSE 1
+#else
+#define FASTMAE_PATCHIFY_SSE 0
+#endif
+
 #include "ops/patchify.h"
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTMAE_PREFETCH(ptr) __builtin_prefetch(ptr)
+#else
+#define FASTMAE_PREFETCH(ptr) ((void)0)
+#endif
 
 namespace fastmae {
 namespace patchify {
 namespace {
 
-// C_STATIC > 0: the channel count as a compile-time constant (the inner loop unrolls); 0: runtime.
-template <typename in_t, typename out_t, int C_STATIC>
+#if FASTMAE_PATCHIFY_SSE
+// (x0..x3), (y0..y3), (z0..z3) -> x0 y0 z0 x1 | y1 z1 x2 y2 | z2 x3 y3 z3 at o[0, 12)
+inline void interleave3(const float* a, const float* b, const float* c, float* o) {
+  const __m128 x = _mm_loadu_ps(a), y = _mm_loadu_ps(b), z = _mm_loadu_ps(c);
+  const __m128 xy_lo = _mm_unpacklo_ps(x, y);  // x0 y0 x1 y1
+  const __m128 xy_hi = _mm_unpackhi_ps(x, y);  // x2 y2 x3 y3
+  const __m128 t0 = _mm_shuffle_ps(z, xy_lo, _MM_SHUFFLE(2, 2, 0, 0));      // z0 z0 x1 x1
+  const __m128 t1 = _mm_shuffle_ps(xy_lo, z, _MM_SHUFFLE(1, 1, 3, 3));      // y1 y1 z1 z1
+  const __m128 t2 = _mm_shuffle_ps(xy_hi, z, _MM_SHUFFLE(3, 2, 3, 2));      // x3 y3 z2 z3
+  _mm_storeu_ps(o, _mm_shuffle_ps(xy_lo, t0, _MM_SHUFFLE(2, 0, 1, 0)));     // x0 y0 z0 x1
+  _mm_storeu_ps(o + 4, _mm_shuffle_ps(t1, xy_hi, _MM_SHUFFLE(1, 0, 2, 0)));  // y1 z1 x2 y2
+  _mm_storeu_ps(o + 8, _mm_shuffle_ps(t2, t2, _MM_SHUFFLE(3, 1, 0, 2)));     // z2 x3 y3 z3
+}
+
+// the inverse: o[0, 12) = x0 y0 z0 x1 | y1 z1 x2 y2 | z2 x3 y3 z3 -> (x0..x3), (y0..y3), (z0..z3)
+inline void deinterleave3(const float* in, float* a, float* b, float* c) {
+  const __m128 v0 = _mm_loadu_ps(in), v1 = _mm_loadu_ps(in + 4), v2 = _mm_loadu_ps(in + 8);
+  const __m128 x23 = _mm_shuffle_ps(v1, v2, _MM_SHUFFLE(1, 1, 2, 2));  // x2 x2 x3 x3
+  const __m128 y01 = _mm_shuffle_ps(v0, v1, _MM_SHUFFLE(0, 0, 1, 1));  // y0 y0 y1 y1
+  const __m128 y23 = _mm_shuffle_ps(v1, v2, _MM_SHUFFLE(2, 2, 3, 3));  // y2 y2 y3 y3
+  const __m128 z01 = _mm_shuffle_ps(v0, v1, _MM_SHUFFLE(1, 1, 2, 2));  // z0 z0 z1 z1
+  _mm_storeu_ps(a, _mm_shuffle_ps(v0, x23, _MM_SHUFFLE(2, 0, 3, 0)));   // x0 x1 x2 x3
+  _mm_storeu_ps(b, _mm_shuffle_ps(y01, y23, _MM_SHUFFLE(2, 0, 2, 0)));  // y0 y1 y2 y3
+  _mm_storeu_ps(c, _mm_shuffle_ps(z01, v2, _MM_SHUFFLE(3, 0, 2, 0)));   // z0 z1 z2 z3
+}
+#endif
+
+// o[q*C + c] = in[c*sc + q*sx] for q < p, c < C: one (token, patch row) run. X1: sx == 1.
+template <typename in_t, typename out_t, int C_STATIC, bool X1>
+inline void gather_run(const in_t* in, int64_t sc, int64_t sx, out_t* o, int64_t C_rt, int64_t p) {
+  const int64_t C = C_STATIC > 0 ? C_STATIC : C_rt;
+  const int64_t step = X1 ? 1 : sx;
+  int64_t q = 0;
+#if FASTMAE_PATCHIFY_SSE
+  if constexpr (X1 && C_STATIC == 3 && std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
+    for (; q + 4 <= p; q += 4) interleave3(in + q, in + sc + q, in + 2 * sc + q, o + q * 3);
+  }
+#endif
+  for (; q < p; ++q) {
+    for (int64_t c = 0; c < C; ++c) o[q * C + c] = c10::convert<out_t>(in[c * sc + q * step]);
+  }
+}
+
+// out[c*so + q] = in[(q*C + c)*sd] for q < p, c < C: the inverse run. D1: sd == 1.
+template <typename in_t, typename out_t, int C_STATIC, bool D1>
+inline void scatter_run(const in_t* in, int64_t sd, out_t* out, int64_t so, int64_t C_rt, int64_t p) {
+  const int64_t C = C_STATIC > 0 ? C_STATIC : C_rt;
+  const int64_t step = D1 ? 1 : sd;
+  int64_t q = 0;
+#if FASTMAE_PATCHIFY_SSE
+  if constexpr (D1 && C_STATIC == 3 && std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
+    for (; q + 4 <= p; q += 4) deinterleave3(in + q * 3, out + q, out + so + q, out + 2 * so + q);
+  }
+#endif
+  for (; q < p; ++q) {
+    for (int64_t c = 0; c < C; ++c) out[c * so + q] = c10::convert<out_t>(in[(q * C + c) * step]);
+  }
+}
+
+// The task's runs: token j, patch row r starts at image pixel (c = 0, y = i*p + r, x = j*p)
+// (ops/patchify.h), r*sy + j*p*sx past the strip's first pixel; no index division per run.
+template <typename in_t, typename out_t, int C_STATIC, bool X1, int P_STATIC>
 void patchify_rows(const in_t* src, out_t* dst, const Geom& g, const ImageStrides& s, int64_t N) {
-  const int64_t C = C_STATIC > 0 ? C_STATIC : g.C;
-  const int64_t D = g.D(), p = g.p;
+  const int64_t C = C_STATIC > 0 ? C_STATIC : g.C, p = P_STATIC > 0 ? P_STATIC : g.p, D = p * p * C;
+  const int64_t sx = X1 ? 1 : s.x;
   at::parallel_for(0, N * g.h, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nh = begin; nh < end; ++nh) {
       const int64_t n = nh / g.h, i = nh % g.h;
+      int64_t c0, y0, x0;
+      token_to_pixel(g, i * g.w, 0, c0, y0, x0);  // the strip's first pixel: (0, i*p, 0)
+      const in_t* strip = src + image_offset(s, n, c0, y0, x0);
+      out_t* o = dst + nh * g.w * D;  // tokens (n, i*w .. i*w + w - 1): contiguous
       for (int64_t j = 0; j < g.w; ++j) {
-        const int64_t l = i * g.w + j;
         for (int64_t r = 0; r < p; ++r) {
-          int64_t c0, y, x;
-          token_to_pixel(g, l, r * p * C, c0, y, x);  // the run's first element: channel 0, column j*p
-          const in_t* in = src + image_offset(s, n, c0, y, x);
-          out_t* o = dst + (n * g.L() + l) * D + r * p * C;
-          for (int64_t q = 0; q < p; ++q) {
-            for (int64_t c = 0; c < C; ++c) {
-              o[q * C + c] = c10::convert<out_t>(in[c * s.c + q * s.x]);
-            }
+          const in_t* in = strip + r * s.y + j * p * sx;
+          if (j + 1 < g.w) {  // the next token's runs continue these rows: prefetched
+            for (int64_t c = 0; c < C; ++c) FASTMAE_PREFETCH(in + c * s.c + p * sx);
           }
+          gather_run<in_t, out_t, C_STATIC, X1>(in, s.c, sx, o + j * D + r * p * C, C, p);
         }
       }
     }
   });
 }
 
-template <typename in_t, typename out_t>
+// The inverse runs: token j, patch row r fills out[n, c, i*p + r, j*p : j*p + p] for every c.
+template <typename in_t, typename out_t, int C_STATIC, bool D1, int P_STATIC>
 void unpatchify_rows(const in_t* src, out_t* dst, const Geom& g, const TokenStrides& s, int64_t N) {
-  const int64_t C = g.C, H = g.H(), W = g.W(), p = g.p;
-  at::parallel_for(0, N * C * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t y = row % H, c = (row / H) % C, n = row / (H * C);
-      out_t* o = dst + row * W;
-      for (int64_t j = 0; j < g.w; ++j) {
-        int64_t l, d;
-        pixel_to_token(g, c, y, j * p, l, d);  // the run's first pixel, q = 0
-        const in_t* in = src + token_offset(s, n, l, d);
-        for (int64_t q = 0; q < p; ++q) {
-          o[j * p + q] = c10::convert<out_t>(in[q * C * s.d]);
+  const int64_t C = C_STATIC > 0 ? C_STATIC : g.C, H = g.H(), W = g.W(), p = P_STATIC > 0 ? P_STATIC : g.p;
+  const int64_t sd = D1 ? 1 : s.d;
+  at::parallel_for(0, N * g.h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nh = begin; nh < end; ++nh) {
+      const int64_t n = nh / g.h, i = nh % g.h;
+      int64_t l0, d0;
+      pixel_to_token(g, 0, i * p, 0, l0, d0);  // the strip's first pixel: token i*w, element 0
+      const in_t* tok = src + token_offset(s, n, l0, d0);
+      out_t* strip = dst + ((n * C) * H + i * p) * W;  // out[n, 0, i*p, 0]
+      for (int64_t r = 0; r < p; ++r) {  // r outer: each output row (c, i*p + r) is written left to right
+        for (int64_t j = 0; j < g.w; ++j) {
+          scatter_run<in_t, out_t, C_STATIC, D1>(tok + j * s.l + r * p * C * sd, sd, strip + r * W + j * p, H * W, C,
+                                                 p);
         }
       }
     }
@@ -61,6 +145,25 @@ void unpatchify_rows(const in_t* src, out_t* dst, const Geom& g, const TokenStri
 
 at::ScalarType out_type(const at::Tensor& t, std::optional<at::ScalarType> out_dtype) {
   return out_dtype.has_value() ? *out_dtype : t.scalar_type();
+}
+
+// f.template operator()<C_STATIC, UNIT, P_STATIC>(): the channel count 3 as a constant, a unit
+// stride, and ViT's patch size 16 as a constant where the rest is the fast path
+template <typename F>
+void dispatch_c_unit(int64_t C, bool unit, int64_t p, F&& f) {
+  if (C == 3) {
+    if (unit && p == 16) {
+      f.template operator()<3, true, 16>();
+    } else if (unit) {
+      f.template operator()<3, true, 0>();
+    } else {
+      f.template operator()<3, false, 0>();
+    }
+  } else if (unit) {
+    f.template operator()<0, true, 0>();
+  } else {
+    f.template operator()<0, false, 0>();
+  }
 }
 
 at::Tensor patchify_cpu(const at::Tensor& imgs, int64_t patch_size, std::optional<at::ScalarType> out_dtype) {
@@ -75,11 +178,11 @@ at::Tensor patchify_cpu(const at::Tensor& imgs, int64_t patch_size, std::optiona
   FASTMAE_DISPATCH_FLOAT(imgs.scalar_type(), "fastmae_ext::patchify", [&] {
     using in_t = scalar_t;
     FASTMAE_DISPATCH_FLOAT(out.scalar_type(), "fastmae_ext::patchify", [&] {
-      if (g.C == 3) {
-        patchify_rows<in_t, scalar_t, 3>(imgs.const_data_ptr<in_t>(), out.mutable_data_ptr<scalar_t>(), g, s, N);
-      } else {
-        patchify_rows<in_t, scalar_t, 0>(imgs.const_data_ptr<in_t>(), out.mutable_data_ptr<scalar_t>(), g, s, N);
-      }
+      using o_t = scalar_t;
+      dispatch_c_unit(g.C, s.x == 1, g.p, [&]<int C_STATIC, bool X1, int P_STATIC>() {
+        patchify_rows<in_t, o_t, C_STATIC, X1, P_STATIC>(imgs.const_data_ptr<in_t>(), out.mutable_data_ptr<o_t>(), g,
+                                                         s, N);
+      });
     });
   });
   return out;
@@ -98,7 +201,11 @@ at::Tensor unpatchify_cpu(const at::Tensor& x, int64_t patch_size, int64_t h, in
   FASTMAE_DISPATCH_FLOAT(x.scalar_type(), "fastmae_ext::unpatchify", [&] {
     using in_t = scalar_t;
     FASTMAE_DISPATCH_FLOAT(out.scalar_type(), "fastmae_ext::unpatchify", [&] {
-      unpatchify_rows<in_t, scalar_t>(x.const_data_ptr<in_t>(), out.mutable_data_ptr<scalar_t>(), g, s, N);
+      using o_t = scalar_t;
+      dispatch_c_unit(g.C, s.d == 1, g.p, [&]<int C_STATIC, bool D1, int P_STATIC>() {
+        unpatchify_rows<in_t, o_t, C_STATIC, D1, P_STATIC>(x.const_data_ptr<in_t>(), out.mutable_data_ptr<o_t>(), g,
+                                                           s, N);
+      });
     });
   });
   return out;
