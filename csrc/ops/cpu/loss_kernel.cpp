@@ -15,22 +15,11 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__SSE2__)
-#include <xmmintrin.h>
-#define FASTMAE_LOSS_SSE 1
-#else
-#define FASTMAE_LOSS_SSE 0
-#endif
-
+#include "ops/cpu/interleave3.h"
 #include "ops/loss.h"
 
 // The patches' image rows are 3*p strided runs: the next patch's are prefetched while one is
 // gathered (its rows continue the current ones).
-#if defined(__GNUC__) || defined(__clang__)
-#define FASTMAE_PREFETCH(ptr) __builtin_prefetch(ptr)
-#else
-#define FASTMAE_PREFETCH(ptr) ((void)0)
-#endif
 
 namespace fastmae {
 namespace loss {
@@ -63,20 +52,6 @@ double lane_sum(int64_t P, F term) {
   return total;
 }
 
-#if FASTMAE_LOSS_SSE
-// (x0..x3), (y0..y3), (z0..z3) -> x0 y0 z0 x1 | y1 z1 x2 y2 | z2 x3 y3 z3 at o[0, 12)
-inline void interleave3(const float* a, const float* b, const float* c, float* o) {
-  const __m128 x = _mm_loadu_ps(a), y = _mm_loadu_ps(b), z = _mm_loadu_ps(c);
-  const __m128 xy_lo = _mm_unpacklo_ps(x, y);  // x0 y0 x1 y1
-  const __m128 xy_hi = _mm_unpackhi_ps(x, y);  // x2 y2 x3 y3
-  const __m128 t0 = _mm_shuffle_ps(z, xy_lo, _MM_SHUFFLE(2, 2, 0, 0));      // z0 z0 x1 x1
-  const __m128 t1 = _mm_shuffle_ps(xy_lo, z, _MM_SHUFFLE(1, 1, 3, 3));      // y1 y1 z1 z1
-  const __m128 t2 = _mm_shuffle_ps(xy_hi, z, _MM_SHUFFLE(3, 2, 3, 2));      // x3 y3 z2 z3
-  _mm_storeu_ps(o, _mm_shuffle_ps(xy_lo, t0, _MM_SHUFFLE(2, 0, 1, 0)));     // x0 y0 z0 x1
-  _mm_storeu_ps(o + 4, _mm_shuffle_ps(t1, xy_hi, _MM_SHUFFLE(1, 0, 2, 0)));  // y1 z1 x2 y2
-  _mm_storeu_ps(o + 8, _mm_shuffle_ps(t2, t2, _MM_SHUFFLE(3, 1, 0, 2)));     // z2 x3 y3 z3
-}
-#endif
 
 // The patch's (normalised) target, float32, into t[0, P). C_STATIC > 0: the channel count as a
 // compile-time constant (the gather's inner loop unrolls); 0: runtime. X1: unit x stride.
@@ -95,9 +70,9 @@ void load_target(const img_t* imgs, const Args& a, int64_t n, int64_t l, float* 
     }
     float* o = t + r * p * C;
     int64_t q = 0;
-#if FASTMAE_LOSS_SSE
+#if FASTMAE_CPU_SSE
     if constexpr (X1 && C_STATIC == 3 && std::is_same_v<img_t, float>) {
-      for (; q + 4 <= p; q += 4) interleave3(in + q, in + sc + q, in + 2 * sc + q, o + q * 3);
+      for (; q + 4 <= p; q += 4) cpu::interleave3(in + q, in + sc + q, in + 2 * sc + q, o + q * 3);
     }
 #endif
     for (; q < p; ++q)

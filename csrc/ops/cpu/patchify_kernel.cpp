@@ -17,51 +17,13 @@
 
 #include <type_traits>
 
-#if defined(__x86_64__) && defined(__SSE2__)
-#include <xmmintrin.h>
-#define FASTMAE_PATCHIFY_SSE 1
-#else
-#define FASTMAE_PATCHIFY_SSE 0
-#endif
-
+#include "ops/cpu/interleave3.h"
 #include "ops/patchify.h"
-
-#if defined(__GNUC__) || defined(__clang__)
-#define FASTMAE_PREFETCH(ptr) __builtin_prefetch(ptr)
-#else
-#define FASTMAE_PREFETCH(ptr) ((void)0)
-#endif
 
 namespace fastmae {
 namespace patchify {
 namespace {
 
-#if FASTMAE_PATCHIFY_SSE
-// (x0..x3), (y0..y3), (z0..z3) -> x0 y0 z0 x1 | y1 z1 x2 y2 | z2 x3 y3 z3 at o[0, 12)
-inline void interleave3(const float* a, const float* b, const float* c, float* o) {
-  const __m128 x = _mm_loadu_ps(a), y = _mm_loadu_ps(b), z = _mm_loadu_ps(c);
-  const __m128 xy_lo = _mm_unpacklo_ps(x, y);  // x0 y0 x1 y1
-  const __m128 xy_hi = _mm_unpackhi_ps(x, y);  // x2 y2 x3 y3
-  const __m128 t0 = _mm_shuffle_ps(z, xy_lo, _MM_SHUFFLE(2, 2, 0, 0));      // z0 z0 x1 x1
-  const __m128 t1 = _mm_shuffle_ps(xy_lo, z, _MM_SHUFFLE(1, 1, 3, 3));      // y1 y1 z1 z1
-  const __m128 t2 = _mm_shuffle_ps(xy_hi, z, _MM_SHUFFLE(3, 2, 3, 2));      // x3 y3 z2 z3
-  _mm_storeu_ps(o, _mm_shuffle_ps(xy_lo, t0, _MM_SHUFFLE(2, 0, 1, 0)));     // x0 y0 z0 x1
-  _mm_storeu_ps(o + 4, _mm_shuffle_ps(t1, xy_hi, _MM_SHUFFLE(1, 0, 2, 0)));  // y1 z1 x2 y2
-  _mm_storeu_ps(o + 8, _mm_shuffle_ps(t2, t2, _MM_SHUFFLE(3, 1, 0, 2)));     // z2 x3 y3 z3
-}
-
-// the inverse: o[0, 12) = x0 y0 z0 x1 | y1 z1 x2 y2 | z2 x3 y3 z3 -> (x0..x3), (y0..y3), (z0..z3)
-inline void deinterleave3(const float* in, float* a, float* b, float* c) {
-  const __m128 v0 = _mm_loadu_ps(in), v1 = _mm_loadu_ps(in + 4), v2 = _mm_loadu_ps(in + 8);
-  const __m128 x23 = _mm_shuffle_ps(v1, v2, _MM_SHUFFLE(1, 1, 2, 2));  // x2 x2 x3 x3
-  const __m128 y01 = _mm_shuffle_ps(v0, v1, _MM_SHUFFLE(0, 0, 1, 1));  // y0 y0 y1 y1
-  const __m128 y23 = _mm_shuffle_ps(v1, v2, _MM_SHUFFLE(2, 2, 3, 3));  // y2 y2 y3 y3
-  const __m128 z01 = _mm_shuffle_ps(v0, v1, _MM_SHUFFLE(1, 1, 2, 2));  // z0 z0 z1 z1
-  _mm_storeu_ps(a, _mm_shuffle_ps(v0, x23, _MM_SHUFFLE(2, 0, 3, 0)));   // x0 x1 x2 x3
-  _mm_storeu_ps(b, _mm_shuffle_ps(y01, y23, _MM_SHUFFLE(2, 0, 2, 0)));  // y0 y1 y2 y3
-  _mm_storeu_ps(c, _mm_shuffle_ps(z01, v2, _MM_SHUFFLE(3, 0, 2, 0)));   // z0 z1 z2 z3
-}
-#endif
 
 // o[q*C + c] = in[c*sc + q*sx] for q < p, c < C: one (token, patch row) run. X1: sx == 1.
 template <typename in_t, typename out_t, int C_STATIC, bool X1>
@@ -69,9 +31,9 @@ inline void gather_run(const in_t* in, int64_t sc, int64_t sx, out_t* o, int64_t
   const int64_t C = C_STATIC > 0 ? C_STATIC : C_rt;
   const int64_t step = X1 ? 1 : sx;
   int64_t q = 0;
-#if FASTMAE_PATCHIFY_SSE
+#if FASTMAE_CPU_SSE
   if constexpr (X1 && C_STATIC == 3 && std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
-    for (; q + 4 <= p; q += 4) interleave3(in + q, in + sc + q, in + 2 * sc + q, o + q * 3);
+    for (; q + 4 <= p; q += 4) cpu::interleave3(in + q, in + sc + q, in + 2 * sc + q, o + q * 3);
   }
 #endif
   for (; q < p; ++q) {
@@ -85,9 +47,9 @@ inline void scatter_run(const in_t* in, int64_t sd, out_t* out, int64_t so, int6
   const int64_t C = C_STATIC > 0 ? C_STATIC : C_rt;
   const int64_t step = D1 ? 1 : sd;
   int64_t q = 0;
-#if FASTMAE_PATCHIFY_SSE
+#if FASTMAE_CPU_SSE
   if constexpr (D1 && C_STATIC == 3 && std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
-    for (; q + 4 <= p; q += 4) deinterleave3(in + q * 3, out + q, out + so + q, out + 2 * so + q);
+    for (; q + 4 <= p; q += 4) cpu::deinterleave3(in + q * 3, out + q, out + so + q, out + 2 * so + q);
   }
 #endif
   for (; q < p; ++q) {
