@@ -10,9 +10,10 @@
 //   accumulators kept in registers over the whole K loop, one broadcast of A and two loads
 //   of B per 12 FMAs; A is read through (row, k) strides, so P^T and dS^T need no copy.
 //
-// Forward, per strip of 6 query rows: S = q k^T (6 x Np), t = scale S, m = max t, P = exp(t - m)
-// (an fp32 exp of our own that vectorises, below), l = sum P, lse = m + log l, O = (P v) / l.
-// Backward, per pair: S = q k^T, P = exp(scale S - lse), dP = dO v^T, delta = rowsum(dO * O),
+// Forward, per strip of 6 query rows: S = q k^T (6 x Np), t = scale S, m = max t,
+// P = exp(t - m) / l with l = sum exp(t - m) (an fp32 exp of our own that vectorises, below),
+// lse = m + log l, O = P v. Backward, per pair: S = q k^T and P as in the forward (bit for
+// bit; the saved lse is not read, see softmax_body), dP = dO v^T, delta = rowsum(dO * O),
 // dS = scale P (dP - delta), dV = P^T dO, dK = dS^T q, dQ = dS k, all in fp32 before one
 // rounding to the input dtype. Any N (the N <= 256 limit of backend "ext" is the CUDA
 // kernels' and is checked in Python).
@@ -144,10 +145,12 @@ FASTMAE_ALWAYS_INLINE void mm_body(int64_t M, int64_t Nc, int64_t K, const float
 }
 
 // ----------------------------------------------------------------------------- softmax rows
-// Forward, rows (mr x Np) of raw scores S in place: P = exp(scale S - m) (0 in the pad
-// columns), inv[r] = 1 / sum P, lse[r] = m + log(sum P).
-FASTMAE_ALWAYS_INLINE void softmax_fwd_body(float* s, int64_t mr, int64_t N, int64_t Np, float scale, float* inv,
-                                            float* lse) {
+// Rows (mr x Np) of raw scores S in place: P = exp(t - m) / l with t = scale S, m = max t,
+// l = sum exp(t - m), 0 in the pad columns; lse[r] = m + log l. The forward and the backward
+// both call this on the same S (the same tiles, bit for bit), so the backward's P is the
+// forward's exactly. (exp(t - lse) from the saved lse would add lse's fp32 rounding, a
+// relative error of ulp(lse) in P: 3e-5 at logits of 400.)
+FASTMAE_ALWAYS_INLINE void softmax_body(float* s, int64_t mr, int64_t N, int64_t Np, float scale, float* lse) {
   for (int64_t r = 0; r < mr; ++r) {
     float* row = s + r * Np;
     f8 x;
@@ -172,25 +175,13 @@ FASTMAE_ALWAYS_INLINE void softmax_fwd_body(float* s, int64_t mr, int64_t N, int
       storeu(row + j, x);
       l8 += x;
     }
-    const float l = hsum(l8);
-    inv[r] = 1.0f / l;
-    lse[r] = attention::lse_from(m, l);
-  }
-}
-
-// Backward, rows (N x Np) of raw scores S in place: P = exp(scale S - lse), 0 in the pad columns.
-FASTMAE_ALWAYS_INLINE void probs_bwd_body(float* s, int64_t N, int64_t Np, float scale, const float* lse) {
-  for (int64_t i = 0; i < N; ++i) {
-    float* row = s + i * Np;
-    const float l = lse[i];
-    f8 x;
+    const float l = hsum(l8), inv = 1.0f / l;
     for (int64_t j = 0; j < Np; j += kW) {
       loadu(x, row + j);
-      x = x * scale - l;
-      exp8(x);
+      x *= inv;
       storeu(row + j, x);
     }
-    for (int64_t j = N; j < Np; ++j) row[j] = 0.0f;
+    lse[r] = attention::lse_from(m, l);
   }
 }
 
@@ -216,12 +207,8 @@ FASTMAE_ALWAYS_INLINE void dscores_body(const float* p, float* dp, const float* 
                         const float* B, int64_t ldb, float* C, int64_t ldc) {                                    \
     mm_body<MR>(M, Nc, K, A, ars, aks, B, ldb, C, ldc);                                                           \
   }                                                                                                               \
-  attr void softmax_fwd_##suffix(float* s, int64_t mr, int64_t N, int64_t Np, float scale, float* inv,          \
-                                 float* lse) {                                                                    \
-    softmax_fwd_body(s, mr, N, Np, scale, inv, lse);                                                              \
-  }                                                                                                               \
-  attr void probs_bwd_##suffix(float* s, int64_t N, int64_t Np, float scale, const float* lse) {                \
-    probs_bwd_body(s, N, Np, scale, lse);                                                                         \
+  attr void softmax_##suffix(float* s, int64_t mr, int64_t N, int64_t Np, float scale, float* lse) {            \
+    softmax_body(s, mr, N, Np, scale, lse);                                                                       \
   }                                                                                                               \
   attr void dscores_##suffix(const float* p, float* dp, const float* delta, int64_t N, int64_t Np, float scale) { \
     dscores_body(p, dp, delta, N, Np, scale);                                                                     \
@@ -237,14 +224,13 @@ FASTMAE_ATTN_ENTRY(, base, kMRBase)
 
 struct Kernels {
   decltype(&mm_base) mm;
-  decltype(&softmax_fwd_base) softmax_fwd;
-  decltype(&probs_bwd_base) probs_bwd;
+  decltype(&softmax_base) softmax;
   decltype(&dscores_base) dscores;
 };
 
 const Kernels& kernels() {
-  static const Kernels k = cpu_has_avx2_fma() ? Kernels{mm_avx2, softmax_fwd_avx2, probs_bwd_avx2, dscores_avx2}
-                                              : Kernels{mm_base, softmax_fwd_base, probs_bwd_base, dscores_base};
+  static const Kernels k = cpu_has_avx2_fma() ? Kernels{mm_avx2, softmax_avx2, dscores_avx2}
+                                              : Kernels{mm_base, softmax_base, dscores_base};
   return k;
 }
 
@@ -294,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   float* lp = lse.mutable_data_ptr<float>();
   const Kernels& kn = kernels();
   at::parallel_for(0, B * H, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> qb(N * Dp), kb(N * Dp), kt(Dp * Np), vb(N * Dp), s(kMR * Np), o(kMR * Dp), inv(kMR);
+    std::vector<float> qb(N * Dp), kb(N * Dp), kt(Dp * Np), vb(N * Dp), s(kMR * Np), o(kMR * Dp);
     for (int64_t pair = p0; pair < p1; ++pair) {
       const int64_t b = pair / H, h = pair % H;
       gather(q, b, h, N, D, Dp, qb.data());
@@ -305,13 +291,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
       for (int64_t i0 = 0; i0 < N; i0 += kMR) {
         const int64_t mr = std::min<int64_t>(kMR, N - i0);
         kn.mm(mr, Np, Dp, qb.data() + i0 * Dp, Dp, 1, kt.data(), Np, s.data(), Np);  // S = q k^T
-        kn.softmax_fwd(s.data(), mr, N, Np, scale, inv.data(), lrow + i0);          // P, 1 / l, lse
-        kn.mm(mr, Dp, N, s.data(), Np, 1, vb.data(), Dp, o.data(), Dp);              // P v
-        for (int64_t r = 0; r < mr; ++r) {
-          float* orow = o.data() + r * Dp;
-          for (int64_t d = 0; d < D; ++d) orow[d] *= inv[r];
-          store_row(orow, ot, op + attention::out_offset(b, i0 + r, h, 0, N, H, D) * oe, D);
-        }
+        kn.softmax(s.data(), mr, N, Np, scale, lrow + i0);                            // P, lse
+        kn.mm(mr, Dp, N, s.data(), Np, 1, vb.data(), Dp, o.data(), Dp);              // O = P v
+        for (int64_t r = 0; r < mr; ++r)
+          store_row(o.data() + r * Dp, ot, op + attention::out_offset(b, i0 + r, h, 0, N, H, D) * oe, D);
       }
     }
   });
@@ -324,19 +307,19 @@ at::Tensor attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const 
                   out.sizes() == q.sizes(),
               "attention_bwd: dout, q, k, v, out (B, N, H, D)");
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
-  const at::Tensor lse = lse_.contiguous().to(at::kFloat);
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == N, "attention_bwd: lse (B, H, N)");
+  // lse (the forward's) is not read: the softmax is recomputed from S, see softmax_body
+  TORCH_CHECK(lse_.dim() == 3 && lse_.size(0) == B && lse_.size(1) == H && lse_.size(2) == N,
+              "attention_bwd: lse (B, H, N)");
   const int64_t Np = pad8(N), Dp = pad8(D);
   const float scale = static_cast<float>(scale_);
   at::Tensor dqkv = empty_output({B, N, 3, H, D}, q.options());
   const at::ScalarType gt = q.scalar_type();
   const int64_t ge = dqkv.element_size();
   char* gp = byte_ptr_mut(dqkv);
-  const float* lp = lse.const_data_ptr<float>();
   const Kernels& kn = kernels();
   at::parallel_for(0, B * H, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> qb(N * Dp), kb(N * Dp), kt(Dp * Np), vb(N * Dp), vt(Dp * Np), ob(N * Dp), dob(N * Dp);
-    std::vector<float> delta(N), p(N * Np), ds(N * Np), dq(N * Dp), dk(N * Dp), dv(N * Dp);
+    std::vector<float> delta(N), lse(N), p(N * Np), ds(N * Np), dq(N * Dp), dk(N * Dp), dv(N * Dp);
     for (int64_t pair = p0; pair < p1; ++pair) {
       const int64_t b = pair / H, h = pair % H;
       gather(q, b, h, N, D, Dp, qb.data());
@@ -351,9 +334,8 @@ at::Tensor attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const 
         for (int64_t d = 0; d < D; ++d) acc += dob[i * Dp + d] * ob[i * Dp + d];
         delta[i] = acc;
       }
-      const float* lrow = lp + attention::lse_offset(b, h, 0, H, N);
       kn.mm(N, Np, Dp, qb.data(), Dp, 1, kt.data(), Np, p.data(), Np);    // S = q k^T
-      kn.probs_bwd(p.data(), N, Np, scale, lrow);                          // P = exp(scale S - lse)
+      kn.softmax(p.data(), N, N, Np, scale, lse.data());                   // P, as in the forward
       kn.mm(N, Np, Dp, dob.data(), Dp, 1, vt.data(), Np, ds.data(), Np);  // dP = dO v^T
       kn.dscores(p.data(), ds.data(), delta.data(), N, Np, scale);         // dS = scale P (dP - delta)
       kn.mm(N, Dp, N, p.data(), 1, Np, dob.data(), Dp, dv.data(), Dp);    // dV = P^T dO
