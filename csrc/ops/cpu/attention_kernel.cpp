@@ -153,17 +153,15 @@ FASTMAE_ALWAYS_INLINE void mm_body(int64_t M, int64_t Nc, int64_t K, const float
 FASTMAE_ALWAYS_INLINE void softmax_body(float* s, int64_t mr, int64_t N, int64_t Np, float scale, float* lse) {
   for (int64_t r = 0; r < mr; ++r) {
     float* row = s + r * Np;
-    f8 x;
-    for (int64_t j = 0; j < Np; j += kW) {
+    f8 x, m8 = f8{} - std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < Np; j += kW) {  // t = scale S, -inf in the pad columns, and max t
       loadu(x, row + j);
       x *= scale;
       storeu(row + j, x);
-    }
-    for (int64_t j = N; j < Np; ++j) row[j] = -std::numeric_limits<float>::infinity();
-    f8 m8;
-    loadu(m8, row);
-    for (int64_t j = kW; j < Np; j += kW) {
-      loadu(x, row + j);
+      if (j + kW > N) {
+        for (int64_t c = N; c < Np; ++c) row[c] = -std::numeric_limits<float>::infinity();
+        loadu(x, row + j);
+      }
       m8 = x > m8 ? x : m8;
     }
     const float m = hmax(m8);
