@@ -248,3 +248,62 @@ def test_cuda_mae_shapes_and_deterministic(B, N, H, D, dtype):
     out, g = check_packed(qkv, dout)
     out2, g2 = _packed_grads(lambda t: ops.attention_qkvpacked(t, backend="ext"), qkv, dout)
     assert torch.equal(out, out2) and torch.equal(g, g2)
+
+
+# ----------------------------------------------------------------------------- CPU twin: tiling
+# The C++ twin computes every product with register tiles of 6 rows x 16 (or 8) columns over
+# N padded to a multiple of 8 (and D too, for head dims the CUDA kernels do not take, reachable
+# through torch.ops): every row-tail 1..6 and both column tails, at MAE's head counts.
+@pytest.mark.parametrize("N", list(range(1, 26)) + [31, 33, 48, 49, 63, 64, 97])
+def test_cpu_every_tile_tail(N):
+    check_packed(_randn(1, N, 3, 2, 32, dtype=f32), _randn(1, N, 2, 32, dtype=f32))
+
+
+@pytest.mark.parametrize("B,N,H,D", [(2, 50, 12, 64), (2, 197, 16, 32)])
+def test_cpu_mae_shapes(B, N, H, D):
+    # the benchmark's encoder and decoder heads (ViT-B at 75% masking), several pairs a thread
+    check_packed(_randn(B, N, 3, H, D, dtype=f32), _randn(B, N, H, D, dtype=f32))
+
+
+@pytest.mark.parametrize("D", [8, 20, 40, 72])
+def test_cpu_any_head_dim_through_torch_ops(D):
+    # backend="ext" takes D in HEAD_DIMS (the CUDA kernels'); the C++ op itself pads D to a multiple of 8
+    q, k, v, dout = _randn(2, 4, 23, 2, D, dtype=f32).unbind(1)
+    scale = D ** -0.5
+    out, lse = torch.ops.fastmae_ext.attention_fwd(q, k, v, scale)
+    g = torch.ops.fastmae_ext.attention_bwd(dout, q, k, v, out, lse, scale)
+
+    def run(*ts):
+        ts = [t.detach().requires_grad_(True) for t in ts]
+        o = ref.attention(*ts[:3], scale)
+        return (o.detach(), *torch.autograd.grad(o, ts[:3], ts[3]))
+
+    lowprec, exact = run(q, k, v, dout), run(*(t.double() for t in (q, k, v, dout)))
+    for name, got, lp, ex in zip(("out", "dq", "dk", "dv"), (out, *g.unbind(2)), lowprec, exact):
+        _assert_oracle(name, got, lp, ex, f32)
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16])
+def test_cpu_softmax_underflow(dtype):
+    # logits spread over hundreds: most of P underflows (the twin's exp gives exactly 0 below
+    # ln FLT_MIN), lse must still be the logsumexp
+    qkv = _randn(2, 40, 3, 2, 32, dtype=f32) * 6
+    check_packed(qkv.to(dtype), _randn(2, 40, 2, 32, dtype=dtype), scale=1.0)
+    q, k, v = qkv.unbind(2)
+    _, lse = torch.ops.fastmae_ext.attention_fwd(q, k, v, 1.0)
+    want = torch.logsumexp(torch.einsum("bnhd,bmhd->bhnm", q.double(), k.double()), dim=-1)
+    torch.testing.assert_close(lse.double(), want, rtol=1e-6, atol=1e-5)
+
+
+def test_cpu_result_does_not_depend_on_threads():
+    # one task per (batch, head) pair, nothing shared between tasks: bitwise equal on 1 and 2 threads
+    qkv, dout = _randn(3, 50, 3, 5, 64, dtype=f32), _randn(3, 50, 5, 64, dtype=f32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = _packed_grads(lambda t: ops.attention_qkvpacked(t, backend="ext"), qkv, dout)
+        torch.set_num_threads(2)
+        b = _packed_grads(lambda t: ops.attention_qkvpacked(t, backend="ext"), qkv, dout)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
