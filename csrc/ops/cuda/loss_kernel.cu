@@ -5,9 +5,9 @@
 // Otherwise it gathers the row's P target values from imgs (ops/patchify.h index math) into
 // shared memory (in 16-byte vectors when the image rows allow it: each lane reads one run of V
 // pixels along x from every channel, ops/patchify.h patch_run, and scatters them channel
-// innermost; element by element otherwise), with norm_pix_loss reduces them twice (mean, then the sum of squared
-// deviations: ops/loss.h) with warp shuffles in a fixed order, and reads pred in 16-byte vectors
-// when the rows allow it. Forward: each warp keeps its rows' sum(loss_m * mask_m) and sum(mask_m);
+// innermost; element by element otherwise), with norm_pix_loss reduces them twice (mean, then
+// the sum of squared deviations: ops/loss.h) with warp shuffles in a fixed order, and reads
+// pred in 16-byte vectors when the rows allow it. Forward: each warp keeps its rows' sum(loss_m * mask_m) and sum(mask_m);
 // the block adds its warps' sums in order into a partial, and a one-block kernel adds the
 // partials in a fixed order: no atomics, a deterministic loss. Backward: the warp writes d pred
 // in 16-byte vectors.
