@@ -42,6 +42,12 @@ FASTMAE_HD int64_t dqkv_offset(int64_t b, int64_t n, int slot, int64_t h, int64_
                                int64_t D) {
   return (((b * N + n) * 3 + slot) * H + h) * D + d;
 }
+// dqkv_offset(b, n, slot, h, d, N, H, D) from the flat row b*N + n, all operands unsigned 32-bit
+// (row < 2^31: the launchers check B*H*N; d < D <= 128), widened without sign: the CUDA
+// backward's stores, where the sign words of the 64-bit operands cost registers.
+FASTMAE_HD int64_t dqkv_offset_row(uint32_t row, uint32_t slot, uint32_t h, uint32_t d, uint32_t H, uint32_t D) {
+  return static_cast<int64_t>(((static_cast<uint64_t>(row) * 3 + slot) * H + h) * D + d);
+}
 FASTMAE_HD int64_t lse_offset(int64_t b, int64_t h, int64_t n, int64_t H, int64_t N) { return (b * H + h) * N + n; }
 
 // The padded sequence length (a multiple of 16) and the number of 16-row strips.

@@ -25,6 +25,10 @@
 //     keys: S, dP, dS again; dQ += dS K; written once per strip.
 //   The scores are computed twice (once per phase): the price of deterministic dQ without a
 //   cross-warp reduction.
+// Fragments read from global memory (q, and K, V, dO in the backward) are 32-bit loads of two
+//   adjacent d from two row pointers a lane (load_a_rows): the host passes d-contiguous tensors
+//   with even strides (pairs_ready copies any other layout). Per-element 64-bit addresses were
+//   what pushed the backward to 255 registers and spills at D = 64 and 80.
 // fp32: a SIMT path (attn_fwd_simt, attn_bwd_*_simt): one warp per query (or key) row, lanes
 //   over D, warp-shuffle dot products, online softmax, the same math in fp32 (no TF32).
 #include <ATen/ATen.h>
@@ -103,19 +107,24 @@ __device__ __forceinline__ uint16_t ld_raw(const uint16_t* p, const Strides4& s,
   return n < N ? p[attention::offset(s, b, n, h, d)] : static_cast<uint16_t>(0);
 }
 
-// A fragments (16 rows from row0, all of D in D/16 k-steps) of a (B, N, H, D) tensor in global memory.
+// A fragments (16 rows from row0, all of D in D/16 k-steps) of a (B, N, H, D) tensor in global
+// memory whose d stride is 1 and whose other strides and base are even (pairs_ready on the
+// host): each fragment register is one 32-bit load of 2 adjacent d, at an immediate offset
+// from one of the lane's two row pointers (few live registers: the backward is at the limit).
 template <int D>
 __device__ __forceinline__ void load_a_rows(const uint16_t* p, const Strides4& s, int b, int h, int row0, int N,
                                             uint32_t (&a)[D / 16][4]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int r0 = row0 + g, r1 = row0 + g + 8;
+  const bool ok0 = r0 < N, ok1 = r1 < N;
+  const uint16_t* p0 = p + attention::offset(s, b, ok0 ? r0 : 0, h, 2 * t);
+  const uint16_t* p1 = p + attention::offset(s, b, ok1 ? r1 : 0, h, 2 * t);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    const int c = kk * 16 + 2 * t;
-    a[kk][0] = pack_raw(ld_raw(p, s, b, r0, h, c, N), ld_raw(p, s, b, r0, h, c + 1, N));
-    a[kk][1] = pack_raw(ld_raw(p, s, b, r1, h, c, N), ld_raw(p, s, b, r1, h, c + 1, N));
-    a[kk][2] = pack_raw(ld_raw(p, s, b, r0, h, c + 8, N), ld_raw(p, s, b, r0, h, c + 9, N));
-    a[kk][3] = pack_raw(ld_raw(p, s, b, r1, h, c + 8, N), ld_raw(p, s, b, r1, h, c + 9, N));
+    a[kk][0] = ok0 ? u32_at(p0 + kk * 16) : 0u;
+    a[kk][1] = ok1 ? u32_at(p1 + kk * 16) : 0u;
+    a[kk][2] = ok0 ? u32_at(p0 + kk * 16 + 8) : 0u;
+    a[kk][3] = ok1 ? u32_at(p1 + kk * 16 + 8) : 0u;
   }
 }
 
@@ -345,15 +354,15 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_mma(AttnArgs a) {
     for (int dn = 0; dn < D / 8; ++dn) {
       const int c = dn * 8 + 2 * t;
       if (key0) {
-        *reinterpret_cast<uint32_t*>(G + attention::dqkv_offset(b, j0 + g, 1, h, c, N, a.H, D)) =
+        *reinterpret_cast<uint32_t*>(G + attention::dqkv_offset_row(b * N + j0 + g, 1, h, c, a.H, D)) =
             pack2<T>(dk[dn][0] * a.scale, dk[dn][1] * a.scale);
-        *reinterpret_cast<uint32_t*>(G + attention::dqkv_offset(b, j0 + g, 2, h, c, N, a.H, D)) =
+        *reinterpret_cast<uint32_t*>(G + attention::dqkv_offset_row(b * N + j0 + g, 2, h, c, a.H, D)) =
             pack2<T>(dv[dn][0], dv[dn][1]);
       }
       if (key1) {
-        *reinterpret_cast<uint32_t*>(G + attention::dqkv_offset(b, j0 + g + 8, 1, h, c, N, a.H, D)) =
+        *reinterpret_cast<uint32_t*>(G + attention::dqkv_offset_row(b * N + j0 + g + 8, 1, h, c, a.H, D)) =
             pack2<T>(dk[dn][2] * a.scale, dk[dn][3] * a.scale);
-        *reinterpret_cast<uint32_t*>(G + attention::dqkv_offset(b, j0 + g + 8, 2, h, c, N, a.H, D)) =
+        *reinterpret_cast<uint32_t*>(G + attention::dqkv_offset_row(b * N + j0 + g + 8, 2, h, c, a.H, D)) =
             pack2<T>(dv[dn][2], dv[dn][3]);
       }
     }
@@ -408,10 +417,10 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_mma(AttnArgs a) {
     for (int dn = 0; dn < D / 8; ++dn) {
       const int c = dn * 8 + 2 * t;
       if (r0 < N)
-        *reinterpret_cast<uint32_t*>(G + attention::dqkv_offset(b, r0, 0, h, c, N, a.H, D)) =
+        *reinterpret_cast<uint32_t*>(G + attention::dqkv_offset_row(b * N + r0, 0, h, c, a.H, D)) =
             pack2<T>(dq[dn][0] * a.scale, dq[dn][1] * a.scale);
       if (r1 < N)
-        *reinterpret_cast<uint32_t*>(G + attention::dqkv_offset(b, r1, 0, h, c, N, a.H, D)) =
+        *reinterpret_cast<uint32_t*>(G + attention::dqkv_offset_row(b * N + r1, 0, h, c, a.H, D)) =
             pack2<T>(dq[dn][2] * a.scale, dq[dn][3] * a.scale);
     }
   }
@@ -540,6 +549,15 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_q_simt(AttnArgs a, int D
 // --------------------------------------------------------------------------- host
 Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
+// t as load_a_rows reads it (fp16 / bf16): d contiguous, the other strides even (a size-1 dim's
+// stride is never used), the base 4-byte aligned; any other layout is copied (MAE's q, k, v,
+// slots of one packed projection, and dO are already so).
+at::Tensor pairs_ready(const at::Tensor& t) {
+  bool ok = t.stride(3) == 1 && (reinterpret_cast<std::uintptr_t>(t.const_data_ptr()) & 3) == 0;
+  for (int d = 0; d < 3; ++d) ok = ok && (t.size(d) == 1 || t.stride(d) % 2 == 0);
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
 size_t fwd_smem(int N, int D) {
   const int NP = attention::padded_len(N);
   return static_cast<size_t>(attention::pairs_per_block(N, kWarps)) * (NP * (D + 8) + D * (NP + 8)) * 2;
@@ -611,7 +629,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   at::Tensor out = empty_output({B, N, H, D}, q.options());
   at::Tensor lse = empty_output({B, H, N}, q.options().dtype(at::kFloat));
   if (B * H == 0) return {out, lse};
-  AttnArgs a = make_args(q, k, v, scale);
+  const at::Tensor qr = q.scalar_type() != at::kFloat ? pairs_ready(q) : q;  // alive until the launch
+  AttnArgs a = make_args(qr, k, v, scale);
   a.out = out.mutable_data_ptr();
   a.lse = lse.mutable_data_ptr<float>();
   switch (q.scalar_type()) {
@@ -638,9 +657,12 @@ at::Tensor attention_bwd_cuda(const at::Tensor& dout, const at::Tensor& q, const
   const at::Tensor lse = lse_.contiguous().to(at::kFloat);
   at::Tensor dqkv = empty_output({B, N, 3, H, D}, q.options());
   if (B * H == 0) return dqkv;
-  AttnArgs a = make_args(q, k, v, scale);
+  const bool mma = q.scalar_type() != at::kFloat;
+  const at::Tensor qr = mma ? pairs_ready(q) : q, kr = mma ? pairs_ready(k) : k, vr = mma ? pairs_ready(v) : v;
+  const at::Tensor dr = mma ? pairs_ready(dout) : dout;
+  AttnArgs a = make_args(qr, kr, vr, scale);
   a.o = out.const_data_ptr(); a.so = strides_of(out);
-  a.dout = dout.const_data_ptr(); a.sdo = strides_of(dout);
+  a.dout = dr.const_data_ptr(); a.sdo = strides_of(dr);
   a.lse = const_cast<float*>(lse.const_data_ptr<float>());
   a.dqkv = dqkv.mutable_data_ptr();
   switch (q.scalar_type()) {

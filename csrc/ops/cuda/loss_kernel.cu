@@ -3,9 +3,11 @@
 // One warp a patch (row m = n*L + l), several warps a block. A warp reads the row's mask first
 // and touches nothing else when it is 0 (forward: the row adds 0; backward: zeros are stored).
 // Otherwise it gathers the row's P target values from imgs (ops/patchify.h index math) into
-// shared memory, with norm_pix_loss reduces them twice (mean, then the sum of squared
-// deviations: ops/loss.h) with warp shuffles in a fixed order, and reads pred in 16-byte vectors
-// when the rows allow it. Forward: each warp keeps its rows' sum(loss_m * mask_m) and sum(mask_m);
+// shared memory (in 16-byte vectors when the image rows allow it: each lane reads one run of V
+// pixels along x from every channel, ops/patchify.h patch_run, and scatters them channel
+// innermost; element by element otherwise), with norm_pix_loss reduces them twice (mean, then
+// the sum of squared deviations: ops/loss.h) with warp shuffles in a fixed order, and reads
+// pred in 16-byte vectors when the rows allow it. Forward: each warp keeps its rows' sum(loss_m * mask_m) and sum(mask_m);
 // the block adds its warps' sums in order into a partial, and a one-block kernel adds the
 // partials in a fixed order: no atomics, a deterministic loss. Backward: the warp writes d pred
 // in 16-byte vectors.
@@ -28,6 +30,7 @@ struct Args {
   int64_t spn, spl;  // pred strides (rows contiguous)
   int64_t M, L, P;
   bool norm;
+  bool img_vec;  // imgs rows can be read as 16-byte vectors along x (set by the launcher)
 };
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -40,12 +43,30 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <typename img_t>
 __device__ void load_target(const img_t* __restrict__ imgs, const Args& a, int64_t n, int64_t l, float* t, int lane) {
   float sum = 0;
-  for (int64_t d = lane; d < a.P; d += 32) {
-    int64_t c, y, x;
-    patchify::token_to_pixel(a.g, l, d, c, y, x);
-    const float v = static_cast<float>(imgs[patchify::image_offset(a.is, n, c, y, x)]);
-    t[d] = v;
-    sum += v;
+  if (a.img_vec) {
+    constexpr int VI = Vec16<img_t>::kSize;
+    const int64_t C = a.g.C, runs = a.g.p * (a.g.p / VI);
+    for (int64_t u = lane; u < runs; u += 32) {
+      int64_t y, x, d0;
+      patchify::patch_run(a.g, VI, l, u, y, x, d0);
+      for (int64_t c = 0; c < C; ++c) {
+        const Vec16<img_t> iv = *reinterpret_cast<const Vec16<img_t>*>(imgs + patchify::image_offset(a.is, n, c, y, x));
+#pragma unroll
+        for (int e = 0; e < VI; ++e) {
+          const float v = static_cast<float>(iv.v[e]);
+          t[d0 + e * C + c] = v;
+          sum += v;
+        }
+      }
+    }
+  } else {
+    for (int64_t d = lane; d < a.P; d += 32) {
+      int64_t c, y, x;
+      patchify::token_to_pixel(a.g, l, d, c, y, x);
+      const float v = static_cast<float>(imgs[patchify::image_offset(a.is, n, c, y, x)]);
+      t[d] = v;
+      sum += v;
+    }
   }
   if (!a.norm) {
     __syncwarp();
@@ -81,7 +102,14 @@ __global__ void loss_kernel(const img_t* __restrict__ imgs, const pred_t* __rest
     const int64_t n = row / a.L, l = row % a.L;
     if (m == 0.0f) {  // not read
       if constexpr (BACKWARD) {
-        for (int64_t d = lane; d < a.P; d += 32) grad[row * a.P + d] = pred_t(0);
+        if (vec_ok) {
+          Vec16<pred_t> z;
+#pragma unroll
+          for (int e = 0; e < V; ++e) z.v[e] = pred_t(0);
+          for (int64_t c = lane; c < a.P / V; c += 32) reinterpret_cast<Vec16<pred_t>*>(grad + row * a.P)[c] = z;
+        } else {
+          for (int64_t d = lane; d < a.P; d += 32) grad[row * a.P + d] = pred_t(0);
+        }
       }
       continue;
     }
@@ -171,10 +199,20 @@ void prepare(at::Tensor& imgs, at::Tensor& pred, at::Tensor& mask) {
 Args make_args(const at::Tensor& imgs, const at::Tensor& pred, int64_t p, bool norm) {
   Args a{{imgs.size(1), p, imgs.size(2) / p, imgs.size(3) / p},
          {imgs.stride(0), imgs.stride(1), imgs.stride(2), imgs.stride(3)},
-         pred.stride(0), pred.stride(1), 0, 0, 0, norm};
+         pred.stride(0), pred.stride(1), 0, 0, 0, norm, false};
   a.L = a.g.L();
   a.M = imgs.size(0) * a.L;
   a.P = a.g.D();
+  return a;
+}
+
+// a with img_vec set: x contiguous, the other strides, the base and the patch width in whole
+// 16-byte vectors of img_t (a run of V pixels along x then never leaves its patch).
+template <typename img_t>
+Args with_img_vec(Args a, const img_t* imgs) {
+  constexpr int64_t V = Vec16<img_t>::kSize;
+  a.img_vec = a.is.x == 1 && a.g.p % V == 0 && a.is.y % V == 0 && a.is.c % V == 0 && a.is.n % V == 0 &&
+              is_aligned16(imgs);
   return a;
 }
 
@@ -225,8 +263,9 @@ std::tuple<at::Tensor, at::Tensor> mae_loss_cuda(const at::Tensor& imgs_in, cons
   FASTMAE_DISPATCH_LOSS(imgs.scalar_type(), pred.scalar_type(), [&] {
     const pred_t* pp = pred.const_data_ptr<pred_t>();
     const bool vec_ok = rows_vectorizable(pp, a.P, a.spl) && a.spn % Vec16<pred_t>::kSize == 0;
+    const img_t* ip = imgs.const_data_ptr<img_t>();
     loss_kernel<img_t, pred_t, false><<<k.blocks, k.warps * 32, k.smem, stream>>>(
-        imgs.const_data_ptr<img_t>(), pp, mask.const_data_ptr<float>(), a, vec_ok, k.rows_per_warp,
+        ip, pp, mask.const_data_ptr<float>(), with_img_vec(a, ip), vec_ok, k.rows_per_warp,
         partial.mutable_data_ptr<float>(), nullptr, nullptr, nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -250,8 +289,9 @@ at::Tensor mae_loss_backward_cuda(const at::Tensor& grad_out, const at::Tensor& 
     const pred_t* pp = pred.const_data_ptr<pred_t>();
     pred_t* gp = grad.mutable_data_ptr<pred_t>();
     const bool vec_ok = rows_vectorizable(pp, a.P, a.spl) && a.spn % Vec16<pred_t>::kSize == 0 && is_aligned16(gp);
+    const img_t* ip = imgs.const_data_ptr<img_t>();
     loss_kernel<img_t, pred_t, true><<<k.blocks, k.warps * 32, k.smem, at::cuda::getCurrentCUDAStream()>>>(
-        imgs.const_data_ptr<img_t>(), pp, mask.const_data_ptr<float>(), a, vec_ok, k.rows_per_warp, nullptr,
+        ip, pp, mask.const_data_ptr<float>(), with_img_vec(a, ip), vec_ok, k.rows_per_warp, nullptr,
         g.const_data_ptr<float>(), ms.const_data_ptr<float>(), gp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -5,16 +5,20 @@
 // (the cls row, a kept token, or the fill: mask token or zero), the position embedding is added
 // in float for fp16/bf16 and rounded once (torch's add), loads and stores are 16-byte vectors
 // when rows allow it. Every output element is written once.
-// Backward: block (sample n, slab of D): its threads own 16-byte column chunks of the slab and
-// kRowGroups row groups; each walks its rows of grad, stores kept rows to grad_x[1 + j] (a
-// permutation: no atomics) and sums the removed rows in float; the row groups' sums are added
-// in a fixed order in shared memory into a per-sample partial (N, D), summed over the batch by
-// a second kernel in a fixed order: deterministic.
+// Backward: block (sample n, slab of kCols columns of D), 256 threads: each owns G adjacent
+// columns of the slab (G = 16 bytes of the wider of the two dtypes, or 1 when rows or strides
+// do not allow vectors) and one of 4 G row groups; each walks its rows of grad (16-byte loads),
+// stores kept rows to grad_x[1 + j] (16-byte stores; a permutation: no atomics) and sums the
+// removed rows in float; the row groups' sums are added in a fixed order in shared memory into
+// a per-sample partial (N, D), summed over the batch by a second kernel in a fixed order:
+// deterministic.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/util/TypeCast.h>
 #include <torch/library.h>
+
+#include <cstring>
 
 #include "ops/unshuffle.h"
 
@@ -113,41 +117,95 @@ at::Tensor unshuffle_rows_cuda(const at::Tensor& src_in, const at::Tensor& ids_r
 
 namespace {
 
-constexpr int kRowGroups = 4;
-constexpr int kCols = 64;  // column chunks a block
+constexpr int kRowGroups = 4;  // row groups of the scalar kernel (4 G for G columns a thread)
+constexpr int kCols = 64;      // columns a block
 
-template <typename scalar_t, typename out_t, typename acc_t, typename idx_t>
+// G elements from p into v: 16-byte vectors when G > 1 (p 16-byte aligned, G a multiple of the
+// vector width), else one scalar.
+template <int G, typename T>
+__device__ __forceinline__ void load_cols(const T* __restrict__ p, T (&v)[G]) {
+  if constexpr (G == 1) {
+    v[0] = p[0];
+  } else {
+    constexpr int VV = Vec16<T>::kSize;
+    static_assert(G % VV == 0, "G whole vectors");
+#pragma unroll
+    for (int h = 0; h < G / VV; ++h) {
+      const Vec16<T> x = reinterpret_cast<const Vec16<T>*>(p)[h];
+#pragma unroll
+      for (int e = 0; e < VV; ++e) v[h * VV + e] = x.v[e];
+    }
+  }
+}
+
+// v (converted to T) into G elements from p, as load_cols.
+template <int G, typename T, typename U>
+__device__ __forceinline__ void store_cols(T* __restrict__ p, const U (&v)[G]) {
+  if constexpr (G == 1) {
+    p[0] = c10::convert<T>(v[0]);
+  } else {
+    constexpr int VV = Vec16<T>::kSize;
+    static_assert(G % VV == 0, "G whole vectors");
+#pragma unroll
+    for (int h = 0; h < G / VV; ++h) {
+      Vec16<T> x;
+#pragma unroll
+      for (int e = 0; e < VV; ++e) x.v[e] = c10::convert<T>(v[h * VV + e]);
+      // one st.global.v4 (SASS STG.E.128): stored as a Vec16 struct (or a uint4) here, nvcc
+      // split these stores into four 4-byte ones
+      uint32_t w[4];
+      memcpy(w, &x, sizeof(w));
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(p + h * VV)), "r"(w[0]),
+                   "r"(w[1]), "r"(w[2]), "r"(w[3])
+                   : "memory");
+    }
+  }
+}
+
+// Block (kCols / G, 4 G) threads: threadIdx.x owns columns [d, d + G) of the slab, threadIdx.y
+// is the row group.
+template <typename scalar_t, typename out_t, typename acc_t, typename idx_t, int G>
 __global__ void backward_kernel(const scalar_t* __restrict__ g, const idx_t* __restrict__ ids, out_t* __restrict__ gx,
                                 acc_t* __restrict__ partial, int64_t L, int64_t D, int64_t len_keep, int64_t sgn,
                                 int64_t sgt, int64_t sin, int64_t sil) {
-  __shared__ acc_t sums[kRowGroups][kCols];
+  constexpr int kGroups = kRowGroups * G;
+  __shared__ acc_t sums[kGroups][kCols];
   const int64_t n = blockIdx.x;
-  const int64_t d = blockIdx.y * int64_t(kCols) + threadIdx.x;  // one column a thread
+  const int64_t d = blockIdx.y * int64_t(kCols) + threadIdx.x * G;  // G columns a thread
   const int grp = threadIdx.y;
-  acc_t acc = 0;
+  acc_t acc[G];
+#pragma unroll
+  for (int e = 0; e < G; ++e) acc[e] = 0;
   if (d < D) {
     const scalar_t* gn = g + n * sgn;
     out_t* gxn = gx + n * (1 + len_keep) * D;
-    for (int64_t t = grp; t < 1 + L; t += kRowGroups) {
-      const scalar_t v = gn[t * sgt + d];
+    for (int64_t t = grp; t < 1 + L; t += kGroups) {
+      scalar_t v[G];
+      load_cols<G>(gn + t * sgt + d, v);
       if (t == 0) {
-        gxn[d] = c10::convert<out_t>(v);
+        store_cols<G>(gxn + d, v);
         continue;
       }
       const int64_t j = ids[n * sin + (t - 1) * sil];
       if (is_kept(j, len_keep)) {
-        gxn[(1 + j) * D + d] = c10::convert<out_t>(v);
+        store_cols<G>(gxn + (1 + j) * D + d, v);
       } else {
-        acc += static_cast<acc_t>(v);
+#pragma unroll
+        for (int e = 0; e < G; ++e) acc[e] += static_cast<acc_t>(v[e]);
       }
     }
   }
-  sums[grp][threadIdx.x] = acc;
+#pragma unroll
+  for (int e = 0; e < G; ++e) sums[grp][threadIdx.x * G + e] = acc[e];
   __syncthreads();
   if (grp == 0 && d < D) {
-    acc_t total = 0;
-    for (int r = 0; r < kRowGroups; ++r) total += sums[r][threadIdx.x];  // fixed order
-    partial[n * D + d] = total;
+    acc_t total[G];
+#pragma unroll
+    for (int e = 0; e < G; ++e) {
+      total[e] = 0;
+      for (int r = 0; r < kGroups; ++r) total[e] += sums[r][threadIdx.x * G + e];  // fixed order
+    }
+    store_cols<G>(partial + n * D + d, total);
   }
 }
 
@@ -169,27 +227,41 @@ at::Tensor decoder_unshuffle_cuda(const at::Tensor& x, const at::Tensor& ids_res
   return unshuffle_rows_cuda(x, ids_restore, x.size(1) - 1, 1, 1, mask_token, pos_embed, dtype);
 }
 
-std::tuple<at::Tensor, at::Tensor> decoder_unshuffle_backward_cuda(const at::Tensor& grad, const at::Tensor& ids_restore,
-                                                                   int64_t len_keep, at::ScalarType x_dtype) {
-  FASTMAE_CHECK_DIM(grad, 3);
-  FASTMAE_CHECK(ids_restore.size(1) == grad.size(1) - 1, "grad must be (N, 1 + L, D)");
-  const c10::cuda::CUDAGuard guard(grad.device());
-  const int64_t N = grad.size(0), L = grad.size(1) - 1, D = grad.size(2);
+std::tuple<at::Tensor, at::Tensor> decoder_unshuffle_backward_cuda(const at::Tensor& grad_in,
+                                                                   const at::Tensor& ids_restore, int64_t len_keep,
+                                                                   at::ScalarType x_dtype) {
+  FASTMAE_CHECK_DIM(grad_in, 3);
+  FASTMAE_CHECK(ids_restore.size(1) == grad_in.size(1) - 1, "grad must be (N, 1 + L, D)");
+  const c10::cuda::CUDAGuard guard(grad_in.device());
+  const int64_t N = grad_in.size(0), L = grad_in.size(1) - 1, D = grad_in.size(2);
+  const at::Tensor grad = grad_in.stride(2) == 1 ? grad_in : grad_in.contiguous();  // the kernels index d densely
   const at::ScalarType acc = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor gx = empty_output({N, 1 + len_keep, D}, grad.options().dtype(x_dtype));
   at::Tensor partial = at::empty({N, D}, grad.options().dtype(acc));
   at::Tensor gm = empty_output({D}, grad.options().dtype(acc));
   auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(ceil_div(D, kCols)));
-  const dim3 block(kCols, kRowGroups);
   bool dispatched;
   FASTMAE_DISPATCH_CAST_PAIR(grad.scalar_type(), x_dtype, dispatched, "fastmae_ext::decoder_unshuffle_backward", [&] {
     using acc_t = at::opmath_type<in_t>;
+    constexpr int G = Vec16<in_t>::kSize > Vec16<out_t>::kSize ? Vec16<in_t>::kSize : Vec16<out_t>::kSize;
+    constexpr int64_t VI = Vec16<in_t>::kSize;
+    const in_t* gp = grad.const_data_ptr<in_t>();
+    out_t* gxp = gx.mutable_data_ptr<out_t>();
+    acc_t* pp = partial.mutable_data_ptr<acc_t>();
+    const bool vec = D % G == 0 && grad.stride(0) % VI == 0 && grad.stride(1) % VI == 0 && is_aligned16(gp) &&
+                     is_aligned16(gxp) && is_aligned16(pp);
     auto launch = [&](auto* ids) {
       using idx_t = std::remove_const_t<std::remove_pointer_t<decltype(ids)>>;
-      backward_kernel<in_t, out_t, acc_t, idx_t><<<grid, block, 0, stream>>>(
-          grad.const_data_ptr<in_t>(), ids, gx.mutable_data_ptr<out_t>(), partial.mutable_data_ptr<acc_t>(), L, D,
-          len_keep, grad.stride(0), grad.stride(1), ids_restore.stride(0), ids_restore.stride(1));
+      if (vec) {
+        backward_kernel<in_t, out_t, acc_t, idx_t, G><<<grid, dim3(kCols / G, kRowGroups * G), 0, stream>>>(
+            gp, ids, gxp, pp, L, D, len_keep, grad.stride(0), grad.stride(1), ids_restore.stride(0),
+            ids_restore.stride(1));
+      } else {
+        backward_kernel<in_t, out_t, acc_t, idx_t, 1><<<grid, dim3(kCols, kRowGroups), 0, stream>>>(
+            gp, ids, gxp, pp, L, D, len_keep, grad.stride(0), grad.stride(1), ids_restore.stride(0),
+            ids_restore.stride(1));
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (ids_restore.scalar_type() == at::kLong) {
