@@ -142,3 +142,29 @@ def _check_cuda(imgs, pred, mask, p, norm):
     out.backward(g)
     want.backward(g)
     torch.testing.assert_close(pred.grad, pred_ref.grad, **_grad_tols(imgs, mask, p, norm, g, pred_ref.grad))
+
+
+# Image layouts and alignments for both implementations (the CUDA kernel gathers the target in
+# 16-byte vectors only for a unit x stride, whole-vector strides and an aligned base; else
+# scalar reads): each view goes through the same oracle as the contiguous image.
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("imgs_dtype,pred_dtype", [(f32, f32), (f16, f16), (bf16, f32)])
+@pytest.mark.parametrize("C,p", [(3, 16), (1, 16), (3, 8), (3, 14)])
+@pytest.mark.parametrize("norm", [False, True])
+def test_image_layouts_and_alignment(device, imgs_dtype, pred_dtype, C, p, norm):
+    N, h, w = 2, 3, 4
+    H, W, L = h * p, w * p, h * w
+    big = torch.randn(N + 1, C, H + 2, W + 9, device=device).to(imgs_dtype)
+    flat = torch.randn(N * C * H * W + 1, device=device).to(imgs_dtype)
+    views = {
+        "offset by one element": flat[1:].view(N, C, H, W),
+        "crop": big[1:, :, 2:2 + H, 1:1 + W],
+        "channels_last": big[:N, :, :H, :W].contiguous(memory_format=torch.channels_last),
+    }
+    pred = torch.randn(N, L, p * p * C, device=device).to(pred_dtype)
+    mask = _mae_mask(N, L, 0.25, device)
+    for imgs in views.values():
+        if device == "cpu":
+            _check(imgs, pred, mask, p, norm)
+        else:
+            _check_cuda(imgs, pred, mask, p, norm)

@@ -159,3 +159,50 @@ def test_fast_path_vit_b():
     out = E.patchify(imgs, 16)
     assert torch.equal(out, ref.patchify(imgs, 16))
     assert torch.equal(E.unpatchify(out, 16), imgs)
+
+
+# Input layouts and alignments for both implementations (the CUDA kernels take a 16-byte vector
+# path only for unit x / d strides, whole-vector strides, aligned bases and p a multiple of the
+# vector width, C = 1 or 3; every other case falls back to scalar reads): each view below is
+# compared exactly with the reference, so a wrong choice between the paths fails here.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _image_views(N, C, H, W, dtype, device):
+    big = _imgs(N + 1, C, H + 2, W + 9, dtype, device)
+    flat = _imgs(1, 1, 1, N * C * H * W + 3, dtype, device).flatten()
+    return {
+        "contiguous": big[:N, :, :H, :W].contiguous(),
+        "offset by one element": flat[1:1 + N * C * H * W].view(N, C, H, W),
+        "crop": big[1:, :, 2:2 + H, 1:1 + W],
+        "channels_last": big[:N, :, :H, :W].contiguous(memory_format=torch.channels_last),
+        "x stride 2": _imgs(N, C, H, 2 * W, dtype, device)[..., ::2],
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("C,p", [(1, 4), (1, 8), (1, 16), (3, 8), (3, 14), (3, 16), (2, 8)])
+def test_layouts_and_alignment(device, dtype, C, p):
+    N, h, w = 2, 3, 4
+    for name, imgs in _image_views(N, C, h * p, w * p, dtype, device).items():
+        want = ref.patchify(imgs, p)
+        assert torch.equal(E.patchify(imgs, p), want), name
+        for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
+            assert torch.equal(E.patchify(imgs, p, out_dtype=out_dtype), want.to(out_dtype)), (name, out_dtype)
+    D = p * p * C
+    tokens = (torch.randn(2 * N, h * w, D + 5, device=device) * 3).to(dtype)
+    flat = (torch.randn(N * h * w * D + 1, device=device) * 3).to(dtype)
+    token_views = {
+        "contiguous": tokens[:N, :, :D].contiguous(),
+        "offset by one element": flat[1:].view(N, h * w, D),
+        "sliced batch": tokens[::2, :, :D],
+        "d stride 2": (torch.randn(N, h * w, 2 * D, device=device) * 3).to(dtype)[..., ::2],
+        "transposed": tokens[:N, :, :D].transpose(0, 1).contiguous().transpose(0, 1),
+    }
+    for name, x in token_views.items():
+        want = ref.unpatchify(x, p, (h, w))
+        assert torch.equal(E.unpatchify(x, p, (h, w)), want), name
+        for out_dtype in (torch.float32, torch.float16, torch.bfloat16):
+            got = E.unpatchify(x, p, (h, w), out_dtype=out_dtype)
+            assert torch.equal(got, want.to(out_dtype)), (name, out_dtype)

@@ -137,3 +137,40 @@ def test_cuda_matches_reference(x_dtype, m_dtype, N, L, D, ratio):
     _, ref_grads = _grads(lambda x, mt: ref.decoder_unshuffle(x, ids, mt, pos), (x, mt), g)
     assert_same(grads[0], ref_grads[0])
     torch.testing.assert_close(grads[1], ref_grads[1])
+
+
+# The backward's grad in layouts autograd can hand over (the CUDA kernel moves 16-byte vectors
+# only for whole-vector rows and strides on an aligned base; other grads are made contiguous or
+# take the scalar kernel). grad x is rows moved: exact. grad mask_token is a sum over the N * (L -
+# len_keep) removed positions, in float32 in an order of the kernel's choosing: against the
+# float64 sum, within the worst-case bound of such a sum (n eps32 sum|terms|) plus the rounding
+# to its dtype. (assert_close's default rtol is not a bound here: an expanded grad repeats one
+# row, so each column sums n equal terms.)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("x_dtype,m_dtype", [(f32, None), (bf16, f32), (f16, None)])
+def test_backward_grad_layouts(device, x_dtype, m_dtype):
+    N, L, D, ratio = 3, 49, 64, 0.75
+    x, ids, mt, pos = make(N, L, D, ratio, x_dtype, m_dtype, m_dtype, device=device)
+    dt = torch.promote_types(x.dtype, mt.dtype)
+    g = torch.randn(N, 1 + L, D, device=device).to(dt)
+    wide = torch.randn(N, 1 + L, D + 8, device=device).to(dt)
+    flat = torch.randn(N * (1 + L) * D + 1, device=device).to(dt)
+    grads = {
+        "contiguous": g,
+        "d stride 2": torch.stack([g, g], -1).flatten(-2)[..., ::2],
+        "sliced from a wider D": wide[..., 3:3 + D],
+        "offset by one element": flat[1:].view(N, 1 + L, D),
+        "expanded over tokens": g[:, :1].expand(N, 1 + L, D),
+    }
+    removed = (ids >= ref.num_kept(L, ratio)).unsqueeze(-1)  # (N, L, 1): the mask token's positions
+    n = int(removed.sum())
+    for name, gv in grads.items():
+        _, got = _grads(lambda x, mt: E.decoder_unshuffle(x, ids, mt, pos), (x, mt), gv)
+        _, want = _grads(lambda x, mt: ref.decoder_unshuffle(x, ids, mt, pos), (x, mt), gv.contiguous())
+        assert_same(got[0], want[0])
+        terms = gv[:, 1:].double() * removed
+        exact = terms.sum((0, 1))
+        bound = n * torch.finfo(f32).eps * terms.abs().sum((0, 1)) + torch.finfo(got[1].dtype).eps * exact.abs()
+        assert got[1].dtype == want[1].dtype, name
+        err = (got[1].double().flatten() - exact).abs()
+        assert bool((err <= bound).all()), (name, (err - bound).max().item())
