@@ -21,9 +21,9 @@ using namespace fastmae::cpu;
 using namespace fastmae::bias_gelu;
 constexpr int64_t kRowsPerPartial = 32;
 
-// The two elementwise loops are FASTMAE_CPU_CLONES: AVX2 + FMA where the CPU has them.
-// v <- gelu(v) (forward) for n values.
-FASTMAE_CPU_CLONES void gelu_row(float* v, int64_t n) {
+// The two elementwise loops, compiled for AVX2 + FMA and for the baseline target and chosen at
+// run time (the pattern of csrc/common.h): v <- gelu(v) (forward), g <- g * gelu'(v) (backward).
+FASTMAE_ALWAYS_INLINE void gelu_row_body(float* v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     float erf_z, e;
     erf_exp_as(v[i] * kInvSqrt2, &erf_z, &e);
@@ -31,12 +31,32 @@ FASTMAE_CPU_CLONES void gelu_row(float* v, int64_t n) {
   }
 }
 
-// g <- g * gelu'(v) for n values.
-FASTMAE_CPU_CLONES void gelu_grad_row(const float* v, float* g, int64_t n) {
+FASTMAE_ALWAYS_INLINE void gelu_grad_row_body(const float* v, float* g, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     float erf_z, e;
     erf_exp_as(v[i] * kInvSqrt2, &erf_z, &e);
     g[i] *= gelu_grad(v[i], erf_z, e);
+  }
+}
+
+FASTMAE_TARGET_AVX2 void gelu_row_avx2(float* v, int64_t n) { gelu_row_body(v, n); }
+void gelu_row_base(float* v, int64_t n) { gelu_row_body(v, n); }
+FASTMAE_TARGET_AVX2 void gelu_grad_row_avx2(const float* v, float* g, int64_t n) { gelu_grad_row_body(v, g, n); }
+void gelu_grad_row_base(const float* v, float* g, int64_t n) { gelu_grad_row_body(v, g, n); }
+
+void gelu_row(float* v, int64_t n) {
+  if (cpu_has_avx2_fma()) {
+    gelu_row_avx2(v, n);
+  } else {
+    gelu_row_base(v, n);
+  }
+}
+
+void gelu_grad_row(const float* v, float* g, int64_t n) {
+  if (cpu_has_avx2_fma()) {
+    gelu_grad_row_avx2(v, g, n);
+  } else {
+    gelu_grad_row_base(v, g, n);
   }
 }
 

@@ -10,15 +10,6 @@
 #include <cstdint>
 #include <cstring>
 
-// The hot row loops are compiled twice (GCC/Clang function multi-versioning): for AVX2 + FMA
-// (8 floats a vector, chosen at load time where the CPU has them) and for the baseline x86-64
-// target (SSE2); elsewhere once. The inline helpers below are compiled into each clone.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTMAE_CPU_CLONES __attribute__((target_clones("avx2,fma", "default")))
-#else
-#define FASTMAE_CPU_CLONES
-#endif
-
 namespace fastmae {
 namespace cpu {
 
