@@ -122,16 +122,22 @@ def _assume_constant_result(fn):
     return fn
 
 
-# assume_constant_result: torch.compile calls it at trace time and keeps the answer (dynamo
-# would otherwise trace into importlib, which it refuses: a graph break, an error under fullgraph)
 @functools.cache
-@_assume_constant_result
-def _import_error(module: str) -> str | None:
+def _import_error_cached(module: str) -> str | None:
     try:
         importlib.import_module(module)
     except Exception as e:  # ImportError, or a broken install raising anything else
         return f"{type(e).__name__}: {e}"
     return None
+
+
+# assume_constant_result: torch.compile calls it at trace time and keeps the answer (dynamo
+# would otherwise trace into importlib, which it refuses: a graph break, an error under
+# fullgraph). The cache sits inside: dynamo warns about tracing through an lru_cache wrapper.
+@_assume_constant_result
+def _import_error(module: str) -> str | None:
+    """None when ``module`` imports, else the error as a sentence (cached per module)."""
+    return _import_error_cached(module)
 
 
 def _triton_problem(device: torch.device) -> str | None:
