@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +32,7 @@ import torch  # noqa: E402
 
 from fastmae import ops  # noqa: E402
 from fastmae import reference as ref  # noqa: E402
+from fastmae._timing import _cpu_model, write_json  # noqa: E402
 
 TARGETS = {"patchify": 3.0, "unpatchify": 3.0, "random_masking": 3.0, "encoder_input": 3.0,
            "decoder_unshuffle": 3.0, "mae_loss": 2.0, "mae_loss fwd+bwd": 2.0}
@@ -41,17 +40,6 @@ TARGETS = {"patchify": 3.0, "unpatchify": 3.0, "random_masking": 3.0, "encoder_i
 TARGETS.update({"add_layer_norm": 2.0, "add_layer_norm fwd+bwd": 2.0, "add_layer_norm dec fwd+bwd": 2.0,
                 "bias_gelu": 1.0, "bias_gelu fwd+bwd": 1.0, "attention": 1.0, "attention fwd+bwd": 1.0,
                 "attention dec fwd+bwd": 1.0})
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cases(batch: int = 8):
@@ -156,17 +144,6 @@ def measure(ext_fn, ref_fn, iters: int, warmup: int = 3):
     return statistics.median(t_ext), statistics.median(t_ref)
 
 
-def _atomic_write(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=30)
@@ -196,11 +173,11 @@ def main(argv=None) -> int:
     record = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=" ".join([os.path.basename(sys.executable), *sys.argv]),
-        cpu=_cpu_name(), threads=torch.get_num_threads(), torch=torch.__version__,
+        cpu=_cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
         batch=args.batch, dtype="float32", iters=args.iters, load_avg=os.getloadavg(), results=rows,
     )
     if args.out:
-        _atomic_write(args.out, record)
+        write_json(args.out, record)
         print(f"wrote {args.out}")
     return 0
 
