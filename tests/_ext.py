@@ -25,7 +25,8 @@ def why_unavailable(ops: tuple[str, ...] = ()) -> str | None:
 
 
 def require_ext(ops: tuple[str, ...] = ()) -> None:
-    """Call at module level: skip the module (fail under FASTMAE_EXT_REQUIRED=1) when the extension is unusable."""
+    """Skip the module, or the test when called inside one (fail under FASTMAE_EXT_REQUIRED=1),
+    when the extension is unusable."""
     why = why_unavailable(ops)
     if why is None:
         return
