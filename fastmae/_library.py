@@ -7,6 +7,9 @@ and schedules them with the rest of the graph. Under the Triton interpreter
 tensors' data, which a traced ``triton_op`` cannot do; there the same host wrapper is
 registered as an opaque ``torch.library.custom_op`` instead, so opcheck, autograd and
 ``torch.compile`` are still exercised end to end.
+
+The autograd formulas that the Triton ops share with the compiled extension's
+(:mod:`fastmae.ext`) are in :mod:`fastmae._autograd`.
 """
 
 from __future__ import annotations

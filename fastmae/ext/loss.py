@@ -6,12 +6,15 @@ in ``csrc/ops/loss.cpp``. One pass over the removed patches: the target is gathe
 images (never materialised), normalised per patch with ``norm_pix_loss``, and the squared
 error reduced to fixed partial sums added in a fixed order (deterministic). Patches with mask
 0 are not read (so, unlike the reference's ``0 * inf``, non-finite values there do not reach
-the loss). Differentiable w.r.t. ``pred`` only, as the Triton op.
+the loss). Differentiable w.r.t. ``pred`` only, with the Triton op's formula
+(:func:`fastmae._autograd.register_mae_loss`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from fastmae import _autograd
 
 from . import load, sync_poison
 
@@ -26,29 +29,7 @@ def _(imgs, pred, mask, patch_size, norm_pix_loss):
     return imgs.new_empty((), dtype=torch.float32), imgs.new_empty((), dtype=torch.float32)
 
 
-@torch.library.register_fake("fastmae_ext::mae_loss_backward")
-def _(grad_out, mask_sum, imgs, pred, mask, patch_size, norm_pix_loss):
-    return pred.new_empty(pred.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    imgs, pred, mask, patch_size, norm_pix_loss = inputs
-    _, mask_sum = output
-    ctx.mark_non_differentiable(mask_sum)
-    ctx.save_for_backward(imgs, pred, mask, mask_sum)
-    ctx.patch_size = patch_size
-    ctx.norm_pix_loss = norm_pix_loss
-
-
-def _backward(ctx, grad_out, grad_mask_sum):
-    imgs, pred, mask, mask_sum = ctx.saved_tensors
-    grad_pred = None
-    if ctx.needs_input_grad[1]:
-        grad_pred = _ops.mae_loss_backward(grad_out, mask_sum, imgs, pred, mask, ctx.patch_size, ctx.norm_pix_loss)
-    return None, grad_pred, None, None, None
-
-
-torch.library.register_autograd("fastmae_ext::mae_loss", _backward, setup_context=_setup_context)
+_autograd.register_mae_loss("fastmae_ext")
 
 
 def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae import reference
+from fastmae import _autograd, reference
 from fastmae._library import empty, kernel_op, launch, register_cpu_fallback
 
 __all__ = ["mae_loss"]
@@ -344,29 +344,8 @@ def _(imgs, pred, mask, patch_size, norm_pix_loss):
     return imgs.new_empty((), dtype=torch.float32), imgs.new_empty((), dtype=torch.float32)
 
 
-@_mae_loss_backward_op.register_fake
-def _(grad_out, mask_sum, imgs, pred, mask, patch_size, norm_pix_loss):
-    return pred.new_empty(pred.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    imgs, pred, mask, patch_size, norm_pix_loss = inputs
-    _, mask_sum = output
-    ctx.mark_non_differentiable(mask_sum)
-    ctx.save_for_backward(imgs, pred, mask, mask_sum)
-    ctx.patch_size = patch_size
-    ctx.norm_pix_loss = norm_pix_loss
-
-
-def _backward(ctx, grad_out, grad_mask_sum):
-    imgs, pred, mask, mask_sum = ctx.saved_tensors
-    grad_pred = torch.ops.fastmae.mae_loss_backward(
-        grad_out, mask_sum, imgs, pred, mask, ctx.patch_size, ctx.norm_pix_loss
-    )
-    return None, grad_pred, None, None, None
-
-
-_mae_loss_op.register_autograd(_backward, setup_context=_setup_context)
+# the fake of mae_loss_backward and the op's autograd: the same as the extension's
+_autograd.register_mae_loss("fastmae")
 
 
 # CPU tensors outside the interpreter run the reference.

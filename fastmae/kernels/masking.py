@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae import reference
+from fastmae import _autograd, reference
 from fastmae._library import empty, interpreting, kernel_op, launch, register_cpu_fallback
 
 from .unshuffle import _blocks, unshuffle_rows
@@ -375,11 +375,6 @@ def _masked_tokens_backward(
     return unshuffle_rows(grad, ids_restore, T - num_prefix, out, cls=False, src_off=num_prefix)
 
 
-@_masked_tokens_backward.register_fake
-def _(grad, ids_restore, num_prefix, dtype):
-    return grad.new_empty((grad.shape[0], ids_restore.shape[1], grad.shape[2]), dtype=dtype)
-
-
 def _masked_tokens_backward_cpu(grad, ids_restore, num_prefix, dtype):
     len_keep = grad.shape[1] - num_prefix
     rows = torch.gather(grad[:, num_prefix:], 1, ids_restore.clamp(max=len_keep - 1).unsqueeze(-1).expand(-1, -1, grad.shape[2]))
@@ -390,56 +385,8 @@ register_cpu_fallback(_masked_tokens_backward, _masked_tokens_backward_cpu)
 
 
 # -------------------------------------------------------------------------- autograd
-def _random_masking_setup(ctx, inputs, output):
-    x = inputs[0]
-    _, mask, ids_restore = output
-    ctx.mark_non_differentiable(mask, ids_restore)
-    ctx.save_for_backward(ids_restore)
-    ctx.x_dtype = x.dtype
-
-
-def _random_masking_backward(ctx, grad, grad_mask, grad_ids):
-    (ids_restore,) = ctx.saved_tensors
-    gx = None
-    if ctx.needs_input_grad[0]:
-        gx = torch.ops.fastmae.masked_tokens_backward(grad, ids_restore, 0, ctx.x_dtype)
-    return gx, None, None, None
-
-
-_random_masking.register_autograd(_random_masking_backward, setup_context=_random_masking_setup)
-
-
-def _encoder_input_setup(ctx, inputs, output):
-    x, pos_embed, cls_token = inputs[:3]
-    _, mask, ids_restore = output
-    ctx.mark_non_differentiable(mask, ids_restore)
-    ctx.save_for_backward(ids_restore)
-    ctx.x_dtype, ctx.pos_dtype, ctx.cls_dtype = x.dtype, pos_embed.dtype, cls_token.dtype
-    ctx.cls_row_dtype = torch.promote_types(cls_token.dtype, pos_embed.dtype)
-
-
-def _encoder_input_backward(ctx, grad, grad_mask, grad_ids):
-    (ids_restore,) = ctx.saved_tensors
-    need_x, need_pos, need_cls = ctx.needs_input_grad[:3]
-    gx = gpos = gcls = None
-    if need_x or need_pos:
-        # the batch sum for pos needs the grads in the tokens' dtype; else cast in the kernel
-        dtype = grad.dtype if need_pos else ctx.x_dtype
-        g_tokens = torch.ops.fastmae.masked_tokens_backward(grad, ids_restore, 1, dtype)
-        if need_x:
-            gx = g_tokens.to(ctx.x_dtype)
-    if need_pos or need_cls:
-        # cls row = (cls_token + pos[0]) in cls_row_dtype, broadcast over the batch, then cast:
-        # its grads are cast back to cls_row_dtype, then summed over the batch
-        g0 = grad[:, :1].to(ctx.cls_row_dtype).sum(0, keepdim=True)
-        if need_cls:
-            gcls = g0.to(ctx.cls_dtype)
-        if need_pos:
-            gpos = torch.cat([g0.to(ctx.pos_dtype), g_tokens.sum(0, keepdim=True).to(ctx.pos_dtype)], dim=1)
-    return gx, gpos, gcls, None, None, None
-
-
-_encoder_input.register_autograd(_encoder_input_backward, setup_context=_encoder_input_setup)
+# the fake of masked_tokens_backward and both ops' autograd: the same as the extension's
+_autograd.register_masking("fastmae")
 
 
 # ---------------------------------------------------------------------------- public

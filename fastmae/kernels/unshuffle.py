@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae import reference
+from fastmae import _autograd, reference
 from fastmae._library import empty, interpreting, kernel_op, launch, register_cpu_fallback
 
 __all__ = ["decoder_unshuffle", "unshuffle_rows"]
@@ -260,13 +260,6 @@ def _decoder_unshuffle_backward(
     return gx, partial.sum(dim=0)
 
 
-@_decoder_unshuffle_backward.register_fake
-def _(grad, ids_restore, len_keep, x_dtype):
-    N, _, D = grad.shape
-    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    return grad.new_empty((N, 1 + len_keep, D), dtype=x_dtype), grad.new_empty((D,), dtype=acc_dtype)
-
-
 def _backward_reference(grad, ids_restore, len_keep, x_dtype):
     # plain PyTorch: kept row j of x came from row ids_shuffle[j] (the inverse permutation)
     D = grad.shape[2]
@@ -283,29 +276,8 @@ register_cpu_fallback(_decoder_unshuffle_backward, _backward_reference)
 
 
 # ------------------------------------------------------------------------- autograd
-def _setup_context(ctx, inputs, output):
-    x, ids_restore, mask_token, pos_embed = inputs
-    ctx.save_for_backward(ids_restore)
-    ctx.len_keep = x.shape[1] - 1
-    ctx.x_dtype = x.dtype
-    ctx.mask_dtype = mask_token.dtype
-    ctx.pos_dtype = None if pos_embed is None else pos_embed.dtype
-
-
-def _backward(ctx, grad):
-    (ids_restore,) = ctx.saved_tensors
-    need_x, _, need_mask, need_pos = ctx.needs_input_grad
-    gx = gmask = gpos = None
-    if need_x or need_mask:
-        gx, gm = torch.ops.fastmae.decoder_unshuffle_backward(grad, ids_restore, ctx.len_keep, ctx.x_dtype)
-        gmask = gm.to(ctx.mask_dtype).view(1, 1, -1) if need_mask else None
-        gx = gx if need_x else None
-    if need_pos:
-        gpos = grad.sum(0, keepdim=True).to(ctx.pos_dtype)
-    return gx, None, gmask, gpos
-
-
-_decoder_unshuffle.register_autograd(_backward, setup_context=_setup_context)
+# the fake of decoder_unshuffle_backward and the op's autograd: the same as the extension's
+_autograd.register_decoder_unshuffle("fastmae")
 
 
 # --------------------------------------------------------------------------- public

@@ -33,7 +33,7 @@
 #include <vector>
 
 #include "../attention.h"
-#include "layer_norm_kernel_rowio.h"  // fp32 <-> storage dtype conversions
+#include "rowio.h"  // fp32 <-> storage dtype conversions
 
 namespace fastmae {
 namespace {

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "../bias_gelu.h"
-#include "layer_norm_kernel_rowio.h"  // fp32 <-> storage dtype row conversions
+#include "rowio.h"  // fp32 <-> storage dtype row conversions
 
 namespace fastmae {
 namespace {

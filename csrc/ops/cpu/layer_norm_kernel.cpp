@@ -17,7 +17,7 @@
 // reassociating anything, so the sums have the same order whatever the vector width. The
 // row loops are compiled twice (FASTMAE_TARGET_AVX2, csrc/common.h): for AVX2 + FMA, taken
 // where the CPU has them, and for the baseline target. Storage dtypes other than fp32 are
-// converted to / from fp32 row buffers (layer_norm_kernel_rowio.h) around the same loops.
+// converted to / from fp32 row buffers (rowio.h) around the same loops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "../layer_norm.h"
-#include "layer_norm_kernel_rowio.h"
+#include "rowio.h"
 
 namespace fastmae {
 namespace {

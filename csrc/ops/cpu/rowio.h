@@ -1,6 +1,6 @@
 // Row loads and stores between a tensor's storage dtype (fp32, fp16, bf16) and fp32 buffers,
-// for the CPU twins of the row-wise ops (LayerNorm, bias + GELU). Each is a plain typed loop
-// that the compiler vectorises; the dtype switch happens once per row, not per element.
+// for the CPU twins of the row-wise ops (LayerNorm, bias + GELU, attention). Each is a plain
+// typed loop that the compiler vectorises; the dtype switch happens once per row, not per element.
 #pragma once
 
 #include <ATen/ATen.h>
