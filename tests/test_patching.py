@@ -1,21 +1,29 @@
 """fastmae.apply_fastmae on the official MaskedAutoencoderViT (re-created in tests/official_mae.py on
 timm's Blocks) and on HF transformers' ViTMAEForPreTraining (built from a tiny config, no download).
 
-Oracle (the attention tests' convention, at model level): the unpatched model run in float64 on
-the same inputs and noise is the exact answer; the patched fp32 model passes when
+Oracle (the attention tests' convention, at model level, norm-wise): the unpatched model run in
+float64 on the same inputs and noise is the exact answer; the patched fp32 model passes when
 
-    max|patched - exact64| <= 2 * max|unpatched_fp32 - exact64| + floor
+    ||patched - exact64|| <= 2 * ||unpatched_fp32 - exact64|| + floor * sqrt(numel)
 
-for the loss, the prediction and every parameter's gradient; ``floor`` is two fp32 ulps at the
-exact value's magnitude (for results that the fp32 model happens to get exactly right), and for a
-gradient at the magnitude of its module's largest exact gradient: a gradient that is zero in exact
-arithmetic (the key projection's bias: softmax ignores a per-query constant) is fp32 rounding
-noise of that module's backward on both sides, and 2x of noise is not an oracle. The stock
-models have two fp32 attention paths (timm: ``fused_attn`` SDPA or its explicit softmax; HF:
-``sdpa`` or ``eager``), which round differently; PyTorch's own fp32 error is the larger of the
-two (with one alone, ~1 in 500 gradient tensors of the patched model lands just above 2x: 17 vs
-7 ulps). Masks and ids_restore are compared for equality. The state dict is compared by keys,
-data pointers and values.
+(Euclidean norms over the tensor) for the loss, the prediction and every parameter's gradient;
+``floor`` is two fp32 ulps at the exact value's magnitude (for results that the fp32 model happens
+to get exactly right), and for a gradient at the magnitude of its module's largest exact gradient:
+a gradient that is zero in exact arithmetic (the key projection's bias: softmax ignores a
+per-query constant) is fp32 rounding noise of that module's backward on both sides, and 2x of
+noise is not an oracle. The stock models have two fp32 attention paths (timm: ``fused_attn`` SDPA
+or its explicit softmax; HF: ``sdpa`` or ``eager``), which round differently; PyTorch's own fp32
+error is the larger of the two.
+
+Why norms, not the largest element error: at model level every error here is fp32 rounding noise,
+and the largest element of a noise vector is a poor statistic of it. With max-abs errors
+PyTorch fails this oracle against itself: over 150 seeds (``python scripts/oracle_spread.py``,
+CPU, 2026-12-02) the HF model's eager path against its sdpa path failed for 14 seeds, the sdpa
+model with the two images in the other order against both paths for 5, and the patched model
+(Triton) for 5. Norm-wise: 1, 0 and 0, and the patched model's worst seed reached 0.79 of the bound
+(median 0.40, the same as the reordered stock model's 0.40); the official model: 0.62 (median
+0.30). Masks and ids_restore are compared for equality. The state dict is compared by keys, data
+pointers and values.
 """
 
 import contextlib
@@ -43,10 +51,10 @@ def _floor(exact: torch.Tensor, scale: float = 0.0) -> float:
 
 
 def _assert_oracle(name, got, lows, exact, scale: float = 0.0):
-    err = (got.double() - exact.double()).abs().max().item()
-    base = max((low.double() - exact.double()).abs().max().item() for low in lows)
-    bound = 2 * base + _floor(exact, scale)
-    assert err <= bound, f"{name}: max error {err:.3g} > 2 * {base:.3g} (unpatched fp32) + floor = {bound:.3g}"
+    err = (got.double() - exact.double()).norm().item()
+    base = max((low.double() - exact.double()).norm().item() for low in lows)
+    bound = 2 * base + _floor(exact, scale) * exact.numel() ** 0.5
+    assert err <= bound, f"{name}: error norm {err:.3g} > 2 * {base:.3g} (unpatched fp32) + floor = {bound:.3g}"
 
 
 def _grads(model):
@@ -96,6 +104,33 @@ def _compare(got, lows, exact):
     for n in got[3]:
         _assert_oracle(f"grad {n}", got[3][n], [r[3][n] for r in lows], exact[3][n],
                        module_scale[n.rpartition(".")[0]])
+
+
+def _signs(t):
+    return torch.randint(0, 2, t.shape, dtype=t.dtype) * 2 - 1
+
+
+def test_oracle_rejects_small_errors():
+    """The oracle can fail: the stock model's fp32 results with any one gradient (or the prediction)
+    moved by 1e-5 of its module's largest exact gradient per element (about 80 fp32 ulps; a wrong
+    eps, a biased variance or a dropped term is far larger; the model's largest where the module's
+    exact gradients are all zero) fail it."""
+    stock = _hf_tiny(num_hidden_layers=1)
+    exact = copy.deepcopy(stock).double()
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    lows = _stock_runs(stock, lambda m, x: _hf_run(m, x, noise), imgs)
+    ref64 = _hf_run(exact, imgs.double(), noise.double())
+    loss, pred, mask, grads, ids = lows[0]
+    bad_pred = pred + 1e-5 * pred.abs().max() * _signs(pred)
+    with pytest.raises(AssertionError, match="pred"):
+        _compare((loss, bad_pred, mask, grads, ids), lows, ref64)
+    top = max(e.abs().max().item() for e in ref64[3].values())
+    for n, g in grads.items():
+        mod = n.rpartition(".")[0]
+        scale = max(e.abs().max().item() for k, e in ref64[3].items() if k.rpartition(".")[0] == mod) or top
+        bad = dict(grads, **{n: g + 1e-5 * scale * _signs(g)})
+        with pytest.raises(AssertionError, match=f"grad {n}:"):
+            _compare((loss, pred, mask, bad, ids), lows, ref64)
 
 
 @contextlib.contextmanager
