@@ -19,12 +19,51 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["register_masking", "register_decoder_unshuffle", "register_mae_loss"]
+__all__ = ["register_patchify", "register_masking", "register_decoder_unshuffle", "register_mae_loss"]
 
 
 def _grads(ctx, *grads):
     """``grads`` for the first inputs, then None for the remaining ones of the forward."""
     return grads + (None,) * (ctx.num_inputs - len(grads))
+
+
+def register_patchify(ns: str) -> None:
+    """Fakes and autograd of ``ns::patchify(imgs, patch_size, out_dtype)`` and
+    ``ns::unpatchify(x, patch_size, h, w, out_dtype)``: both are permutations of the elements,
+    so the backward of each is the other on the gradient, cast back to the input's dtype."""
+    ops = getattr(torch.ops, ns)
+
+    @torch.library.register_fake(f"{ns}::patchify")
+    def _(imgs, patch_size, out_dtype):
+        N, C, H, W = imgs.shape
+        p = patch_size
+        return imgs.new_empty((N, (H // p) * (W // p), p * p * C), dtype=out_dtype or imgs.dtype)
+
+    @torch.library.register_fake(f"{ns}::unpatchify")
+    def _(x, patch_size, h, w, out_dtype):
+        N, L, D = x.shape
+        p = patch_size
+        return x.new_empty((N, D // (p * p), h * p, w * p), dtype=out_dtype or x.dtype)
+
+    def patchify_setup(ctx, inputs, output):
+        imgs, patch_size, _ = inputs
+        ctx.patch_size = patch_size
+        ctx.grid = (imgs.shape[2] // patch_size, imgs.shape[3] // patch_size)
+        ctx.in_dtype = imgs.dtype
+
+    def patchify_backward(ctx, grad):
+        h, w = ctx.grid
+        return ops.unpatchify(grad, ctx.patch_size, h, w, ctx.in_dtype), None, None
+
+    def unpatchify_setup(ctx, inputs, output):
+        ctx.patch_size = inputs[1]
+        ctx.in_dtype = inputs[0].dtype
+
+    def unpatchify_backward(ctx, grad):
+        return ops.patchify(grad, ctx.patch_size, ctx.in_dtype), None, None, None, None
+
+    torch.library.register_autograd(f"{ns}::patchify", patchify_backward, setup_context=patchify_setup)
+    torch.library.register_autograd(f"{ns}::unpatchify", unpatchify_backward, setup_context=unpatchify_setup)
 
 
 def register_masking(ns: str) -> None:

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmae import reference
+from fastmae import _autograd, reference
 from fastmae._library import empty, kernel_op, launch, register_cpu_fallback
 
 __all__ = ["patchify", "unpatchify"]
@@ -197,48 +197,9 @@ def _unpatchify_op(x: torch.Tensor, patch_size: int, h: int, w: int, out_dtype: 
     return out
 
 
-@_patchify_op.register_fake
-def _(imgs, patch_size, out_dtype):
-    N, C, H, W = imgs.shape
-    p = patch_size
-    dtype = out_dtype if out_dtype is not None else imgs.dtype
-    return imgs.new_empty((N, (H // p) * (W // p), p * p * C), dtype=dtype)
-
-
-@_unpatchify_op.register_fake
-def _(x, patch_size, h, w, out_dtype):
-    N, L, D = x.shape
-    p = patch_size
-    dtype = out_dtype if out_dtype is not None else x.dtype
-    return x.new_empty((N, D // (p * p), h * p, w * p), dtype=dtype)
-
-
-# The backward of patchify is unpatchify of the gradient (back in the input's dtype),
-# and vice versa: both are permutations of the elements.
-def _patchify_setup(ctx, inputs, output):
-    imgs, patch_size, _ = inputs
-    ctx.patch_size = patch_size
-    ctx.grid = (imgs.shape[2] // patch_size, imgs.shape[3] // patch_size)
-    ctx.in_dtype = imgs.dtype
-
-
-def _patchify_backward(ctx, grad):
-    h, w = ctx.grid
-    return torch.ops.fastmae.unpatchify(grad, ctx.patch_size, h, w, ctx.in_dtype), None, None
-
-
-def _unpatchify_setup(ctx, inputs, output):
-    x, patch_size, _, _, _ = inputs
-    ctx.patch_size = patch_size
-    ctx.in_dtype = x.dtype
-
-
-def _unpatchify_backward(ctx, grad):
-    return torch.ops.fastmae.patchify(grad, ctx.patch_size, ctx.in_dtype), None, None, None, None
-
-
-_patchify_op.register_autograd(_patchify_backward, setup_context=_patchify_setup)
-_unpatchify_op.register_autograd(_unpatchify_backward, setup_context=_unpatchify_setup)
+# Fakes and autograd (the backward of patchify is unpatchify of the gradient, back in the
+# input's dtype, and vice versa), shared with the extension's ops.
+_autograd.register_patchify("fastmae")
 
 
 # CPU tensors outside the interpreter run the reference (copied: an op's output must not
