@@ -134,12 +134,27 @@ def test_cuda_matches_reference(N, C, H, W, p, dtype):
                        ref.unpatchify(x, p, (h, w)).float())
 
 
-# The C++ twin's fast path (fp32, C = 3, unit x / d stride: SSE (de)interleave of 4 pixels, a
-# scalar tail for p % 4, p = 16 as a compile-time constant) against its fallbacks: patch sizes
-# with and without a tail, ViT-B's shape, non-finite values moved bit for bit, and views that
-# keep a unit last stride but not the others (an image crop, tokens of a sliced batch).
-@pytest.mark.parametrize("p", [4, 5, 6, 7, 16])
-def test_fast_path_patch_sizes_and_views(p):
+@pytest.fixture(params=["avx2", "baseline"])
+def cpu_path(request):
+    """Both builds of the C++ twin's task loops: AVX2 (where the CPU has it) and baseline,
+    switched through the private op; always switched back."""
+    force = torch.ops.fastmae_ext._patchify_cpu_force_baseline
+    has_avx2 = force(request.param == "baseline")
+    try:
+        if request.param == "avx2" and not has_avx2:
+            pytest.skip("this CPU (or build) has no AVX2: the baseline build always runs")
+        yield request.param
+    finally:
+        force(False)
+
+
+# The C++ twin's fast path (fp32, C = 3, unit x / d stride: AVX2 (de)interleave of 8 pixels,
+# then SSE of 4, then a scalar tail, p = 16 as a compile-time constant) in both builds, against
+# the reference: patch sizes with every tail (p % 8 in 1..7, with and without a 4-pixel step),
+# ViT-B's shape, non-finite values moved bit for bit, and views that keep a unit last stride but
+# not the others (an image crop, tokens of a sliced batch).
+@pytest.mark.parametrize("p", [4, 5, 6, 7, 8, 11, 12, 16, 20])
+def test_fast_path_patch_sizes_and_views(cpu_path, p):
     N, C, h, w = 2, 3, 3, 5
     imgs = _imgs(N, C, h * p, w * p, torch.float32)
     imgs[0, 1, 0, :3] = float("nan")
@@ -154,11 +169,27 @@ def test_fast_path_patch_sizes_and_views(p):
     assert torch.equal(E.unpatchify(x, p, (h, w)), ref.unpatchify(x, p, (h, w)))
 
 
-def test_fast_path_vit_b():
+def test_fast_path_vit_b(cpu_path):
     imgs = _imgs(2, 3, 224, 224, torch.float32)
     out = E.patchify(imgs, 16)
     assert torch.equal(out, ref.patchify(imgs, 16))
     assert torch.equal(E.unpatchify(out, 16), imgs)
+    x = torch.randn(3, 196, 768)  # fresh tokens, not a patchify output
+    assert torch.equal(E.unpatchify(x, 16), ref.unpatchify(x, 16))
+
+
+# Only fp32 -> fp32 with C = 3 and a unit last stride takes the fast path; in both builds, the
+# neighbours that must not (a cast, another C, a strided last dim, fp64) still match exactly.
+def test_fast_path_neighbours(cpu_path):
+    imgs = _imgs(2, 3, 24, 40, torch.float32)
+    x = torch.randn(2, 15, 192)
+    assert torch.equal(E.patchify(imgs, 8, out_dtype=torch.bfloat16), ref.patchify(imgs, 8).to(torch.bfloat16))
+    assert torch.equal(E.unpatchify(x, 8, (3, 5), out_dtype=torch.float16),
+                       ref.unpatchify(x, 8, (3, 5)).to(torch.float16))
+    for t in (imgs[:, :2], imgs.double(), imgs.to(memory_format=torch.channels_last)):
+        assert torch.equal(E.patchify(t, 8), ref.patchify(t, 8))
+    for t in (torch.randn(2, 15, 256), x.double(), torch.randn(2, 15, 384)[..., ::2]):
+        assert torch.equal(E.unpatchify(t, 8, (3, 5)), ref.unpatchify(t, 8, (3, 5)))
 
 
 # Input layouts and alignments for both implementations (the CUDA kernels take a 16-byte vector
