@@ -96,11 +96,11 @@ def _impl(op: str, backend: str):
 # The ops whose C++ kernel (backend="ext" on CPU tensors) ``backend="auto"`` takes for CPU
 # tensors: those measured faster than the reference on CPU (benchmarks/bench_cpu_twins.py,
 # benchmarks/results/cpu_twins.json); the others run the reference there.
-# Measured 2026-12-02 02:24-02:27 UTC on an idle machine (AMD EPYC, 2 threads, load ~1, ViT-B batch 8 fp32,
-# five runs, the twins built with OpenMP): patchify 3.5x-4.8x, unpatchify 1.8x-2.5x, random_masking 2.3x-6.5x,
-# encoder_input 4.3x-6.0x, decoder_unshuffle 4.7x-8.2x, mae_loss 5.9x-7.1x (forward + backward 3.3x-4.6x).
-# Not taken: add_layer_norm (1.2x-1.35x forward, 0.96x-1.3x forward + backward: within the noise of
-# "faster"), attention (1.03x-1.34x encoder, 1.6x-2.1x decoder), bias_gelu (0.5x-0.6x: slower).
+# Measured 2026-12-02 04:50 UTC on an idle machine (AMD EPYC, 2 threads, load < 1, ViT-B batch 8 fp32,
+# four runs of the whole benchmark): patchify 3.9x-5.3x, unpatchify 2.6x-3.6x, random_masking 3.9x-5.8x,
+# encoder_input 3.8x-4.7x, decoder_unshuffle 4.6x-7.1x, mae_loss 7.0x-7.6x (forward + backward 3.6x-4.6x).
+# Not taken: add_layer_norm (1.19x-1.24x forward, 1.05x-1.27x forward + backward: within the noise of
+# "faster"), attention (1.11x-1.34x encoder, 1.8x-2.0x decoder), bias_gelu (0.53x-0.64x: slower).
 EXT_CPU_AUTO = frozenset({"patchify", "unpatchify", "random_masking", "encoder_input", "decoder_unshuffle",
                           "mae_loss"})
 
