@@ -168,7 +168,9 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dy_, cons
   });
   at::Tensor db = empty_output({H}, x.options().dtype(at::kFloat));
   float* dbp = db.mutable_data_ptr<float>();
-  at::parallel_for(0, H, 256, [&](int64_t c0, int64_t c1) {
+  // a parallel region costs more than a few ten thousand adds: chunks of >= 64K partial elements
+  const int64_t col_grain = std::max<int64_t>(256, 65536 / std::max<int64_t>(nblk, 1));
+  at::parallel_for(0, H, col_grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       float a = 0.0f;
       for (int64_t blk = 0; blk < nblk; ++blk) a += pp[blk * H + c];
