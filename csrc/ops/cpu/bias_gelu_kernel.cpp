@@ -171,10 +171,11 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dy_, cons
   // a parallel region costs more than a few ten thousand adds: chunks of >= 64K partial elements
   const int64_t col_grain = std::max<int64_t>(256, 65536 / std::max<int64_t>(nblk, 1));
   at::parallel_for(0, H, col_grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      float a = 0.0f;
-      for (int64_t blk = 0; blk < nblk; ++blk) a += pp[blk * H + c];
-      dbp[c] = a;
+    // column c: 0 + part[0][c] + part[1][c] + ... in block order; rows of partials, vectorised over columns
+    for (int64_t c = c0; c < c1; ++c) dbp[c] = 0.0f;
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const float* pr = pp + blk * H;
+      for (int64_t c = c0; c < c1; ++c) dbp[c] += pr[c];
     }
   });
   return {dx, db.to(bias.scalar_type())};
