@@ -87,6 +87,26 @@ inline bool cpu_has_avx2_fma() { return false; }
 }  // namespace fastmae
 #endif
 
+// The same pattern one level up: FASTMAE_TARGET_AVX512 compiles a loop for AVX-512 F/DQ/BW/VL
+// (with AVX2 + FMA), cpu_has_avx512() says whether the CPU (and OS) has all of them. Empty and
+// false where FASTMAE_TARGET_AVX2 is.
+#if !defined(__CUDACC__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTMAE_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
+namespace fastmae {
+inline bool cpu_has_avx512() {
+  static const bool yes = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  return yes;
+}
+}  // namespace fastmae
+#else
+#define FASTMAE_TARGET_AVX512
+namespace fastmae {
+inline bool cpu_has_avx512() { return false; }
+}  // namespace fastmae
+#endif
+
 namespace fastmae {
 
 // A 16-byte vector of T (4 floats, 8 halves, 2 doubles): one LDG.128 / STG.128 on a GPU.

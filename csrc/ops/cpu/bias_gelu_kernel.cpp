@@ -1,14 +1,20 @@
 // CPU twin of bias + exact GELU (math in ../bias_gelu.h).
 //
-// Forward: at::parallel_for over rows; a row is converted to fp32, v = x + bias, erf and exp
-// by the branch-free approximations of bias_gelu.h (vectorised loops), stored in x's dtype.
-// Backward: fixed blocks of kRowsPerPartial rows, at::parallel_for over blocks; each block
-// writes dx for its rows and one fp32 partial row of dbias; the partials are then summed per
-// column in block order. Nothing depends on the thread count: the same bits on every run.
+// Forward: at::parallel_for over rows; each row in one pass: v = x + bias, erf and exp by the
+// branch-free approximations of bias_gelu.h, y = gelu(v). fp32 rows are read and written in
+// place; fp16 / bf16 rows go through an fp32 row buffer (rowio.h).
+// Backward: fixed blocks of kRowsPerPartial rows, at::parallel_for over blocks; one pass per
+// row computes g = dy * gelu'(x + bias), writes it as dx and adds it to the block's fp32 dbias
+// partial row; the partials are then summed per column in block order. Nothing depends on the
+// thread count: the same bits on every run.
+// The row loops are compiled three times (AVX-512, AVX2 + FMA, baseline; csrc/common.h) and
+// chosen at run time: the erf/exp arithmetic is the time, and 16 lanes halve it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "../bias_gelu.h"
@@ -21,42 +27,71 @@ using namespace fastmae::cpu;
 using namespace fastmae::bias_gelu;
 constexpr int64_t kRowsPerPartial = 32;
 
-// The two elementwise loops, compiled for AVX2 + FMA and for the baseline target and chosen at
-// run time (the pattern of csrc/common.h): v <- gelu(v) (forward), g <- g * gelu'(v) (backward).
-FASTMAE_ALWAYS_INLINE void gelu_row_body(float* v, int64_t n) {
+// y = gelu(x + b) (y may be x).
+FASTMAE_ALWAYS_INLINE void fwd_row_body(const float* x, const float* b, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] + b[i];
     float erf_z, e;
-    erf_exp_as(v[i] * kInvSqrt2, &erf_z, &e);
-    v[i] = gelu(v[i], erf_z);
+    erf_exp_as(v * kInvSqrt2, &erf_z, &e);
+    y[i] = gelu(v, erf_z);
   }
 }
 
-FASTMAE_ALWAYS_INLINE void gelu_grad_row_body(const float* v, float* g, int64_t n) {
+// g = dy * gelu'(x + b) to dx (dx may be dy), acc += g.
+FASTMAE_ALWAYS_INLINE void bwd_row_body(const float* x, const float* b, const float* dy, float* dx, float* acc,
+                                        int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i] + b[i];
     float erf_z, e;
-    erf_exp_as(v[i] * kInvSqrt2, &erf_z, &e);
-    g[i] *= gelu_grad(v[i], erf_z, e);
+    erf_exp_as(v * kInvSqrt2, &erf_z, &e);
+    const float g = dy[i] * gelu_grad(v, erf_z, e);
+    dx[i] = g;
+    acc[i] += g;
   }
 }
 
-FASTMAE_TARGET_AVX2 void gelu_row_avx2(float* v, int64_t n) { gelu_row_body(v, n); }
-void gelu_row_base(float* v, int64_t n) { gelu_row_body(v, n); }
-FASTMAE_TARGET_AVX2 void gelu_grad_row_avx2(const float* v, float* g, int64_t n) { gelu_grad_row_body(v, g, n); }
-void gelu_grad_row_base(const float* v, float* g, int64_t n) { gelu_grad_row_body(v, g, n); }
+FASTMAE_TARGET_AVX512 void fwd_row_avx512(const float* x, const float* b, float* y, int64_t n) {
+  fwd_row_body(x, b, y, n);
+}
+FASTMAE_TARGET_AVX2 void fwd_row_avx2(const float* x, const float* b, float* y, int64_t n) {
+  fwd_row_body(x, b, y, n);
+}
+void fwd_row_base(const float* x, const float* b, float* y, int64_t n) { fwd_row_body(x, b, y, n); }
+FASTMAE_TARGET_AVX512 void bwd_row_avx512(const float* x, const float* b, const float* dy, float* dx, float* acc,
+                                          int64_t n) {
+  bwd_row_body(x, b, dy, dx, acc, n);
+}
+FASTMAE_TARGET_AVX2 void bwd_row_avx2(const float* x, const float* b, const float* dy, float* dx, float* acc,
+                                      int64_t n) {
+  bwd_row_body(x, b, dy, dx, acc, n);
+}
+void bwd_row_base(const float* x, const float* b, const float* dy, float* dx, float* acc, int64_t n) {
+  bwd_row_body(x, b, dy, dx, acc, n);
+}
 
-void gelu_row(float* v, int64_t n) {
-  if (cpu_has_avx2_fma()) {
-    gelu_row_avx2(v, n);
+// The loop build: 0 baseline, 1 AVX2 + FMA, 2 AVX-512, the best the CPU has, capped by the
+// private op below (tests check every build against the oracle).
+std::atomic<int> g_max_level{2};
+int cpu_level() { return cpu_has_avx512() ? 2 : cpu_has_avx2_fma() ? 1 : 0; }
+int level() { return std::min(cpu_level(), g_max_level.load(std::memory_order_relaxed)); }
+
+void fwd_row(int lvl, const float* x, const float* b, float* y, int64_t n) {
+  if (lvl == 2) {
+    fwd_row_avx512(x, b, y, n);
+  } else if (lvl == 1) {
+    fwd_row_avx2(x, b, y, n);
   } else {
-    gelu_row_base(v, n);
+    fwd_row_base(x, b, y, n);
   }
 }
 
-void gelu_grad_row(const float* v, float* g, int64_t n) {
-  if (cpu_has_avx2_fma()) {
-    gelu_grad_row_avx2(v, g, n);
+void bwd_row(int lvl, const float* x, const float* b, const float* dy, float* dx, float* acc, int64_t n) {
+  if (lvl == 2) {
+    bwd_row_avx512(x, b, dy, dx, acc, n);
+  } else if (lvl == 1) {
+    bwd_row_avx2(x, b, dy, dx, acc, n);
   } else {
-    gelu_grad_row_base(v, g, n);
+    bwd_row_base(x, b, dy, dx, acc, n);
   }
 }
 
@@ -72,12 +107,18 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x_, const at::Tensor& bias_) {
   const char* xp = byte_ptr(x);
   char* yp = byte_ptr_mut(y);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1));
+  const int lvl = level();
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    if (xt == at::kFloat) {
+      for (int64_t r = r0; r < r1; ++r) {
+        fwd_row(lvl, reinterpret_cast<const float*>(xp) + r * H, b.data(), reinterpret_cast<float*>(yp) + r * H, H);
+      }
+      return;
+    }
     std::vector<float> v(H);
     for (int64_t r = r0; r < r1; ++r) {
       load_row(xp + r * H * xe, xt, v.data(), H);
-      for (int64_t i = 0; i < H; ++i) v[i] += b[i];
-      gelu_row(v.data(), H);
+      fwd_row(lvl, v.data(), b.data(), v.data(), H);
       store_row(v.data(), xt, yp + r * H * xe, H);
     }
   });
@@ -101,34 +142,57 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dy_, cons
   const char* dyp = byte_ptr(dy);
   char* dxp = byte_ptr_mut(dx);
   float* pp = part.mutable_data_ptr<float>();
+  const int lvl = level();
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> v(H), g(H);
+    // fp32 rows are used in place; others through fp32 buffers (g: dy in, dx out)
+    std::vector<float> v(xt == at::kFloat ? 0 : H), g(xt == at::kFloat && dyt == at::kFloat ? 0 : H);
     for (int64_t blk = b0; blk < b1; ++blk) {
       float* acc = pp + blk * H;
       const int64_t r_end = std::min(rows, (blk + 1) * kRowsPerPartial);
       for (int64_t r = blk * kRowsPerPartial; r < r_end; ++r) {
-        load_row(xp + r * H * xe, xt, v.data(), H);
-        load_row(dyp + r * H * dye, dyt, g.data(), H);
-        for (int64_t i = 0; i < H; ++i) v[i] += b[i];
-        gelu_grad_row(v.data(), g.data(), H);
-        for (int64_t i = 0; i < H; ++i) acc[i] += g[i];
-        store_row(g.data(), xt, dxp + r * H * xe, H);
+        const float* xr = reinterpret_cast<const float*>(xp + r * H * xe);
+        const float* dyr = reinterpret_cast<const float*>(dyp + r * H * dye);
+        float* dxr = reinterpret_cast<float*>(dxp + r * H * xe);
+        if (xt != at::kFloat) {
+          load_row(xr, xt, v.data(), H);
+          xr = v.data();
+        }
+        if (!g.empty()) {
+          load_row(dyr, dyt, g.data(), H);
+          dyr = g.data();
+        }
+        bwd_row(lvl, xr, b.data(), dyr, g.empty() ? dxr : g.data(), acc, H);
+        if (!g.empty()) store_row(g.data(), xt, dxr, H);
       }
     }
   });
   at::Tensor db = empty_output({H}, x.options().dtype(at::kFloat));
   float* dbp = db.mutable_data_ptr<float>();
-  at::parallel_for(0, H, 256, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      float a = 0.0f;
-      for (int64_t blk = 0; blk < nblk; ++blk) a += pp[blk * H + c];
-      dbp[c] = a;
+  // a parallel region costs more than a few ten thousand adds: chunks of >= 64K partial elements
+  const int64_t col_grain = std::max<int64_t>(256, 65536 / std::max<int64_t>(nblk, 1));
+  at::parallel_for(0, H, col_grain, [&](int64_t c0, int64_t c1) {
+    // column c: 0 + part[0][c] + part[1][c] + ... in block order; rows of partials, vectorised over columns
+    for (int64_t c = c0; c < c1; ++c) dbp[c] = 0.0f;
+    for (int64_t blk = 0; blk < nblk; ++blk) {
+      const float* pr = pp + blk * H;
+      for (int64_t c = c0; c < c1; ++c) dbp[c] += pr[c];
     }
   });
   return {dx, db.to(bias.scalar_type())};
 }
 
+// Caps the loop build at `max_level` (0 baseline, 1 AVX2 + FMA, 2 AVX-512); returns the best
+// build this CPU has.
+int64_t set_max_level(int64_t max_level) {
+  g_max_level.store(static_cast<int>(max_level));
+  return cpu_level();
+}
+
 }  // namespace
+
+// Private (tests): _bias_gelu_cpu_max_level(0 / 1) makes the CPU twin take its baseline / AVX2
+// loops until called with 2. No tensor arguments: a catch-all kernel.
+TORCH_LIBRARY_FRAGMENT(fastmae_ext, m) { m.def("_bias_gelu_cpu_max_level(int max_level) -> int", &set_max_level); }
 
 TORCH_LIBRARY_IMPL(fastmae_ext, CPU, m) {
   m.impl("bias_gelu_fwd", &bias_gelu_fwd_cpu);
