@@ -8,9 +8,10 @@ Semantics of :func:`fastmae.reference.bias_gelu`: ``v = float(x) + float(bias)``
 The ops are ``torch.ops.fastmae_ext.bias_gelu_fwd`` / ``bias_gelu_bwd``
 (``csrc/ops/bias_gelu.cpp``; math in ``csrc/ops/bias_gelu.h``):
 
-* CPU (``csrc/ops/cpu/bias_gelu_kernel.cpp``): ``at::parallel_for`` over rows with
-  vectorisable erf / exp approximations (Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7, as
-  ATen's vectorised CPU erf); dbias from fixed 32-row block partials summed in block order.
+* CPU (``csrc/ops/cpu/bias_gelu_kernel.cpp``): ``at::parallel_for`` over rows, one fused pass
+  per row with vectorisable erf / exp approximations (Abramowitz & Stegun 7.1.26, |error| <=
+  1.5e-7, as ATen's vectorised CPU erf), compiled for AVX-512, AVX2 + FMA and the baseline and
+  chosen at run time; dbias from fixed 32-row block partials summed in block order.
 * CUDA (``csrc/ops/cuda/bias_gelu_kernel.cu``): 16-byte accesses, libdevice erff / expf;
   dbias from one fp32 partial per 64-row block, then a fixed-order column sum. No atomics.
 
