@@ -96,11 +96,13 @@ def _impl(op: str, backend: str):
 # The ops whose C++ kernel (backend="ext" on CPU tensors) ``backend="auto"`` takes for CPU
 # tensors: those measured faster than the reference on CPU (benchmarks/bench_cpu_twins.py,
 # benchmarks/results/cpu_twins.json); the others run the reference there.
-# Measured 2026-12-02 04:50 UTC on an idle machine (AMD EPYC, 2 threads, load < 1, ViT-B batch 8 fp32,
-# four runs of the whole benchmark): patchify 3.9x-5.3x, unpatchify 2.6x-3.6x, random_masking 3.9x-5.8x,
-# encoder_input 3.8x-4.7x, decoder_unshuffle 4.6x-7.1x, mae_loss 7.0x-7.6x (forward + backward 3.6x-4.6x).
-# Not taken: add_layer_norm (1.19x-1.24x forward, 1.05x-1.27x forward + backward: within the noise of
-# "faster"), attention (1.11x-1.34x encoder, 1.8x-2.0x decoder), bias_gelu (0.53x-0.64x: slower).
+# Measured 2026-12-02 04:50-05:33 UTC on an idle machine (AMD EPYC, 2 threads, load 0.4-1.5, ViT-B batch 8
+# fp32, eight runs of the whole benchmark): patchify 3.9x-5.5x, unpatchify 2.6x-3.6x, random_masking
+# 3.9x-5.8x (one run 1.4x), encoder_input 3.8x-6.4x, decoder_unshuffle 4.6x-10.1x, mae_loss 7.0x-8.1x
+# (forward + backward 3.6x-4.6x). Not taken: add_layer_norm (1.17x-1.24x forward, 1.02x-1.27x forward +
+# backward: within the noise of "faster"), attention (1.02x-1.34x encoder, 1.7x-2.2x decoder), bias_gelu
+# (1.10x-1.42x forward, 1.20x-1.38x forward + backward in the four runs since its fused AVX-512 loops, fp32
+# only: its fp16 / bf16 rows, which the benchmark does not time, take a slower conversion path).
 EXT_CPU_AUTO = frozenset({"patchify", "unpatchify", "random_masking", "encoder_input", "decoder_unshuffle",
                           "mae_loss"})
 
