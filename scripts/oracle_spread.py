@@ -56,11 +56,8 @@ def _errors(which, seed):
     sw = _run(which, stock, imgs[swap], noise[swap])
     runs["sdpa_sw"] = (sw[0], sw[1][swap], sw[2][swap], sw[3])
     exact = _run(which, copy.deepcopy(stock).double(), imgs.double(), noise.double())
-    scale = {}
-    for n, g in exact[3].items():
-        mod = n.rpartition(".")[0]
-        scale[mod] = max(scale.get(mod, 0.0), g.abs().max().item())
-    pairs = [("loss", 0, 0.0), ("pred", 1, 0.0)] + [(n, n, scale[n.rpartition(".")[0]]) for n in exact[3]]
+    scale = T._module_scales(exact[3])
+    pairs = [("loss", 0, 0.0), ("pred", 1, 0.0)] + [(n, n, scale[n]) for n in exact[3]]
     out = {}
     for name, key, sc in pairs:
         pick = (lambda r, i=key: r[i]) if isinstance(key, int) else (lambda r, n=key: r[3][n])

@@ -99,13 +99,18 @@ def _compare(got, lows, exact):
     for r in lows:
         assert torch.equal(got[2], r[2]) and got[2].dtype == r[2].dtype, "mask"
     assert got[3].keys() == low[3].keys() == exact[3].keys()
-    module_scale = {}  # module name -> its largest exact gradient magnitude (see the floor above)
-    for n, g in exact[3].items():
-        mod = n.rpartition(".")[0]
-        module_scale[mod] = max(module_scale.get(mod, 0.0), g.double().abs().max().item())
+    scale = _module_scales(exact[3])
     for n in got[3]:
-        _assert_oracle(f"grad {n}", got[3][n], [r[3][n] for r in lows], exact[3][n],
-                       module_scale[n.rpartition(".")[0]])
+        _assert_oracle(f"grad {n}", got[3][n], [r[3][n] for r in lows], exact[3][n], scale[n])
+
+
+def _module_scales(grads):
+    """Parameter name -> its module's largest exact gradient magnitude (see the floor above)."""
+    top = {}
+    for n, g in grads.items():
+        mod = n.rpartition(".")[0]
+        top[mod] = max(top.get(mod, 0.0), g.double().abs().max().item())
+    return {n: top[n.rpartition(".")[0]] for n in grads}
 
 
 def _signs(t):
@@ -126,11 +131,10 @@ def test_oracle_rejects_small_errors():
     bad_pred = pred + 1e-5 * pred.abs().max() * _signs(pred)
     with pytest.raises(AssertionError, match="pred"):
         _compare((loss, bad_pred, mask, grads, ids), lows, ref64)
-    top = max(e.abs().max().item() for e in ref64[3].values())
+    scale = _module_scales(ref64[3])
+    top = max(scale.values())
     for n, g in grads.items():
-        mod = n.rpartition(".")[0]
-        scale = max(e.abs().max().item() for k, e in ref64[3].items() if k.rpartition(".")[0] == mod) or top
-        bad = dict(grads, **{n: g + 1e-5 * scale * _signs(g)})
+        bad = dict(grads, **{n: g + 1e-5 * (scale[n] or top) * _signs(g)})
         with pytest.raises(AssertionError, match=f"grad {n}:"):
             _compare((loss, pred, mask, bad, ids), lows, ref64)
 
