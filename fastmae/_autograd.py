@@ -1,8 +1,9 @@
 """Autograd formulas that fastmae's two op libraries share.
 
 The Triton ops (``torch.ops.fastmae.*``, :mod:`fastmae.kernels`) and the compiled
-extension's (``torch.ops.fastmae_ext.*``, :mod:`fastmae.ext`) of masking, decoder unshuffle
-and the MAE loss have the same backward: the forward saves the same tensors and the backward
+extension's (``torch.ops.fastmae_ext.*``, :mod:`fastmae.ext`) of patchify / unpatchify
+(whose forward fakes are the same too), masking, decoder unshuffle and the MAE loss have the
+same backward: the forward saves the same tensors and the backward
 calls its own library's backward op with the same arguments. So each formula is written
 once, here, for a library's namespace ``ns``: ``register_<op>(ns)`` registers the autograd
 formula of ``ns::<op>`` and the fake function of its backward op, whose schema is the same in

@@ -6,7 +6,7 @@ package loads it on first use and says precisely why it cannot when it cannot: n
 built for another torch, built without CUDA. Nothing here runs at ``import fastmae``; the
 per-op modules (``fastmae.ext.patchify``, ...) load the extension when they are imported,
 and hold each op's ``register_fake``, ``register_autograd`` and public wrapper (masking,
-unshuffle and the loss register the Triton ops' autograd formulas, :mod:`fastmae._autograd`).
+unshuffle, the loss and patchify register the Triton ops' autograd formulas, :mod:`fastmae._autograd`).
 """
 
 from __future__ import annotations

@@ -5,8 +5,7 @@ Kernels: ``csrc/ops/cuda/patchify_kernel.cu`` (CUDA tensors) and its C++ twin
 ``csrc/ops/patchify.h``; schemas in ``csrc/ops/patchify.cpp``. Fakes and autograd (each op's
 backward is the other, cast back to the input's dtype): the Triton ops'
 (:func:`fastmae._autograd.register_patchify`). Here: the public wrappers :mod:`fastmae.ops`
-dispatches to. Inputs are validated by
-:mod:`fastmae.ops`.
+dispatches to. Inputs are validated by :mod:`fastmae.ops`.
 """
 
 from __future__ import annotations
