@@ -103,6 +103,13 @@ def _impl(op: str, backend: str):
 # backward: within the noise of "faster"), attention (1.02x-1.34x encoder, 1.7x-2.2x decoder), bias_gelu
 # (1.10x-1.42x forward, 1.20x-1.38x forward + backward in the four runs since its fused AVX-512 loops, fp32
 # only: its fp16 / bf16 rows, which the benchmark does not time, take a slower conversion path).
+# Those runs left glibc's malloc thresholds alone, and the reference side page-faulted in some rows (up to
+# 14,000 minor faults a call in decoder attention, 1,700 in the loss's forward + backward): the benchmark
+# now pins them (--malloc pinned, its default) and records faults per call. Four pinned runs, 06:41-06:44
+# UTC, same machine, load 0.6-1.3: patchify 4.0x-5.0x, unpatchify 2.4x-2.9x, random_masking 4.5x-5.4x (one
+# run 1.5x), encoder_input 4.2x-4.8x, decoder_unshuffle 4.7x-6.0x, mae_loss 6.2x-6.6x (forward + backward
+# 3.6x), add_layer_norm 1.18x-1.26x (forward + backward 0.96x-1.27x), bias_gelu 1.20x-1.34x (1.22x-1.44x),
+# attention 1.05x-1.19x encoder, 1.55x-1.63x decoder: the same set.
 EXT_CPU_AUTO = frozenset({"patchify", "unpatchify", "random_masking", "encoder_input", "decoder_unshuffle",
                           "mae_loss"})
 

@@ -6,6 +6,7 @@ No figure here is a performance claim: CPU times only show that the plumbing wor
 
 import io
 import json
+import mmap
 import os
 import random
 import subprocess
@@ -24,7 +25,7 @@ from fastmae.validate import _exact, two_x_tolerance
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # benchmarks/ is not an installed package
 
-from benchmarks import bench_ops, make_results  # noqa: E402
+from benchmarks import bench_cpu_twins, bench_ops, make_results  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- FLOPs
@@ -223,6 +224,39 @@ def test_bench_ops_cpu_smoke_run(tmp_path, capsys):
     assert math_row["status"] == "ok" and 0 < math_row["frac_matmul"]
     out = capsys.readouterr().out
     assert "[ops]" in out and "graph ms" in out and "graph timing: 0 ok, 0 failed" in out
+
+
+def test_cpu_twin_bench_counts_page_faults_per_call():
+    def faulting():  # 16 fresh anonymous pages, each touched once: 16 minor faults a call
+        m = mmap.mmap(-1, 16 * mmap.PAGESIZE)
+        for i in range(16):
+            m[i * mmap.PAGESIZE] = 1
+        m.close()
+
+    te, tr, fe, fr = bench_cpu_twins.measure(faulting, lambda: None, iters=20, warmup=1)
+    assert te > 0 and tr > 0
+    assert 16 <= fe < 20 and fr < 1
+
+
+def test_cpu_twin_bench_smoke_run_pins_malloc(tmp_path):
+    from _ext import require_ext
+
+    require_ext()
+    out = tmp_path / "twins.json"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "bench_cpu_twins.py"), "--iters", "2", "--batch", "1",
+           "--ops", "patchify,mae_loss fwd+bwd", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rec = json.load(open(out))
+    assert rec["malloc"].startswith("pinned: mallopt")
+    assert [r["op"] for r in rec["results"]] == ["patchify", "mae_loss fwd+bwd"]
+    for r in rec["results"]:
+        assert r["ext_ms"] > 0 and r["torch_ms"] > 0 and r["speedup"] == pytest.approx(r["torch_ms"] / r["ext_ms"])
+        assert r["ext_faults_per_call"] >= 0 and r["torch_faults_per_call"] >= 0
+    done = subprocess.run([*cmd[:-1], str(tmp_path / "d.json"), "--malloc", "default"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.load(open(tmp_path / "d.json"))["malloc"] == "default"
 
 
 def test_bench_ops_refuses_to_guess_a_device(capsys):
