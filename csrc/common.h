@@ -60,8 +60,9 @@
   FASTMAE_CHECK((a).device() == (b).device(), #a " and " #b " must be on one device")
 
 // CPU kernels: the build targets baseline x86-64 (SSE2) or aarch64, so that one wheel runs
-// anywhere. On x86-64 a hot loop may be compiled a second time for AVX2+FMA and picked at run
-// time: write the body once as an always-inline template, then two thin entry points,
+// anywhere. On x86-64 a hot loop may be compiled a second time for AVX2+FMA (and a third for
+// AVX-512) and picked at run time: write the body once as an always-inline template, then thin
+// entry points,
 //
 //   FASTMAE_TARGET_AVX2 void rows_avx2(...) { rows_body(...); }   // compiled for AVX2+FMA
 //   void rows_base(...) { rows_body(...); }                         // baseline
@@ -69,43 +70,49 @@
 //
 // The target attribute does not reach into lambdas: call the entry point from inside
 // at::parallel_for's lambda, not at::parallel_for from inside the entry point. Elsewhere
-// (aarch64, MSVC) FASTMAE_TARGET_AVX2 is empty and cpu_has_avx2_fma() is false.
+// (aarch64, MSVC) the target macros are empty and the CPU's level is 0.
+//
+// Levels: 0 baseline, 1 AVX2 + FMA, 2 AVX-512 F/DQ/BW/VL (with AVX2 + FMA). cpu_isa_level() is
+// the best level this CPU has, capped by cpu_isa_cap(): the private op fastmae_ext::_cpu_isa_cap
+// (csrc/ops/cpu_isa.cpp) lowers it so that the tests run every build of every kernel against
+// its oracle. cpu_has_avx2_fma() / cpu_has_avx512() answer for the capped level: ask them per
+// call (never cache the answer in a static), so that the cap reaches every kernel.
+namespace fastmae {
+int cpu_isa_cap();  // 2 unless the tests lowered it
+}  // namespace fastmae
+
 #if !defined(__CUDACC__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTMAE_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define FASTMAE_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
 #define FASTMAE_ALWAYS_INLINE inline __attribute__((always_inline))
 namespace fastmae {
-inline bool cpu_has_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
+inline int cpu_isa_detected() {
+  static const int level = [] {
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    return avx512 ? 2 : 1;
+  }();
+  return level;
 }
 }  // namespace fastmae
 #else
 #define FASTMAE_TARGET_AVX2
+#define FASTMAE_TARGET_AVX512
 #define FASTMAE_ALWAYS_INLINE inline
 namespace fastmae {
-inline bool cpu_has_avx2_fma() { return false; }
+inline int cpu_isa_detected() { return 0; }
 }  // namespace fastmae
 #endif
 
-// The same pattern one level up: FASTMAE_TARGET_AVX512 compiles a loop for AVX-512 F/DQ/BW/VL
-// (with AVX2 + FMA), cpu_has_avx512() says whether the CPU (and OS) has all of them. Empty and
-// false where FASTMAE_TARGET_AVX2 is.
-#if !defined(__CUDACC__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTMAE_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
 namespace fastmae {
-inline bool cpu_has_avx512() {
-  static const bool yes = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  return yes;
+inline int cpu_isa_level() {
+  const int cap = cpu_isa_cap(), cpu = cpu_isa_detected();
+  return cap < cpu ? cap : cpu;
 }
+inline bool cpu_has_avx2_fma() { return cpu_isa_level() >= 1; }
+inline bool cpu_has_avx512() { return cpu_isa_level() >= 2; }
 }  // namespace fastmae
-#else
-#define FASTMAE_TARGET_AVX512
-namespace fastmae {
-inline bool cpu_has_avx512() { return false; }
-}  // namespace fastmae
-#endif
 
 namespace fastmae {
 

@@ -53,3 +53,30 @@ def _fresh_seed():
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     yield seed
+
+
+# The loop builds of the extension's CPU kernels (csrc/common.h: 0 baseline, 1 AVX2 + FMA,
+# 2 AVX-512). A test that takes the ``cpu_isa`` fixture runs once per build its module names in
+# ``CPU_BUILDS`` (default: all three), with the others switched off through the private op
+# fastmae_ext::_cpu_isa_cap; a build this CPU lacks is skipped (the best build it has already
+# runs in the case above it).
+CPU_ISA_LEVELS = {"avx512": 2, "avx2": 1, "baseline": 0}
+
+
+def pytest_generate_tests(metafunc):
+    if "cpu_isa" in metafunc.fixturenames:
+        builds = getattr(metafunc.module, "CPU_BUILDS", tuple(CPU_ISA_LEVELS))
+        metafunc.parametrize("cpu_isa", builds, indirect=True)
+
+
+@pytest.fixture
+def cpu_isa(request):
+    cap = torch.ops.fastmae_ext._cpu_isa_cap
+    level = CPU_ISA_LEVELS[request.param]
+    if level > cap(2):
+        pytest.skip(f"this CPU has no {request.param} build")
+    cap(level)
+    try:
+        yield request.param
+    finally:
+        cap(2)

@@ -254,13 +254,17 @@ def test_cuda_mae_shapes_and_deterministic(B, N, H, D, dtype):
 # The C++ twin computes every product with register tiles of 6 rows x 16 (or 8) columns over
 # N padded to a multiple of 8 (and D too, for head dims the CUDA kernels do not take, reachable
 # through torch.ops): every row-tail 1..6 and both column tails, at MAE's head counts.
+# Both builds of the twin's tile loops, AVX2+FMA and baseline: the cpu_isa fixture (conftest.py).
+CPU_BUILDS = ("avx2", "baseline")
+
+
 @pytest.mark.parametrize("N", list(range(1, 26)) + [31, 33, 48, 49, 63, 64, 97])
-def test_cpu_every_tile_tail(N):
+def test_cpu_every_tile_tail(N, cpu_isa):
     check_packed(_randn(1, N, 3, 2, 32, dtype=f32), _randn(1, N, 2, 32, dtype=f32))
 
 
 @pytest.mark.parametrize("B,N,H,D", [(2, 50, 12, 64), (2, 197, 16, 32)])
-def test_cpu_mae_shapes(B, N, H, D):
+def test_cpu_mae_shapes(B, N, H, D, cpu_isa):
     # the benchmark's encoder and decoder heads (ViT-B at 75% masking), several pairs a thread
     check_packed(_randn(B, N, 3, H, D, dtype=f32), _randn(B, N, H, D, dtype=f32))
 
@@ -284,7 +288,7 @@ def test_cpu_any_head_dim_through_torch_ops(D):
 
 
 @pytest.mark.parametrize("dtype", [f32, bf16])
-def test_cpu_softmax_underflow(dtype):
+def test_cpu_softmax_underflow(dtype, cpu_isa):
     # logits spread over hundreds: most of P underflows (the twin's exp gives exactly 0 below
     # ln FLT_MIN), lse must still be the logsumexp
     qkv = _randn(2, 40, 3, 2, 32, dtype=f32) * 6

@@ -1,8 +1,8 @@
 """The compiled extension's bias + exact GELU (fastmae.ext.bias_gelu, backend="ext") against fastmae.reference.
 
 CPU tests run the C++ twin (csrc/ops/cpu/bias_gelu_kernel.cpp: vectorised Abramowitz-Stegun
-erf; its AVX-512, AVX2 and baseline loop builds each through the private op
-``_bias_gelu_cpu_max_level``), the GPU-marked ones the CUDA kernels (csrc/ops/cuda/bias_gelu_kernel.cu).
+erf; its AVX-512, AVX2 and baseline loop builds each, through the cpu_isa fixture of
+conftest.py), the GPU-marked ones the CUDA kernels (csrc/ops/cuda/bias_gelu_kernel.cu).
 
 Oracle (as tests/test_kernel_bias_gelu.py, :func:`fastmae.validate.two_x_tolerance`), for y,
 dx and dbias: ``max|out - ref64| <= 2 max|lowp - ref64| + floor``, ``ref64`` the reference in
@@ -95,31 +95,17 @@ def test_deterministic():
 
 
 # ----------------------------------------------------------------------------- CPU code paths
-_LEVELS = {"baseline": 0, "avx2": 1, "avx512": 2}
-
-
-@pytest.fixture(params=list(_LEVELS))
-def cpu_path(request):
-    """Every row-loop build of the CPU twin (AVX-512, AVX2+FMA, baseline), capped through the
-    private op (a build this CPU lacks is skipped); always reset to the best build."""
-    cap = torch.ops.fastmae_ext._bias_gelu_cpu_max_level
-    level = _LEVELS[request.param]
-    if level > cap(2):
-        pytest.skip(f"this CPU has no {request.param} build")
-    cap(level)
-    try:
-        yield request.param
-    finally:
-        cap(2)
+# Every row-loop build of the CPU twin (AVX-512, AVX2+FMA, baseline): the cpu_isa fixture (conftest.py).
+CPU_BUILDS = ("avx512", "avx2", "baseline")
 
 
 @pytest.mark.parametrize("x_dtype,bias_dtype", DTYPES)
 @pytest.mark.parametrize("M,H", [(1, 8), (37, 100), (70, 771), (33, 3072)])  # H % 16 != 0: the tails
-def test_cpu_paths_against_oracle(cpu_path, M, H, x_dtype, bias_dtype):
+def test_cpu_isas_against_oracle(cpu_isa, M, H, x_dtype, bias_dtype):
     check(*_inputs((M, H), x_dtype, bias_dtype))
 
 
-def test_cpu_paths_extremes_and_strides(cpu_path):
+def test_cpu_isas_extremes_and_strides(cpu_isa):
     x, b = _inputs((64, 19), f32, f32)
     x[0, :16] = torch.tensor([-1e4, -60, -20, -13.2, -9.25, -5, -1e-3, 0, 1e-30, 3, 9.3, 13.2, 20, 60, 1e4, 1e30])
     check(x, b * 0)
@@ -127,7 +113,7 @@ def test_cpu_paths_extremes_and_strides(cpu_path):
     check((torch.randn(100, 197) * 1.5).t(), (torch.randn(200) * 0.7)[::2])
 
 
-def test_cpu_paths_mixed_dy_dtype(cpu_path):
+def test_cpu_isas_mixed_dy_dtype(cpu_isa):
     # the op itself takes dy in another dtype than x: the fp32 row buffers; a 16-bit dy (or x)
     # is exact in fp32, so the results equal those of the fp32 inputs, to the bit
     bwd = torch.ops.fastmae_ext.bias_gelu_bwd
@@ -142,7 +128,7 @@ def test_cpu_paths_mixed_dy_dtype(cpu_path):
 
 
 @pytest.mark.parametrize("x_dtype", [f32, bf16])
-def test_cpu_same_bits_for_any_thread_count(cpu_path, x_dtype):
+def test_cpu_same_bits_for_any_thread_count(cpu_isa, x_dtype):
     # dbias partials over fixed 32-row blocks, summed in block order: no dependence on threads
     x, b = _inputs((1000, 771), x_dtype, f32)
     dy = torch.randn(1000, 771).to(x_dtype)

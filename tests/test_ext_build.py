@@ -170,3 +170,48 @@ def test_built_module_records_its_torch():
         # make test with the CUDA torch: the CUDA kernels are compiled in, for TORCH_CUDA_ARCH_LIST
         # (sm_80 and sm_90 by default, as make test builds them)
         assert mod.with_cuda and info["archs"] == os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+
+def test_cpu_isa_cap_op():
+    # the private op behind the cpu_isa fixture (conftest.py): it returns the CPU's own best
+    # level whatever the cap, refuses levels outside 0..2, and cap 2 lifts the cap
+    from _ext import require_ext
+
+    require_ext(("_cpu_isa_cap",))
+    cap = torch.ops.fastmae_ext._cpu_isa_cap
+    best = cap(2)
+    assert best in (0, 1, 2)
+    try:
+        assert cap(0) == best and cap(1) == best
+        for bad in (-1, 3):
+            with pytest.raises(RuntimeError, match=f"cap must be 0, 1 or 2, got {bad}"):
+                cap(bad)
+    finally:
+        assert cap(2) == best
+
+
+def test_cpu_isa_cap_reaches_the_kernels():
+    # the baseline build has no FMA, so where a kernel multiplies and adds, its bits differ from
+    # the AVX2 + FMA build's somewhere among thousands of elements: the cap switched the build
+    from _ext import require_ext
+
+    from fastmae import ops
+
+    require_ext(("_cpu_isa_cap",))
+    cap = torch.ops.fastmae_ext._cpu_isa_cap
+    if cap(2) < 1:
+        pytest.skip("this CPU has no AVX2 + FMA build")
+    x, b = torch.randn(64, 3072), torch.randn(3072)
+    xl, rl, w, bl = torch.randn(64, 768), torch.randn(64, 768), torch.randn(768), torch.randn(768)
+    qkv = torch.randn(2, 50, 3, 4, 64)
+    runs = {}
+    try:
+        for level in (1, 0):
+            cap(level)
+            runs[level] = dict(bias_gelu=ops.bias_gelu(x, b, backend="ext"),
+                               add_layer_norm=ops.add_layer_norm(xl, rl, w, bl, 1e-6, backend="ext")[0],
+                               attention=ops.attention_qkvpacked(qkv, backend="ext"))
+    finally:
+        cap(2)
+    for name, avx2 in runs[1].items():
+        assert not torch.equal(avx2, runs[0][name]), f"{name}: the same bits with the cap at baseline"

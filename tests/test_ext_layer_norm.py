@@ -318,29 +318,21 @@ def test_cuda_deterministic_and_mae_shapes(rows, D):
 
 
 # ----------------------------------------------------------------------------- CPU code paths
-@pytest.fixture(params=["avx2", "baseline"])
-def cpu_path(request):
-    """Both row-loop builds of the CPU twin: AVX2+FMA (where the CPU has it) and baseline,
-    switched through the private op; always switched back."""
-    force = torch.ops.fastmae_ext._add_layer_norm_cpu_force_baseline
-    force(request.param == "baseline")
-    try:
-        yield request.param
-    finally:
-        force(False)
+# Both row-loop builds of the CPU twin, AVX2+FMA and baseline: the cpu_isa fixture (conftest.py).
+CPU_BUILDS = ("avx2", "baseline")
 
 
 @pytest.mark.parametrize("x_dt,r_dt,w_dt,out_dt,res_dt", [(f32, f32, f32, None, None), (f16, f16, f16, None, None),
                                                           (bf16, bf16, bf16, None, None), *DTYPE_CASES])
 @pytest.mark.parametrize("rows,D", [(1, 8), (37, 100), (70, 768), (3, 1000)])  # D % 16 != 0: the tails
-def test_cpu_paths_against_oracle(cpu_path, rows, D, x_dt, r_dt, w_dt, out_dt, res_dt):
+def test_cpu_isas_against_oracle(cpu_isa, rows, D, x_dt, r_dt, w_dt, out_dt, res_dt):
     x, r, w, b = _inputs(rows, D, x_dt, r_dt, w_dt)
     check_add(x, r, w, b, out_dt, res_dt)
     if r_dt is None:
         check_ln(x, w, b, out_dt)
 
 
-def test_cpu_paths_without_weight_or_ds(cpu_path):
+def test_cpu_isas_without_weight_or_ds(cpu_isa):
     x, r, w, b = _inputs(70, 100, f32, f32, f32)
     check_add(x, r, None, None)
     check_add(x, r, w, None, grad_s=False)

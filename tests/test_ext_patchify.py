@@ -134,18 +134,8 @@ def test_cuda_matches_reference(N, C, H, W, p, dtype):
                        ref.unpatchify(x, p, (h, w)).float())
 
 
-@pytest.fixture(params=["avx2", "baseline"])
-def cpu_path(request):
-    """Both builds of the C++ twin's task loops: AVX2 (where the CPU has it) and baseline,
-    switched through the private op; always switched back."""
-    force = torch.ops.fastmae_ext._patchify_cpu_force_baseline
-    has_avx2 = force(request.param == "baseline")
-    try:
-        if request.param == "avx2" and not has_avx2:
-            pytest.skip("this CPU (or build) has no AVX2: the baseline build always runs")
-        yield request.param
-    finally:
-        force(False)
+# Both builds of the C++ twin's task loops, AVX2 and baseline: the cpu_isa fixture (conftest.py).
+CPU_BUILDS = ("avx2", "baseline")
 
 
 # The C++ twin's fast path (fp32, C = 3, unit x / d stride: AVX2 (de)interleave of 8 pixels,
@@ -154,7 +144,7 @@ def cpu_path(request):
 # ViT-B's shape, non-finite values moved bit for bit, and views that keep a unit last stride but
 # not the others (an image crop, tokens of a sliced batch).
 @pytest.mark.parametrize("p", [4, 5, 6, 7, 8, 11, 12, 16, 20])
-def test_fast_path_patch_sizes_and_views(cpu_path, p):
+def test_fast_path_patch_sizes_and_views(cpu_isa, p):
     N, C, h, w = 2, 3, 3, 5
     imgs = _imgs(N, C, h * p, w * p, torch.float32)
     imgs[0, 1, 0, :3] = float("nan")
@@ -169,7 +159,7 @@ def test_fast_path_patch_sizes_and_views(cpu_path, p):
     assert torch.equal(E.unpatchify(x, p, (h, w)), ref.unpatchify(x, p, (h, w)))
 
 
-def test_fast_path_vit_b(cpu_path):
+def test_fast_path_vit_b(cpu_isa):
     imgs = _imgs(2, 3, 224, 224, torch.float32)
     out = E.patchify(imgs, 16)
     assert torch.equal(out, ref.patchify(imgs, 16))
@@ -180,7 +170,7 @@ def test_fast_path_vit_b(cpu_path):
 
 # Only fp32 -> fp32 with C = 3 and a unit last stride takes the fast path; in both builds, the
 # neighbours that must not (a cast, another C, a strided last dim, fp64) still match exactly.
-def test_fast_path_neighbours(cpu_path):
+def test_fast_path_neighbours(cpu_isa):
     imgs = _imgs(2, 3, 24, 40, torch.float32)
     x = torch.randn(2, 15, 192)
     assert torch.equal(E.patchify(imgs, 8, out_dtype=torch.bfloat16), ref.patchify(imgs, 8).to(torch.bfloat16))

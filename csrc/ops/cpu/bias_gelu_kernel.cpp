@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <vector>
 
 #include "../bias_gelu.h"
@@ -69,11 +68,9 @@ void bwd_row_base(const float* x, const float* b, const float* dy, float* dx, fl
   bwd_row_body(x, b, dy, dx, acc, n);
 }
 
-// The loop build: 0 baseline, 1 AVX2 + FMA, 2 AVX-512, the best the CPU has, capped by the
-// private op below (tests check every build against the oracle).
-std::atomic<int> g_max_level{2};
-int cpu_level() { return cpu_has_avx512() ? 2 : cpu_has_avx2_fma() ? 1 : 0; }
-int level() { return std::min(cpu_level(), g_max_level.load(std::memory_order_relaxed)); }
+// The loop build: 0 baseline, 1 AVX2 + FMA, 2 AVX-512 (cpu_isa_level, common.h: the best the
+// CPU has, which the tests cap to check every build against the oracle).
+int level() { return cpu_isa_level(); }
 
 void fwd_row(int lvl, const float* x, const float* b, float* y, int64_t n) {
   if (lvl == 2) {
@@ -181,18 +178,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dy_, cons
   return {dx, db.to(bias.scalar_type())};
 }
 
-// Caps the loop build at `max_level` (0 baseline, 1 AVX2 + FMA, 2 AVX-512); returns the best
-// build this CPU has.
-int64_t set_max_level(int64_t max_level) {
-  g_max_level.store(static_cast<int>(max_level));
-  return cpu_level();
-}
-
 }  // namespace
-
-// Private (tests): _bias_gelu_cpu_max_level(0 / 1) makes the CPU twin take its baseline / AVX2
-// loops until called with 2. No tensor arguments: a catch-all kernel.
-TORCH_LIBRARY_FRAGMENT(fastmae_ext, m) { m.def("_bias_gelu_cpu_max_level(int max_level) -> int", &set_max_level); }
 
 TORCH_LIBRARY_IMPL(fastmae_ext, CPU, m) {
   m.impl("bias_gelu_fwd", &bias_gelu_fwd_cpu);

@@ -22,7 +22,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -333,11 +332,6 @@ void combine_base(const float* part, int64_t nblk, int64_t D, float* dw, float* 
   combine_body(part, nblk, D, dw, db);
 }
 
-// The baseline loops even where the CPU has AVX2: set by the private op below, for the tests
-// that check both paths against the oracle.
-std::atomic<bool> g_force_baseline{false};
-bool use_avx2() { return cpu_has_avx2_fma() && !g_force_baseline.load(std::memory_order_relaxed); }
-
 // ----------------------------------------------------------------------------- ops
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cpu(
     const at::Tensor& x_, const std::optional<at::Tensor>& residual_, const std::optional<at::Tensor>& weight,
@@ -376,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cp
   a.rstd = rstd.mutable_data_ptr<float>();
   a.D = D;
   a.eps = static_cast<float>(eps);
-  const bool avx2 = use_avx2();
+  const bool avx2 = cpu_has_avx2_fma();
 
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
@@ -434,7 +428,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cp
   a.part = part.get();
   a.rows = rows;
   a.D = D;
-  const bool avx2 = use_avx2();
+  const bool avx2 = cpu_has_avx2_fma();
 
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(4 * D);
@@ -467,19 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cp
   return {dx, dres, dw, db};
 }
 
-// Returns whether the AVX2 loops exist on this CPU (else the baseline ones always run).
-bool force_baseline(bool on) {
-  g_force_baseline.store(on);
-  return cpu_has_avx2_fma();
-}
-
 }  // namespace
-
-// Private (tests): _add_layer_norm_cpu_force_baseline(True) makes the CPU twin take its
-// baseline loops until called with False. No tensor arguments: a catch-all kernel.
-TORCH_LIBRARY_FRAGMENT(fastmae_ext, m) {
-  m.def("_add_layer_norm_cpu_force_baseline(bool on) -> bool", &fastmae::force_baseline);
-}
 
 TORCH_LIBRARY_IMPL(fastmae_ext, CPU, m) {
   m.impl("add_layer_norm_fwd", &add_layer_norm_fwd_cpu);

@@ -24,7 +24,6 @@
 #include <c10/util/TypeCast.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <type_traits>
 
 #include "ops/cpu/interleave3.h"
@@ -139,16 +138,12 @@ FASTMAE_TARGET_AVX2 void unpatchify_tasks_avx2(const float* src, float* dst, con
 }
 #endif
 
-// The baseline loops even where the CPU has AVX2: set by the private op below, for the tests
-// that check both builds against the reference.
-std::atomic<bool> g_force_baseline{false};
-
 // Whether this call takes the AVX2 build: the fp32, C = 3, unit-stride fast path on a CPU with it.
 template <typename in_t, typename out_t, int C_STATIC, bool UNIT>
 bool use_avx2() {
   if constexpr (FASTMAE_CPU_AVX2 && C_STATIC == 3 && UNIT && std::is_same_v<in_t, float> &&
                 std::is_same_v<out_t, float>) {
-    return cpu_has_avx2_fma() && !g_force_baseline.load(std::memory_order_relaxed);
+    return cpu_has_avx2_fma();  // the tests cap it (fastmae_ext::_cpu_isa_cap) to run the baseline build
   }
   return false;
 }
@@ -249,22 +244,9 @@ at::Tensor unpatchify_cpu(const at::Tensor& x, int64_t patch_size, int64_t h, in
   return out;
 }
 
-// Returns whether the AVX2 build exists on this CPU (else the baseline one always runs).
-bool force_baseline(bool on) {
-  g_force_baseline.store(on);
-  return FASTMAE_CPU_AVX2 && cpu_has_avx2_fma();
-}
-
 }  // namespace
 }  // namespace patchify
 }  // namespace fastmae
-
-// Private (tests): _patchify_cpu_force_baseline(True) makes the CPU twins of patchify and
-// unpatchify take their baseline loops until called with False. No tensor arguments: a
-// catch-all kernel.
-TORCH_LIBRARY_FRAGMENT(fastmae_ext, m) {
-  m.def("_patchify_cpu_force_baseline(bool on) -> bool", &fastmae::patchify::force_baseline);
-}
 
 TORCH_LIBRARY_IMPL(fastmae_ext, CPU, m) {
   m.impl("patchify", &fastmae::patchify::patchify_cpu);
