@@ -1,9 +1,10 @@
 """The extension's C++ CPU kernels ("twins", backend="ext") against the reference ops, on CPU.
 
 ViT-B shapes at batch 8 (224x224 RGB, p = 16: L = 196, P = 768; encoder D = 768, decoder
-D = 512, mask ratio 0.75, norm-pix loss), fp32, both sides in one run, interleaved call by
-call (ext, reference, ext, ...) so that load from other processes hits both alike; the median
-of each. Before timing, every pair is checked to agree (exactly for data movement, 1e-6
+D = 512, mask ratio 0.75, norm-pix loss), fp32, and the row-wise ops (LayerNorm, bias + GELU,
+attention) also with bf16 / fp16 activations (the rows so named). Both sides run in one
+process, interleaved call by call (ext, reference, ext, ...) so that load from other processes
+hits both alike; the median of each. Before timing, every pair is checked to agree (exactly for data movement, 1e-6
 relative for the loss), so a fast wrong kernel cannot be reported.
 
 The allocator. Both sides return fresh tensors, and glibc's malloc hands back to the kernel
@@ -55,6 +56,10 @@ TARGETS = {"patchify": 3.0, "unpatchify": 3.0, "random_masking": 3.0, "encoder_i
 TARGETS.update({"add_layer_norm": 2.0, "add_layer_norm fwd+bwd": 2.0, "add_layer_norm dec fwd+bwd": 2.0,
                 "bias_gelu": 1.0, "bias_gelu fwd+bwd": 1.0, "attention": 1.0, "attention fwd+bwd": 1.0,
                 "attention dec fwd+bwd": 1.0})
+for _tag in ("bf16", "fp16"):  # the same targets in the low-precision dtypes (low_precision_cases)
+    TARGETS.update({f"{name} {_tag}": TARGETS[name] for name in (
+        "add_layer_norm", "add_layer_norm fwd+bwd", "bias_gelu", "bias_gelu fwd+bwd", "attention fwd+bwd",
+        "attention dec fwd+bwd")})
 
 
 def cases(batch: int = 8):
@@ -143,6 +148,39 @@ def cases(batch: int = 8):
                               grads(ref.attention_qkvpacked, qkv_enc), near),
         "attention dec fwd+bwd": (grads(lambda t: ops.attention_qkvpacked(t, backend="ext"), qkv_dec),
                                   grads(ref.attention_qkvpacked, qkv_dec), near),
+        **{f"{name} {tag}": case for tag, dt in LOW_DTYPES.items()
+           for name, case in low_precision_cases(dt, grads, x_enc, r_enc, w, b, h_enc, fc_b, qkv_enc, qkv_dec).items()},
+    }
+
+
+# The row-wise ops in the activations' low-precision dtypes, as autocast runs the fused block
+# (activations in bf16 / fp16, LayerNorm's and fc1's parameters in fp32): "auto" sends every
+# dtype of an op to the same backend, so an op joins EXT_CPU_AUTO only when it is faster in each.
+LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_LOW_TOL = {torch.bfloat16: 2 * 2.0**-8, torch.float16: 2 * 2.0**-11}  # two ulps at 1.0
+
+
+def low_precision_cases(dt, grads, x_enc, r_enc, w, b, h_enc, fc_b, qkv_enc, qkv_dec):
+    """name -> (ext call, reference call, agree) for LayerNorm, bias + GELU and attention in ``dt``."""
+    x, r, h, qe, qd = (t.to(dt) for t in (x_enc, r_enc, h_enc, qkv_enc, qkv_dec))
+
+    def near(a, c):  # both round fp32 math to dt: within two of its ulps at the reference's magnitude
+        if isinstance(a, (tuple, list)):
+            return all(near(u, v) for u, v in zip(a, c))
+        return bool((a.float() - c.float()).abs().max() <= _LOW_TOL[dt] * c.float().abs().max() + 1e-6)
+
+    return {
+        "add_layer_norm": (lambda: ops.add_layer_norm(x, r, w, b, 1e-6, backend="ext"),
+                           lambda: ref.add_layer_norm(x, r, w, b, 1e-6), near),
+        "add_layer_norm fwd+bwd": (grads(lambda *t: ops.add_layer_norm(*t, 1e-6, backend="ext"), x, r, w, b),
+                                   grads(lambda *t: ref.add_layer_norm(*t, 1e-6), x, r, w, b), near),
+        "bias_gelu": (lambda: ops.bias_gelu(h, fc_b, backend="ext"), lambda: ref.bias_gelu(h, fc_b), near),
+        "bias_gelu fwd+bwd": (grads(lambda *t: ops.bias_gelu(*t, backend="ext"), h, fc_b),
+                              grads(ref.bias_gelu, h, fc_b), near),
+        "attention fwd+bwd": (grads(lambda t: ops.attention_qkvpacked(t, backend="ext"), qe),
+                              grads(ref.attention_qkvpacked, qe), near),
+        "attention dec fwd+bwd": (grads(lambda t: ops.attention_qkvpacked(t, backend="ext"), qd),
+                                  grads(ref.attention_qkvpacked, qd), near),
     }
 
 
@@ -209,7 +247,8 @@ def main(argv=None) -> int:
             print(f"bench_cpu_twins: {name}: the C++ kernel disagrees with the reference", file=sys.stderr)
             return 1
         te, tr, fe, fr = measure(ext_fn, ref_fn, args.iters)
-        row = dict(op=name, ext_ms=te * 1e3, torch_ms=tr * 1e3, speedup=tr / te, target=TARGETS[name],
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(name.rsplit(" ", 1)[-1], "float32")
+        row = dict(op=name, dtype=dtype, ext_ms=te * 1e3, torch_ms=tr * 1e3, speedup=tr / te, target=TARGETS[name],
                    ext_faults_per_call=fe, torch_faults_per_call=fr)
         rows.append(row)
         flag = "" if row["speedup"] >= row["target"] else "  (below target)"
@@ -219,7 +258,7 @@ def main(argv=None) -> int:
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=" ".join([os.path.basename(sys.executable), *sys.argv]),
         cpu=_cpu_model(), threads=torch.get_num_threads(), torch=torch.__version__,
-        batch=args.batch, dtype="float32", iters=args.iters, load_avg=os.getloadavg(), malloc=malloc, results=rows,
+        batch=args.batch, iters=args.iters, load_avg=os.getloadavg(), malloc=malloc, results=rows,
     )
     if args.out:
         write_json(args.out, record)

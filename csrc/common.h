@@ -72,7 +72,8 @@
 // at::parallel_for's lambda, not at::parallel_for from inside the entry point. Elsewhere
 // (aarch64, MSVC) the target macros are empty and the CPU's level is 0.
 //
-// Levels: 0 baseline, 1 AVX2 + FMA, 2 AVX-512 F/DQ/BW/VL (with AVX2 + FMA). cpu_isa_level() is
+// Levels: 0 baseline, 1 AVX2 + FMA (+ F16C, which every AVX2 CPU has), 2 AVX-512 F/DQ/BW/VL (with
+// the rest). cpu_isa_level() is
 // the best level this CPU has, capped by cpu_isa_cap(): the private op fastmae_ext::_cpu_isa_cap
 // (csrc/ops/cpu_isa.cpp) lowers it so that the tests run every build of every kernel against
 // its oracle. cpu_has_avx2_fma() / cpu_has_avx512() answer for the capped level: ask them per
@@ -82,13 +83,14 @@ int cpu_isa_cap();  // 2 unless the tests lowered it
 }  // namespace fastmae
 
 #if !defined(__CUDACC__) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTMAE_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define FASTMAE_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
+#define FASTMAE_X86_TARGETS 1
+#define FASTMAE_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define FASTMAE_TARGET_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma,f16c")))
 #define FASTMAE_ALWAYS_INLINE inline __attribute__((always_inline))
 namespace fastmae {
 inline int cpu_isa_detected() {
   static const int level = [] {
-    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c")) return 0;
     const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
     return avx512 ? 2 : 1;
@@ -97,6 +99,7 @@ inline int cpu_isa_detected() {
 }
 }  // namespace fastmae
 #else
+#define FASTMAE_X86_TARGETS 0
 #define FASTMAE_TARGET_AVX2
 #define FASTMAE_TARGET_AVX512
 #define FASTMAE_ALWAYS_INLINE inline

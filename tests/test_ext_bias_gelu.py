@@ -101,11 +101,11 @@ CPU_BUILDS = ("avx512", "avx2", "baseline")
 
 @pytest.mark.parametrize("x_dtype,bias_dtype", DTYPES)
 @pytest.mark.parametrize("M,H", [(1, 8), (37, 100), (70, 771), (33, 3072)])  # H % 16 != 0: the tails
-def test_cpu_isas_against_oracle(cpu_isa, M, H, x_dtype, bias_dtype):
+def test_cpu_builds_against_oracle(cpu_isa, M, H, x_dtype, bias_dtype):
     check(*_inputs((M, H), x_dtype, bias_dtype))
 
 
-def test_cpu_isas_extremes_and_strides(cpu_isa):
+def test_cpu_builds_extremes_and_strides(cpu_isa):
     x, b = _inputs((64, 19), f32, f32)
     x[0, :16] = torch.tensor([-1e4, -60, -20, -13.2, -9.25, -5, -1e-3, 0, 1e-30, 3, 9.3, 13.2, 20, 60, 1e4, 1e30])
     check(x, b * 0)
@@ -113,7 +113,7 @@ def test_cpu_isas_extremes_and_strides(cpu_isa):
     check((torch.randn(100, 197) * 1.5).t(), (torch.randn(200) * 0.7)[::2])
 
 
-def test_cpu_isas_mixed_dy_dtype(cpu_isa):
+def test_cpu_builds_mixed_dy_dtype(cpu_isa):
     # the op itself takes dy in another dtype than x: the fp32 row buffers; a 16-bit dy (or x)
     # is exact in fp32, so the results equal those of the fp32 inputs, to the bit
     bwd = torch.ops.fastmae_ext.bias_gelu_bwd

@@ -325,14 +325,14 @@ CPU_BUILDS = ("avx2", "baseline")
 @pytest.mark.parametrize("x_dt,r_dt,w_dt,out_dt,res_dt", [(f32, f32, f32, None, None), (f16, f16, f16, None, None),
                                                           (bf16, bf16, bf16, None, None), *DTYPE_CASES])
 @pytest.mark.parametrize("rows,D", [(1, 8), (37, 100), (70, 768), (3, 1000)])  # D % 16 != 0: the tails
-def test_cpu_isas_against_oracle(cpu_isa, rows, D, x_dt, r_dt, w_dt, out_dt, res_dt):
+def test_cpu_builds_against_oracle(cpu_isa, rows, D, x_dt, r_dt, w_dt, out_dt, res_dt):
     x, r, w, b = _inputs(rows, D, x_dt, r_dt, w_dt)
     check_add(x, r, w, b, out_dt, res_dt)
     if r_dt is None:
         check_ln(x, w, b, out_dt)
 
 
-def test_cpu_isas_without_weight_or_ds(cpu_isa):
+def test_cpu_builds_without_weight_or_ds(cpu_isa):
     x, r, w, b = _inputs(70, 100, f32, f32, f32)
     check_add(x, r, None, None)
     check_add(x, r, w, None, grad_s=False)
@@ -375,3 +375,53 @@ def test_eager_path_is_the_registered_op(with_res):
     got, want = _run(eager, [x, r, w, b], grads), _run(registered, [x, r, w, b], grads)
     for a, c in zip(got[0] + got[1], want[0] + want[1]):
         assert (a is None and c is None) or torch.equal(a, c)
+
+
+def _conversion_edges(dt, n):
+    """n fp32 values at the edges of rounding to dt: exact ties between neighbours of dt (both
+    parities of the last bit), dt's subnormals and ties among them, the overflow threshold,
+    infinities, fp32 subnormals, random values across the range, and a NaN."""
+    fi = torch.finfo(dt)
+    v = (torch.randn(n) * 4).to(dt)
+    up = (v.view(torch.int16) + 1).view(dt)  # the neighbour one step further from zero
+    ties = (v.double() + up.double()) / 2  # exact in fp32 (dt has at most 11 significand bits)
+    step = fi.smallest_normal / 2 ** (10 if dt == f16 else 7)  # dt's subnormal spacing
+    sub = torch.randint(1, 128, (n,)).double() * step / 2  # subnormals of dt and the ties between them
+    specials = torch.tensor([fi.max, -fi.max, float(fi.max) * (1 + 2.0 ** -12), float(fi.max) * 1.01, float("inf"),
+                             -float("inf"), 1e-40, -3e-39, fi.smallest_normal, fi.tiny / 2, 65519.99, 65520.0,
+                             float("nan")], dtype=torch.float64)
+    pool = torch.cat([ties, sub, -sub, v.double() * 1.0001])
+    pool = torch.cat([specials, pool[torch.randint(0, len(pool), (n - len(specials),))]])
+    return pool[torch.randperm(n)].float()  # every special, at a random place (vector body or tail)
+
+
+def _split(s):
+    # x + r == s exactly in fp32: x keeps the top 12 significand bits, r the rest
+    hi = (s.view(torch.int32) & ~0xFFF).view(torch.float32)
+    hi = torch.where(torch.isfinite(s), hi, s)
+    return hi, torch.where(torch.isfinite(s), s - hi, torch.zeros_like(s))
+
+
+def _same_bits(got, want):
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), "NaN positions differ"
+    ok = ~torch.isnan(want)
+    bad = (got.view(torch.int16) != want.view(torch.int16)) & ok if got.element_size() == 2 else \
+        (got.view(torch.int32) != want.view(torch.int32)) & ok
+    assert not bad.any(), f"{int(bad.sum())} values differ from torch's conversion, e.g. {want[bad][:4].tolist()}"
+
+
+@pytest.mark.parametrize("dt", [f16, bf16])
+def test_cpu_row_conversions_give_torchs_bits(cpu_isa, dt):
+    # The twin's fp32 -> dt row store (8-wide where the build has it, then the tail) through s =
+    # x + residual stored in dt, and its dt -> fp32 load through x in dt with s in fp32: the bits
+    # of the reference's .to() for every non-NaN value, NaN where it has NaN.
+    rows, D = 6, 8 * 9 + 5
+    target = _conversion_edges(dt, rows * D).view(rows, D)
+    x, r = _split(target)
+    assert torch.equal((x + r)[~torch.isnan(target)], target[~torch.isnan(target)])
+    w, b = torch.randn(D), torch.randn(D)
+    _, s = ops.add_layer_norm(x, r, w, b, EPS, residual_dtype=dt, backend="ext")
+    _same_bits(s, ref.add_layer_norm(x, r, w, b, EPS, residual_dtype=dt)[1])
+    xd = target.to(dt)
+    _, s = ops.add_layer_norm(xd, r, w, b, EPS, residual_dtype=f32, backend="ext")
+    _same_bits(s, ref.add_layer_norm(xd, r, w, b, EPS, residual_dtype=f32)[1])
