@@ -7,7 +7,7 @@
 // writes dq, dk, dv into one (B, N, 3, H, D) contiguous tensor.
 //
 // Forward:  S = scale q k^T,  lse_i = log sum_j exp(S_ij),  P = exp(S - lse),  O = P v.
-// Backward: P recomputed from lse,  delta_i = sum_d dO_id O_id,  dV = P^T dO,  dP = dO v^T,
+// Backward: P recomputed from lse,  delta_i = sum_d dO_id O_id (the CPU twin: sum_j P_ij dP_ij),  dV = P^T dO,  dP = dO v^T,
 //           dS = P * (dP - delta),  dQ = scale dS k,  dK = scale dS^T q.
 //
 // CUDA tiling (one (batch, head) pair's whole K and V in shared memory): the sequence is

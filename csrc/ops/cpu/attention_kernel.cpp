@@ -13,8 +13,9 @@
 // Forward, per strip of 6 query rows: S = q k^T (6 x Np), t = scale S, m = max t,
 // P = exp(t - m) / l with l = sum exp(t - m) (an fp32 exp of our own that vectorises, below),
 // lse = m + log l, O = P v. Backward, per pair: S = q k^T and P as in the forward (bit for
-// bit; the saved lse is not read, see softmax_body), dP = dO v^T, delta = rowsum(dO * O),
-// dS = scale P (dP - delta), dV = P^T dO, dK = dS^T q, dQ = dS k, all in fp32 before one
+// bit; the saved lse is not read, see softmax_body), dP = dO v^T, delta = rowsum(P * dP) in
+// double (equal to rowsum(dO * O) in exact math, and as accurate as PyTorch's own softmax
+// backward where P is nearly one-hot, see attention_bwd_cpu), dS = scale P (dP - delta), dV = P^T dO, dK = dS^T q, dQ = dS k, all in fp32 before one
 // rounding to the input dtype. Any N (the N <= 256 limit of backend "ext" is the CUDA
 // kernels' and is checked in Python).
 //
@@ -315,7 +316,7 @@ at::Tensor attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const 
   char* gp = byte_ptr_mut(dqkv);
   const Kernels kn = kernels();
   at::parallel_for(0, B * H, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> qb(N * Dp), kb(N * Dp), kt(Dp * Np), vb(N * Dp), vt(Dp * Np), ob(N * Dp), dob(N * Dp);
+    std::vector<float> qb(N * Dp), kb(N * Dp), kt(Dp * Np), vb(N * Dp), vt(Dp * Np), dob(N * Dp);
     std::vector<float> delta(N), lse(N), p(N * Np), ds(N * Np), dq(N * Dp), dk(N * Dp), dv(N * Dp);
     for (int64_t pair = p0; pair < p1; ++pair) {
       const int64_t b = pair / H, h = pair % H;
@@ -324,16 +325,18 @@ at::Tensor attention_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const 
       transpose(kb.data(), N, Dp, Np, kt.data());
       gather(v, b, h, N, D, Dp, vb.data());
       transpose(vb.data(), N, Dp, Np, vt.data());
-      gather(out, b, h, N, D, Dp, ob.data());
       gather(dout, b, h, N, D, Dp, dob.data());
-      for (int64_t i = 0; i < N; ++i) {
-        float acc = 0.0f;
-        for (int64_t d = 0; d < D; ++d) acc += dob[i * Dp + d] * ob[i * Dp + d];
-        delta[i] = acc;
-      }
       kn.mm(N, Np, Dp, qb.data(), Dp, 1, kt.data(), Np, p.data(), Np);    // S = q k^T
       kn.softmax(p.data(), N, N, Np, scale, lse.data());                   // P, as in the forward
       kn.mm(N, Np, Dp, dob.data(), Dp, 1, vt.data(), Np, ds.data(), Np);  // dP = dO v^T
+      // delta_i = sum_j P_ij dP_ij (= sum_d dO_id O_id, attention.h), in double over the row
+      // this twin holds whole: where P is nearly one-hot, dP - delta cancels, and the dO . O
+      // form would add the rounding of O and a sum over D of terms far larger than the result
+      for (int64_t i = 0; i < N; ++i) {
+        double acc = 0.0;
+        for (int64_t j = 0; j < N; ++j) acc += static_cast<double>(p[i * Np + j]) * ds[i * Np + j];
+        delta[i] = static_cast<float>(acc);
+      }
       kn.dscores(p.data(), ds.data(), delta.data(), N, Np, scale);         // dS = scale P (dP - delta)
       kn.mm(N, Dp, N, p.data(), 1, Np, dob.data(), Dp, dv.data(), Dp);    // dV = P^T dO
       kn.mm(N, Dp, N, ds.data(), 1, Np, qb.data(), Dp, dk.data(), Dp);    // dK = dS^T q
