@@ -96,22 +96,16 @@ def _impl(op: str, backend: str):
 # The ops whose C++ kernel (backend="ext" on CPU tensors) ``backend="auto"`` takes for CPU
 # tensors: those measured faster than the reference on CPU (benchmarks/bench_cpu_twins.py,
 # benchmarks/results/cpu_twins.json); the others run the reference there.
-# Measured 2026-12-02 04:50-05:33 UTC on an idle machine (AMD EPYC, 2 threads, load 0.4-1.5, ViT-B batch 8
-# fp32, eight runs of the whole benchmark): patchify 3.9x-5.5x, unpatchify 2.6x-3.6x, random_masking
-# 3.9x-5.8x (one run 1.4x), encoder_input 3.8x-6.4x, decoder_unshuffle 4.6x-10.1x, mae_loss 7.0x-8.1x
-# (forward + backward 3.6x-4.6x). Not taken: add_layer_norm (1.17x-1.24x forward, 1.02x-1.27x forward +
-# backward: within the noise of "faster"), attention (1.02x-1.34x encoder, 1.7x-2.2x decoder), bias_gelu
-# (1.10x-1.42x forward, 1.20x-1.38x forward + backward in the four runs since its fused AVX-512 loops, fp32
-# only: its fp16 / bf16 rows, which the benchmark does not time, take a slower conversion path).
-# Those runs left glibc's malloc thresholds alone, and the reference side page-faulted in some rows (up to
-# 14,000 minor faults a call in decoder attention, 1,700 in the loss's forward + backward): the benchmark
-# now pins them (--malloc pinned, its default) and records faults per call. Four pinned runs, 06:41-06:44
-# UTC, same machine, load 0.6-1.3: patchify 4.0x-5.0x, unpatchify 2.4x-2.9x, random_masking 4.5x-5.4x (one
-# run 1.5x), encoder_input 4.2x-4.8x, decoder_unshuffle 4.7x-6.0x, mae_loss 6.2x-6.6x (forward + backward
-# 3.6x), add_layer_norm 1.18x-1.26x (forward + backward 0.96x-1.27x), bias_gelu 1.20x-1.34x (1.22x-1.44x),
-# attention 1.05x-1.19x encoder, 1.55x-1.63x decoder: the same set.
+# Measured 2026-12-02 07:46-07:47 UTC (AMD EPYC with AVX-512, 2 threads, load 0.5-1.2, ViT-B batch 8, three
+# whole runs, glibc malloc pinned: see the benchmark's docstring), ext / reference: patchify 4.6x-5.9x,
+# unpatchify 3.2x-3.4x, random_masking 5.2x-5.7x, encoder_input 4.4x-5.0x, decoder_unshuffle 4.7x-6.2x,
+# mae_loss 7.0x-7.9x (forward + backward 4.1x-4.2x), bias_gelu 1.22x-1.38x (forward + backward 1.20x-1.36x)
+# in fp32, 1.12x-1.27x (1.35x-1.50x) with bf16 and 1.16x-1.64x (1.40x-1.43x) with fp16 activations. Not
+# taken: add_layer_norm (fp32 1.23x-1.25x forward but 0.99x-1.17x forward + backward; fp16 0.81x-1.57x
+# forward), attention (fp32 1.04x-1.12x encoder, 1.49x-1.51x decoder, fp16 7.8x-16x, but bf16 0.66x-0.85x:
+# the twin converts bf16 to fp32 and multiplies in fp32, the reference multiplies in bf16).
 EXT_CPU_AUTO = frozenset({"patchify", "unpatchify", "random_masking", "encoder_input", "decoder_unshuffle",
-                          "mae_loss"})
+                          "mae_loss", "bias_gelu"})
 
 
 def _backend(op: str, backend, device: torch.device, attention: bool = False) -> str:
