@@ -21,6 +21,7 @@ import torch.nn as nn
 
 import fastmae
 from fastmae import ops
+from fastmae import reference as ops_ref
 from fastmae.validate import two_x_tolerance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # also under --import-mode=importlib
@@ -201,10 +202,10 @@ def test_fused_dtypes_under_cpu_autocast_match_stock(monkeypatch):
     noise = torch.rand(2, 16)
     amp = torch.float16
     with torch.autocast("cpu", dtype=amp):
-        ls, ps, _ = stock(imgs, 0.75, noise)
+        ls, ps, ms = stock(imgs, 0.75, noise)
         lat_s = stock.forward_encoder(imgs, 0.75, noise)[0]
         calls = _spy(monkeypatch)
-        lf, pf, _ = fast(imgs, 0.75, noise)
+        lf, pf, mf = fast(imgs, 0.75, noise)
         lat_f = fast.forward_encoder(imgs, 0.75, noise)[0]
     monkeypatch.undo()
     assert (lf.dtype, pf.dtype, lat_f.dtype) == (ls.dtype, ps.dtype, lat_s.dtype) == (torch.float32, amp,
@@ -214,8 +215,17 @@ def test_fused_dtypes_under_cpu_autocast_match_stock(monkeypatch):
     calls["bias_gelu"] = calls["bias_gelu"][:DEPTH + DEC_DEPTH]
     _autocast_dtypes(calls, amp)
     lr, pr, _ = ref(imgs.double(), 0.75, noise)
-    _check("loss (fp16 autocast)", lf, ls, lr, amp)
     _check("pred (fp16 autocast)", pf, ps, pr, amp)
+    # The loss is a scalar sum of the prediction's errors: each model's fp16 rounding of pred gives
+    # one random sample of it. Against the stock model's sample, the fused model's loss failed
+    # the 2x rule for 3 of 40 seeds (at up to 1.6 of the bound) while its pred met it (at most
+    # 0.6) and its loss kernel was exact on that pred: a test of two draws, not of the kernels.
+    # So the loss is held to the rule as a function of each model's own prediction: the fused
+    # loss against the fp64 loss of the fused pred, with the stock loss's error against the
+    # fp64 loss of the stock pred as PyTorch's (pred has its own check above).
+    loss64 = [ops_ref.mae_loss(imgs.double(), p.double(), m.double(), 4, True) for p, m in ((pf, mf), (ps, ms))]
+    stock_err = loss64[0] + (ls.double() - loss64[1])  # a value whose error is the stock loss's
+    _check("loss (fp16 autocast), from its pred", lf, stock_err, loss64[0], torch.float32)
     lf.backward()
     ls.backward()
     lr.backward()
