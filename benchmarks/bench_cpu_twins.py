@@ -4,8 +4,8 @@ ViT-B shapes at batch 8 (224x224 RGB, p = 16: L = 196, P = 768; encoder D = 768,
 D = 512, mask ratio 0.75, norm-pix loss), fp32, and the row-wise ops (LayerNorm, bias + GELU,
 attention) also with bf16 / fp16 activations (the rows so named). Both sides run in one
 process, interleaved call by call (ext, reference, ext, ...) so that load from other processes
-hits both alike; the median of each. Before timing, every pair is checked to agree (exactly for data movement, 1e-6
-relative for the loss), so a fast wrong kernel cannot be reported.
+hits both alike; the median of each. Before timing, every pair is checked to agree (exactly
+for data movement, 1e-6 relative for the loss), so a fast wrong kernel cannot be reported.
 
 The allocator. Both sides return fresh tensors, and glibc's malloc hands back to the kernel
 the free memory at the top of its heap once it exceeds a threshold that itself moves with the
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
             print(f"bench_cpu_twins: {name}: the C++ kernel disagrees with the reference", file=sys.stderr)
             return 1
         te, tr, fe, fr = measure(ext_fn, ref_fn, args.iters)
-        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(name.rsplit(" ", 1)[-1], "float32")
+        dtype = str(LOW_DTYPES.get(name.rsplit(" ", 1)[-1], torch.float32)).removeprefix("torch.")
         row = dict(op=name, dtype=dtype, ext_ms=te * 1e3, torch_ms=tr * 1e3, speedup=tr / te, target=TARGETS[name],
                    ext_faults_per_call=fe, torch_faults_per_call=fr)
         rows.append(row)

@@ -72,11 +72,10 @@
 // at::parallel_for's lambda, not at::parallel_for from inside the entry point. Elsewhere
 // (aarch64, MSVC) the target macros are empty and the CPU's level is 0.
 //
-// Levels: 0 baseline, 1 AVX2 + FMA (+ F16C, which every AVX2 CPU has), 2 AVX-512 F/DQ/BW/VL (with
-// the rest). cpu_isa_level() is
-// the best level this CPU has, capped by cpu_isa_cap(): the private op fastmae_ext::_cpu_isa_cap
-// (csrc/ops/cpu_isa.cpp) lowers it so that the tests run every build of every kernel against
-// its oracle. cpu_has_avx2_fma() / cpu_has_avx512() answer for the capped level: ask them per
+// Levels: 0 baseline, 1 AVX2 + FMA (+ F16C, which every AVX2 CPU has), 2 AVX-512 F/DQ/BW/VL
+// (with the rest). cpu_isa_level() is the best level this CPU has, capped by cpu_isa_cap(): the
+// private op fastmae_ext::_cpu_isa_cap (csrc/ops/cpu_isa.cpp) lowers it so that the tests run
+// every build of every kernel against its oracle. cpu_has_avx2_fma() / cpu_has_avx512() answer for the capped level: ask them per
 // call (never cache the answer in a static), so that the cap reaches every kernel.
 namespace fastmae {
 int cpu_isa_cap();  // 2 unless the tests lowered it

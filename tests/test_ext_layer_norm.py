@@ -404,9 +404,8 @@ def _split(s):
 
 def _same_bits(got, want):
     assert torch.equal(torch.isnan(got), torch.isnan(want)), "NaN positions differ"
-    ok = ~torch.isnan(want)
-    bad = (got.view(torch.int16) != want.view(torch.int16)) & ok if got.element_size() == 2 else \
-        (got.view(torch.int32) != want.view(torch.int32)) & ok
+    bits = {2: torch.int16, 4: torch.int32}[got.element_size()]
+    bad = (got.view(bits) != want.view(bits)) & ~torch.isnan(want)
     assert not bad.any(), f"{int(bad.sum())} values differ from torch's conversion, e.g. {want[bad][:4].tolist()}"
 
 

@@ -1,6 +1,6 @@
 // The cap on the CPU kernels' loop builds (see cpu_isa_level in common.h): one flag, set through
 // the private op fastmae_ext::_cpu_isa_cap, for the tests that run every build of every CPU
-// kernel against its oracle (tests/_ext.py, the cpu_isa fixture).
+// kernel against its oracle (the cpu_isa fixture of tests/conftest.py).
 #include <torch/library.h>
 
 #include <atomic>

@@ -15,8 +15,8 @@
 // lse = m + log l, O = P v. Backward, per pair: S = q k^T and P as in the forward (bit for
 // bit; the saved lse is not read, see softmax_body), dP = dO v^T, delta = rowsum(P * dP) in
 // double (equal to rowsum(dO * O) in exact math, and as accurate as PyTorch's own softmax
-// backward where P is nearly one-hot, see attention_bwd_cpu), dS = scale P (dP - delta), dV = P^T dO, dK = dS^T q, dQ = dS k, all in fp32 before one
-// rounding to the input dtype. Any N (the N <= 256 limit of backend "ext" is the CUDA
+// backward where P is nearly one-hot, see attention_bwd_cpu), dS = scale P (dP - delta),
+// dV = P^T dO, dK = dS^T q, dQ = dS k, all in fp32 before one rounding to the input dtype. Any N (the N <= 256 limit of backend "ext" is the CUDA
 // kernels' and is checked in Python).
 //
 // The hot loops (mm, the softmax rows) are written once on GCC vector types of 8 floats and

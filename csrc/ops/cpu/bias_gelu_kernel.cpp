@@ -68,10 +68,8 @@ void bwd_row_base(const float* x, const float* b, const float* dy, float* dx, fl
   bwd_row_body(x, b, dy, dx, acc, n);
 }
 
-// The loop build: 0 baseline, 1 AVX2 + FMA, 2 AVX-512 (cpu_isa_level, common.h: the best the
-// CPU has, which the tests cap to check every build against the oracle).
-int level() { return cpu_isa_level(); }
-
+// lvl: the loop build, 0 baseline, 1 AVX2 + FMA, 2 AVX-512 (cpu_isa_level, common.h: the best
+// the CPU has, which the tests cap to check every build against the oracle).
 void fwd_row(int lvl, const float* x, const float* b, float* y, int64_t n) {
   if (lvl == 2) {
     fwd_row_avx512(x, b, y, n);
@@ -104,7 +102,7 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x_, const at::Tensor& bias_) {
   const char* xp = byte_ptr(x);
   char* yp = byte_ptr_mut(y);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1));
-  const int lvl = level();
+  const int lvl = cpu_isa_level();
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     if (xt == at::kFloat) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -139,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& dy_, cons
   const char* dyp = byte_ptr(dy);
   char* dxp = byte_ptr_mut(dx);
   float* pp = part.mutable_data_ptr<float>();
-  const int lvl = level();
+  const int lvl = cpu_isa_level();
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
     // fp32 rows are used in place; others through fp32 buffers (g: dy in, dx out)
     std::vector<float> v(xt == at::kFloat ? 0 : H), g(xt == at::kFloat && dyt == at::kFloat ? 0 : H);

@@ -17,12 +17,11 @@
 #endif
 
 // AVX2 variants (8 pixels, 24 elements), compiled with FASTMAE_TARGET_AVX2 and only called from
-// functions compiled for AVX2 too, after fastmae::cpu_has_avx2_fma(): GCC / clang on x86-64.
-#if FASTMAE_CPU_SSE && (defined(__GNUC__) || defined(__clang__))
+// functions compiled for AVX2 too, after fastmae::cpu_has_avx2_fma(): where common.h has the
+// x86 target builds (GCC / clang on x86-64).
+#define FASTMAE_CPU_AVX2 FASTMAE_X86_TARGETS
+#if FASTMAE_CPU_AVX2
 #include <immintrin.h>
-#define FASTMAE_CPU_AVX2 1
-#else
-#define FASTMAE_CPU_AVX2 0
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)

@@ -33,13 +33,17 @@ namespace fastmae {
 namespace patchify {
 namespace {
 
+// The fast path: fp32 in and out, C = 3, unit pixel stride (the SSE / AVX2 (de)interleaves).
+template <typename in_t, typename out_t, int C_STATIC, bool UNIT>
+constexpr bool kFastPath = UNIT && C_STATIC == 3 && std::is_same_v<in_t, float> && std::is_same_v<out_t, float>;
+
 // o[q*C + c] = in[c*sc + q*sx] for q < p, c < C: one (token, patch row) run. X1: sx == 1.
 template <typename in_t, typename out_t, int C_STATIC, bool X1, bool AVX2>
 FASTMAE_ALWAYS_INLINE void gather_run(const in_t* in, int64_t sc, int64_t sx, out_t* o, int64_t C_rt, int64_t p) {
   const int64_t C = C_STATIC > 0 ? C_STATIC : C_rt;
   const int64_t step = X1 ? 1 : sx;
   int64_t q = 0;
-  if constexpr (X1 && C_STATIC == 3 && std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
+  if constexpr (kFastPath<in_t, out_t, C_STATIC, X1>) {
 #if FASTMAE_CPU_AVX2
     if constexpr (AVX2) {
       for (; q + 8 <= p; q += 8) cpu::interleave3_avx2(in + q, in + sc + q, in + 2 * sc + q, o + q * 3);
@@ -60,7 +64,7 @@ FASTMAE_ALWAYS_INLINE void scatter_run(const in_t* in, int64_t sd, out_t* out, i
   const int64_t C = C_STATIC > 0 ? C_STATIC : C_rt;
   const int64_t step = D1 ? 1 : sd;
   int64_t q = 0;
-  if constexpr (D1 && C_STATIC == 3 && std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
+  if constexpr (kFastPath<in_t, out_t, C_STATIC, D1>) {
 #if FASTMAE_CPU_AVX2
     if constexpr (AVX2) {
       for (; q + 8 <= p; q += 8) cpu::deinterleave3_avx2(in + q * 3, out + q, out + so + q, out + 2 * so + q);
@@ -138,24 +142,15 @@ FASTMAE_TARGET_AVX2 void unpatchify_tasks_avx2(const float* src, float* dst, con
 }
 #endif
 
-// Whether this call takes the AVX2 build: the fp32, C = 3, unit-stride fast path on a CPU with it.
-template <typename in_t, typename out_t, int C_STATIC, bool UNIT>
-bool use_avx2() {
-  if constexpr (FASTMAE_CPU_AVX2 && C_STATIC == 3 && UNIT && std::is_same_v<in_t, float> &&
-                std::is_same_v<out_t, float>) {
-    return cpu_has_avx2_fma();  // the tests cap it (fastmae_ext::_cpu_isa_cap) to run the baseline build
-  }
-  return false;
-}
-
 // One task per (image n, patch row i); the AVX2 entry point is called from inside the lambda
 // (the target attribute does not reach into lambdas, see common.h).
 template <typename in_t, typename out_t, int C_STATIC, bool X1, int P_STATIC>
 void patchify_rows(const in_t* src, out_t* dst, const Geom& g, const ImageStrides& s, int64_t N) {
-  [[maybe_unused]] const bool avx2 = use_avx2<in_t, out_t, C_STATIC, X1>();
+  // the AVX2 build on the fast path where the CPU has it (the tests cap it, fastmae_ext::_cpu_isa_cap)
+  [[maybe_unused]] const bool avx2 = kFastPath<in_t, out_t, C_STATIC, X1> && cpu_has_avx2_fma();
   at::parallel_for(0, N * g.h, 1, [&](int64_t begin, int64_t end) {
 #if FASTMAE_CPU_AVX2
-    if constexpr (C_STATIC == 3 && X1 && std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
+    if constexpr (kFastPath<in_t, out_t, C_STATIC, X1>) {
       if (avx2) return patchify_tasks_avx2<P_STATIC>(src, dst, g, s, begin, end);
     }
 #endif
@@ -165,10 +160,10 @@ void patchify_rows(const in_t* src, out_t* dst, const Geom& g, const ImageStride
 
 template <typename in_t, typename out_t, int C_STATIC, bool D1, int P_STATIC>
 void unpatchify_rows(const in_t* src, out_t* dst, const Geom& g, const TokenStrides& s, int64_t N) {
-  [[maybe_unused]] const bool avx2 = use_avx2<in_t, out_t, C_STATIC, D1>();
+  [[maybe_unused]] const bool avx2 = kFastPath<in_t, out_t, C_STATIC, D1> && cpu_has_avx2_fma();
   at::parallel_for(0, N * g.h, 1, [&](int64_t begin, int64_t end) {
 #if FASTMAE_CPU_AVX2
-    if constexpr (C_STATIC == 3 && D1 && std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
+    if constexpr (kFastPath<in_t, out_t, C_STATIC, D1>) {
       if (avx2) return unpatchify_tasks_avx2<P_STATIC>(src, dst, g, s, begin, end);
     }
 #endif
