@@ -81,6 +81,14 @@ Record fields (schema 2) of a measured row: ``ms`` = ``eager_ms``; ``graph_statu
 ``graph_replays``; ``x_floor`` = ``x_floor_eager`` (eager time over the floor) and
 ``x_floor_graph``; ``tflops``/``frac_matmul`` (eager) and ``tflops_graph``/``frac_matmul_graph``.
 
+A measurement that fails is a row with ``status: "error"`` and its ``reason``; the run goes
+on. When the failure left the CUDA context unusable (a kernel that faulted: an illegal or
+misaligned address, a device-side assert; every later CUDA call in the process fails with
+it), the reason says so, the record gets ``cuda_context_lost`` (the probe's error), and
+every later measurement is a ``skipped`` row that names it, rather than a failure of its own.
+Run a backend that has never run on the card in its own process (``--backends``) so that
+the others' figures are safe from it.
+
 The JSON record (``ops-<card>-<date>.json``) is rewritten after every measurement; a CPU run
 (``--device cpu``, tiny shapes, for testing the harness) writes to ``./bench-out`` by
 default and is never rendered into RESULTS.md.
@@ -441,6 +449,9 @@ class Harness:
         self.graphs = graphs
         self.t0 = time.perf_counter()
         self.progress = progress
+        # the sticky CUDA error that ended this run's measurements (a kernel that faulted):
+        # every later CUDA call in the process fails with it, so later measurements are skipped
+        self.lost: str | None = None
         self.l2 = None
         if self.device.type == "cuda":
             self.l2 = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", None) or 50 * 2**20
@@ -464,9 +475,28 @@ class Harness:
                 return self._measure(make, inner, reps)
         return self._measure(make, fn, reps)
 
-    def _measure(self, make, fn, reps: int | None) -> dict:
+    def context_check(self, reason: str) -> str:
+        """``reason`` of a failed measurement, extended when the failure left the CUDA context
+        unusable (then :attr:`lost` is set and later measurements are skipped)."""
+        if self.lost is not None:
+            return reason
+        lost = _timing.cuda_context_lost(self.device)
+        if lost is None:
+            return reason
+        self.lost = lost
+        return f"{reason}; then the CUDA context was lost ({lost}): the later measurements of this run are skipped"
+
+    def _skip_reason(self) -> str | None:
+        if self.lost is not None:
+            return f"CUDA context lost earlier in this run ({self.lost})"
         if self.over_budget():
-            return {"status": "skipped", "reason": f"time budget of {self.budget:g} s spent"}
+            return f"time budget of {self.budget:g} s spent"
+        return None
+
+    def _measure(self, make, fn, reps: int | None) -> dict:
+        skip = self._skip_reason()
+        if skip is not None:
+            return {"status": "skipped", "reason": skip}
         sets = []
         reps = reps or self.reps
         try:
@@ -484,10 +514,10 @@ class Harness:
             msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
             low = str(e).lower()
             status = "unsupported" if ("no available kernel" in low or "no viable backend" in low) else "error"
-            return {"status": status, "reason": msg}
+            return {"status": status, "reason": self.context_check(msg)}
         except Exception as e:
             msg = str(e).splitlines()[0][:300] if str(e) else ""
-            return {"status": "error", "reason": f"{type(e).__name__}: {msg}"}
+            return {"status": "error", "reason": self.context_check(f"{type(e).__name__}: {msg}")}
         finally:
             self.free_cache()
         try:
@@ -511,8 +541,9 @@ class Harness:
             return {"graph_status": "skipped", "graph_reason": "--no-graphs"}
         if self.device.type != "cuda":
             return {"graph_status": "skipped", "graph_reason": "no CUDA device"}
-        if self.over_budget():
-            return {"graph_status": "skipped", "graph_reason": f"time budget of {self.budget:g} s spent"}
+        skip = self._skip_reason()
+        if skip is not None:
+            return {"graph_status": "skipped", "graph_reason": skip}
         try:
             calls = _timing.graph_calls(len(sets), eager_ms)
             replays = max(15, math.ceil(reps / calls))
@@ -521,12 +552,8 @@ class Harness:
             return {"graph_status": "ok", "graph_ms": _timing.median(times), "graph_ms_min": min(times),
                     "graph_calls_per_replay": calls, "graph_replays": replays}
         except Exception as e:  # a capture failure (or anything else) must not stop the run
-            reason = _timing._first_line(e)
-            try:  # is the device still usable? say so in the record if not
-                torch.cuda.synchronize(self.device)
-            except Exception as e2:
-                reason += f"; then the device failed to synchronise: {_timing._first_line(e2)}"
-            return {"graph_status": "failed", "graph_reason": reason}
+            # is the device still usable? say so in the record if not
+            return {"graph_status": "failed", "graph_reason": self.context_check(_timing._first_line(e))}
 
 
 def _unavailable(backend: str, device) -> str | None:
@@ -571,6 +598,8 @@ def run_sections(args, device, dtype, ceilings, record, save, progress):
                 r["tflops" + suffix] = flops / (m[key] * 1e-3) / 1e12
                 r["frac_matmul" + suffix] = flops / (m[key] * 1e-3) / peak
         record["results"].append(r)
+        if h.lost is not None:
+            record["cuda_context_lost"] = h.lost
         save()  # after every measurement: a run cut short by a timeout keeps what it measured
 
     def measure(backend, case, **kw) -> dict:
@@ -775,6 +804,9 @@ def main(argv=None) -> int:
     counts = {k: sum(r.get("graph_status") == k for r in measured) for k in ("ok", "failed", "skipped")}
     print(f"\ngraph timing: {counts['ok']} ok, {counts['failed']} failed, {counts['skipped']} skipped "
           f"of {len(measured)} eager measurements")
+    if record.get("cuda_context_lost"):
+        print(f"bench_ops: the CUDA context was lost ({record['cuda_context_lost']}); the measurements after the "
+              "first failure were skipped (see its row)", file=sys.stderr)
     print(f"wrote {path}")
     return 1 if any(r["status"] in ("error", "oom") for r in record["results"]) else 0
 

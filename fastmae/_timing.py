@@ -12,7 +12,11 @@
   git commit, date, command line);
 * :class:`ProgressBar`: a dependency-free ``\\r`` bar on stderr;
 * :func:`write_json`: records are rewritten after every measurement, atomically, so a
-  run killed at its time limit leaves a readable record of what it measured.
+  run killed at its time limit leaves a readable record of what it measured;
+* :func:`cuda_context_lost`: after a failure, whether the process's CUDA context is still
+  usable. A kernel that faults (an illegal or misaligned address, a device-side assert)
+  leaves a sticky error: every later CUDA call in the process fails with it, so the
+  harnesses stop there and say why, rather than recording each later case as a failure.
 
 Nothing here imports triton.
 """
@@ -52,6 +56,7 @@ __all__ = [
     "environment",
     "timestamp",
     "write_json",
+    "cuda_context_lost",
 ]
 
 
@@ -176,6 +181,30 @@ def graph_calls(n_sets: int, est_ms: float | None, target_ms: float = 1.0, min_c
     if n_sets * rotations > max_calls:
         rotations = max(1, max_calls // n_sets)
     return n_sets * rotations
+
+
+def cuda_context_lost(device=None) -> str | None:
+    """``None`` while CUDA in this process still works (or was never started), else the
+    error a trivial synchronised CUDA operation now raises (its first line).
+
+    Meant for after a failure: a sticky error (an illegal or misaligned address, an illegal
+    instruction, a device-side assert) stays with the context, and every later call fails
+    with it, whatever it is. The probe synchronises ``device`` (default: the current one)
+    and runs one tiny kernel. ``device`` of another type than cuda: ``None``.
+    """
+    if device is not None and torch.device(device).type != "cuda":
+        return None
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    try:
+        dev = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+        torch.cuda.synchronize(dev)
+        probe = torch.ones(2, device=dev)
+        if float((probe + probe).sum().item()) != 4.0:
+            return "a trivial CUDA sum (2 x ones(2)) gave a wrong result"
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure here means the context is unusable
+        return _first_line(e)
 
 
 def _first_line(e: BaseException) -> str:

@@ -86,7 +86,9 @@ class Check:
     dtype: str
     shape: str
     quantity: str
-    oracle: str  # exact | 2x | rel | invariants | error; skip (backend cannot run) | not run (time budget)
+    # exact | 2x | rel | invariants | error; skip (backend cannot run) | not run (time budget
+    # spent, or the CUDA context lost)
+    oracle: str
     err: float
     tol: float
     passed: bool
@@ -514,9 +516,15 @@ def validate(device, ops_=None, backends=None, dtypes=None, batch: int = 32, pro
     ``quick``: the first shape of each kind and, unless ``dtypes`` is given, the first dtype only.
     ``time_budget``: seconds after which no new (op, backend, dtype, shape) is started; those
     left are recorded as oracle ``not run`` (neither passed nor failed).
+
+    A case that fails with an exception is a failed ``run`` check. When that failure left
+    the CUDA context unusable (a kernel that faulted; see :func:`fastmae._timing.cuda_context_lost`),
+    the check says so and every later case is ``not run``, naming the case that lost it:
+    in that process each would fail with the same sticky error, whatever its own kernel does.
     """
     device = torch.device(device)
     t0 = time.perf_counter()
+    lost = None  # (the case, the probe's error) once the CUDA context is unusable
     img_shapes, att_shapes = shapes(device, batch, quick)
     checks: list[Check] = []
     for op in ops_ or OPS:
@@ -531,9 +539,13 @@ def validate(device, ops_=None, backends=None, dtypes=None, batch: int = 32, pro
                     shape = f"{label} {s}" if attention else label
                     if progress is not None:
                         progress.start(f"{op} {b} {_name(dt)} {label}")
-                    if time_budget is not None and time.perf_counter() - t0 > time_budget:
-                        checks.append(Check(op, b, _name(dt), shape, "-", "not run", 0.0, 0.0, True,
-                                            f"time budget of {time_budget:g} s spent"))
+                    late = None
+                    if lost is not None:
+                        late = f"CUDA context lost after {lost[0]} ({lost[1]})"
+                    elif time_budget is not None and time.perf_counter() - t0 > time_budget:
+                        late = f"time budget of {time_budget:g} s spent"
+                    if late is not None:
+                        checks.append(Check(op, b, _name(dt), shape, "-", "not run", 0.0, 0.0, True, late))
                         if progress is not None:
                             progress.finish_task()
                         continue
@@ -545,8 +557,13 @@ def validate(device, ops_=None, backends=None, dtypes=None, batch: int = 32, pro
                         skipped = str(e)
                     except Exception as e:  # a crashing kernel is a failure, not the end of the run
                         msg = str(e).splitlines()[0][:300] if str(e) else ""
+                        detail = f"{type(e).__name__}: {msg}"
+                        gone = _timing.cuda_context_lost(device)
+                        if gone is not None:
+                            lost = (f"{op} {b} {_name(dt)} {shape}", gone)
+                            detail += f"; then the CUDA context was lost ({gone}): later cases not run"
                         checks.append(Check(op, b, _name(dt), shape, "run", "error", float("inf"), 0.0, False,
-                                            f"{type(e).__name__}: {msg}"))
+                                            detail))
                     if progress is not None:
                         progress.finish_task()
                     if on_case is not None:
@@ -699,11 +716,11 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
                              "pass" if c.passed else "FAIL"] for c in checks]))
     n_fail = sum(not c.passed for c in checks)
     n_run = sum(c.oracle not in ("skip", "not run") for c in checks)
-    n_late = sum(c.oracle == "not run" for c in checks)
+    late = [c for c in checks if c.oracle == "not run"]
     print(f"\n{n_run} checks, {n_fail} failed, {sum(c.oracle == 'skip' for c in checks)} op/backend pairs skipped "
           f"({time.perf_counter() - t0:.1f} s)")
-    if n_late:
-        print(f"warning: {n_late} op/backend/dtype/shape cases not run: time budget of {args.time_budget:g} s spent")
+    for why in dict.fromkeys(c.detail for c in late):
+        print(f"warning: {sum(c.detail == why for c in late)} op/backend/dtype/shape cases not run: {why}")
     save(checks, complete=True)
     for path in paths:
         print(f"wrote {path}")

@@ -469,15 +469,22 @@ def test_a_failed_capture_is_recorded_not_raised(monkeypatch):
                                                            "operation not permitted when stream is capturing"}
     assert calls == [(torch.device("cuda"), 15, 1, 20)]  # 1 ms of 50 us calls; at least 15 replays
 
-    def broken(device=None):
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    monkeypatch.setattr(torch.cuda, "synchronize", broken)
-    m = h.measure_graph(lambda: None, [()], eager_ms=0.05, reps=30)
-    assert m["graph_status"] == "failed" and "failed to synchronise: RuntimeError: CUDA error: an illegal" in (
-        m["graph_reason"])
+    assert h.lost is None  # the probe found the context usable (no CUDA here: None)
     h.budget, h.t0 = 1.0, time.perf_counter() - 2
-    assert h.measure_graph(lambda: None, [()], 0.05, 30)["graph_status"] == "skipped"
+    assert h.measure_graph(lambda: None, [()], 0.05, 30) == {"graph_status": "skipped",
+                                                              "graph_reason": "time budget of 1 s spent"}
+    h.budget = None
+
+    # a failure that left the CUDA context unusable: said in the row, and the later measurements are skipped
+    sticky = "AcceleratorError: CUDA error: an illegal memory access was encountered"
+    monkeypatch.setattr(_timing, "cuda_context_lost", lambda device=None: sticky)
+    m = h.measure_graph(lambda: None, [()], eager_ms=0.05, reps=30)
+    assert m == {"graph_status": "failed", "graph_reason": "GraphCaptureError: capture failed: RuntimeError: "
+                 f"operation not permitted when stream is capturing; then the CUDA context was lost ({sticky}): "
+                 "the later measurements of this run are skipped"}
+    assert h.lost == sticky
+    assert h.measure_graph(lambda: None, [()], 0.05, 30) == {
+        "graph_status": "skipped", "graph_reason": f"CUDA context lost earlier in this run ({sticky})"}
 
 
 def test_render_shows_eager_and_graph_side_by_side():
