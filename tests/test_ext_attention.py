@@ -317,3 +317,32 @@ def test_cpu_result_does_not_depend_on_threads():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ----------------------------------------------------------------------------- edges of the ops
+# Empty sequences give empty outputs on both devices (on CUDA an empty grid is not a launch), an
+# lse of the wrong shape is the same error on both (the CUDA backward reads it by (B, H, N)).
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [f16, f32])
+def test_raw_ops_empty_sequences_and_lse_shape(device, dtype):
+    fwd, bwd = torch.ops.fastmae_ext.attention_fwd, torch.ops.fastmae_ext.attention_bwd
+    q = _randn(2, 0, 3, 64, dtype=dtype, device=device)
+    out, lse = fwd(q, q, q, 0.125)
+    assert out.shape == (2, 0, 3, 64) and out.dtype == dtype and lse.shape == (2, 3, 0)
+    assert bwd(out, q, q, q, out, lse, 0.125).shape == (2, 0, 3, 3, 64)
+    q, k, v, dout = (_randn(2, 5, 3, 64, dtype=dtype, device=device) for _ in range(4))
+    out, lse = fwd(q, k, v, 0.125)
+    with pytest.raises(RuntimeError, match=r"attention_bwd: lse \(B, H, N\)"):
+        bwd(dout, q, k, v, out, lse.transpose(1, 2).contiguous(), 0.125)  # (B, N, H): as many values
+
+
+@pytest.mark.gpu
+def test_cuda_inputs_on_two_devices_are_an_error():
+    # the dispatcher takes the CUDA kernel when any input is on the GPU: it must not read the others' memory
+    q, k, v, dout = (_randn(2, 5, 3, 64, dtype=f16, device="cuda") for _ in range(4))
+    fwd, bwd = torch.ops.fastmae_ext.attention_fwd, torch.ops.fastmae_ext.attention_bwd
+    with pytest.raises(RuntimeError, match="must be on one device"):
+        fwd(q, k.cpu(), v, 0.125)
+    out, lse = fwd(q, k, v, 0.125)
+    with pytest.raises(RuntimeError, match="must be on one device"):
+        bwd(dout, q, k, v, out, lse.cpu(), 0.125)

@@ -317,6 +317,49 @@ def test_cuda_deterministic_and_mae_shapes(rows, D):
         assert torch.equal(a, c)
 
 
+@pytest.mark.gpu
+def test_cuda_backward_up_to_the_cards_shared_memory():
+    # the backward keeps a block's dW / dB partials (4 warps x 2 x D floats) in shared memory, with
+    # the opt-in above 48 KB: the largest D the card allows runs, the next is a clear error
+    optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    D = optin // 32 // 8 * 8
+    x, r, w, b = _inputs(40, D, device="cuda")
+    check_add(x, r, w, b)
+    x, r, w, b = _inputs(4, D + 8, device="cuda")
+    leaves = [t.detach().requires_grad_() for t in (x, r, w, b)]
+    y, s = ops.add_layer_norm(*leaves, EPS, backend="ext")
+    with pytest.raises(RuntimeError, match="bytes of shared memory a block; this card allows"):
+        y.sum().backward()
+
+
+# Shapes and devices the ops read by: a residual or ds of another shape is the same error on both
+# devices; on CUDA an input on another device is an error, not a read of another device's memory.
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_raw_ops_shape_checks(device):
+    fwd, bwd = torch.ops.fastmae_ext.add_layer_norm_fwd, torch.ops.fastmae_ext.add_layer_norm_bwd
+    x, r, w, b = _inputs(6, 16, device=device)
+    with pytest.raises(RuntimeError, match="add_layer_norm_fwd: residual must match x"):
+        fwd(x, r[:5], w, b, EPS, f32, f32)
+    y, s, mean, rstd = fwd(x, r, w, b, EPS, f32, f32)
+    with pytest.raises(RuntimeError, match="add_layer_norm_bwd: ds must match s"):
+        bwd(torch.randn_like(y), torch.randn_like(s)[:5], s, mean, rstd, w, b, f32, f32)
+
+
+@pytest.mark.gpu
+def test_cuda_inputs_on_two_devices_are_an_error():
+    fwd, bwd = torch.ops.fastmae_ext.add_layer_norm_fwd, torch.ops.fastmae_ext.add_layer_norm_bwd
+    x, r, w, b = _inputs(6, 16, device="cuda")
+    for args in ((x, r.cpu(), w, b), (x, r, w.cpu(), b), (x, r, w, b.cpu())):
+        with pytest.raises(RuntimeError, match="must be on one device"):
+            fwd(*args, EPS, f32, f32)
+    y, s, mean, rstd = fwd(x, r, w, b, EPS, f32, f32)
+    dy = torch.randn_like(y)
+    for args in ((dy.cpu(), None, s, mean, rstd, w), (dy, s.cpu(), s, mean, rstd, w), (dy, None, s, mean.cpu(), rstd, w),
+                 (dy, None, s, mean, rstd, w.cpu())):
+        with pytest.raises(RuntimeError, match="must be on one device"):
+            bwd(*args, b, f32, f32)
+
+
 # ----------------------------------------------------------------------------- CPU code paths
 # Both row-loop builds of the CPU twin, AVX2+FMA and baseline: the cpu_isa fixture (conftest.py).
 CPU_BUILDS = ("avx2", "baseline")

@@ -144,6 +144,37 @@ def _check_cuda(imgs, pred, mask, p, norm):
     torch.testing.assert_close(pred.grad, pred_ref.grad, **_grad_tols(imgs, mask, p, norm, g, pred_ref.grad))
 
 
+# Patches that fill a block's shared memory: a warp holds one patch (P floats) there, up to 48 KB
+# a block less the kernel's static arrays. 48 KB is exactly 4, 3 and 8 patches of P = 3072 (ViT-/32
+# RGB), 4096 (p = 64, one channel) and 1536 (six channels at p = 16): a block takes one warp fewer.
+# A patch above the limit (P = 12288) is a clear error, not a failed launch.
+@pytest.mark.gpu
+@pytest.mark.parametrize("norm", [False, True])
+def test_cuda_patches_that_fill_shared_memory(norm):
+    for N, C, H, W, p in [(2, 3, 64, 96, 32), (1, 1, 128, 128, 64), (2, 6, 32, 48, 16)]:
+        imgs, pred, _ = _inputs(N, C, H, W, p, "cuda")
+        _check_cuda(imgs, pred, _mae_mask(N, (H // p) * (W // p), 0.25, "cuda"), p, norm)
+    imgs, pred, mask = _inputs(1, 3, 64, 64, 64, "cuda")
+    with pytest.raises(RuntimeError, match="above the CUDA loss kernel's limit"):
+        E.mae_loss(imgs, pred, torch.ones_like(mask), 64, norm)
+
+
+@pytest.mark.gpu
+def test_cuda_raw_ops_scalars_and_devices():
+    # a direct torch.ops call with CPU scalars (as opcheck makes them) gives the on-device call's bits;
+    # a mask or pred on another device is an error, not a read of another device's memory
+    imgs, pred, mask = _inputs(2, 3, 32, 32, 16, "cuda")
+    ms = mask.sum()
+    op, bwd = torch.ops.fastmae_ext.mae_loss, torch.ops.fastmae_ext.mae_loss_backward
+    want = bwd(torch.tensor(1.5, device="cuda"), ms, imgs, pred, mask, 16, True)
+    assert torch.equal(bwd(torch.tensor(1.5), ms.cpu(), imgs, pred, mask, 16, True), want)
+    for args in ((imgs, pred, mask.cpu()), (imgs, pred.cpu(), mask)):
+        with pytest.raises(RuntimeError, match="must be on one device"):
+            op(*args, 16, True)
+        with pytest.raises(RuntimeError, match="must be on one device"):
+            bwd(torch.tensor(1.5, device="cuda"), ms, *args, 16, True)
+
+
 # Image layouts and alignments for both implementations (the CUDA kernel gathers the target in
 # 16-byte vectors only for a unit x stride, whole-vector strides and an aligned base; else
 # scalar reads): each view goes through the same oracle as the contiguous image.

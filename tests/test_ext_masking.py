@@ -225,3 +225,15 @@ def test_samples_are_independent_tasks(noise_dtype):
             assert_same(a, b[n:n + 1])
     for a, b in zip(E.random_masking(x, 0.75, noise), ref.random_masking(x, 0.75, noise)):
         assert_same(a, b)
+
+
+# An empty batch: empty outputs of the reference's shapes and dtypes on both devices (on CUDA
+# an empty grid is not a launch, so the kernel must not be launched).
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_empty_batch(device):
+    x, pos, cls = inputs(0, 16, 8, device=device)
+    noise = torch.rand(0, 16, device=device)
+    for a, b in zip(E.encoder_input(x, pos, cls, 0.75, noise), ref.encoder_input(x, pos, cls, 0.75, noise)):
+        assert_same(a, b)
+    for a, b in zip(E.random_masking(x, 0.75, noise), ref.random_masking(x, 0.75, noise)):
+        assert_same(a, b)

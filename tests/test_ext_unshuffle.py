@@ -174,3 +174,18 @@ def test_backward_grad_layouts(device, x_dtype, m_dtype):
         assert got[1].dtype == want[1].dtype, name
         err = (got[1].double().flatten() - exact).abs()
         assert bool((err <= bound).all()), (name, (err - bound).max().item())
+
+
+# Nothing to move: an empty batch or zero-width tokens give the reference's empty outputs, and
+# the mask token's gradient is zero (a sum over no rows), on both devices (on CUDA an empty
+# grid is not a launch, so the kernels must not be launched).
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("N,D", [(0, 16), (2, 0)])
+def test_empty(device, N, D):
+    x, ids, mt, pos = make(N, 16, D, 0.75, device=device)
+    assert_same(E.decoder_unshuffle(x, ids, mt, pos), ref.decoder_unshuffle(x, ids, mt, pos))
+    g = torch.randn(N, 17, D, device=device)
+    _, grads = _grads(lambda x, mt: E.decoder_unshuffle(x, ids, mt, pos), (x, mt), g)
+    _, ref_grads = _grads(lambda x, mt: ref.decoder_unshuffle(x, ids, mt, pos), (x, mt), g)
+    assert_same(grads[0], ref_grads[0])
+    assert_same(grads[1], ref_grads[1])

@@ -569,8 +569,14 @@ size_t bwd_smem(int N, int D) {
 
 template <typename Kernel>
 void launch(Kernel kernel, unsigned grid, size_t smem, const AttnArgs& a) {
-  if (smem > 48 * 1024)
+  if (smem > 48 * 1024) {
+    // above 48 KB a block needs the opt-in, up to the card's own limit (227 KB on sm_90, 163 KB on
+    // sm_80, 99 KB on sm_86 / sm_89 / sm_120: D = 128 at N > 176 is above the last)
+    const int optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    TORCH_CHECK(smem <= static_cast<size_t>(optin), "attention (CUDA): N = ", a.N, " needs ", smem,
+                " bytes of shared memory a block; this card allows ", optin, " (use backend 'triton' or 'sdpa')");
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
   kernel<<<grid, kWarps * 32, smem, at::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -605,8 +611,10 @@ void bwd_mma(const AttnArgs& a, int D) {
 void check_shapes(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && q.sizes() == k.sizes() && q.sizes() == v.sizes(), "attention: q, k, v (B, N, H, D)");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "attention: one dtype");
-  TORCH_CHECK(q.size(1) >= 1 && q.size(1) <= attention::kMaxN, "attention (CUDA): N must be in [1, ",
-              attention::kMaxN, "], got ", q.size(1));
+  FASTMAE_CHECK_SAME_DEVICE(q, k);
+  FASTMAE_CHECK_SAME_DEVICE(q, v);
+  TORCH_CHECK(q.size(1) <= attention::kMaxN, "attention (CUDA): N must be at most ", attention::kMaxN, ", got ",
+              q.size(1));
   const int64_t D = q.size(3);
   TORCH_CHECK(D == 32 || D == 64 || D == 80 || D == 128, "attention (CUDA): head dim must be 32, 64, 80 or 128, got ", D);
   TORCH_CHECK(q.size(0) * q.size(2) < (int64_t(1) << 31) / 256, "attention (CUDA): too many (batch, head) pairs");
@@ -628,7 +636,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
   at::Tensor out = empty_output({B, N, H, D}, q.options());
   at::Tensor lse = empty_output({B, H, N}, q.options().dtype(at::kFloat));
-  if (B * H == 0) return {out, lse};
+  if (B * H * N == 0) return {out, lse};  // nothing to compute (an empty grid is not a launch CUDA accepts)
   const at::Tensor qr = q.scalar_type() != at::kFloat ? pairs_ready(q) : q;  // alive until the launch
   AttnArgs a = make_args(qr, k, v, scale);
   a.out = out.mutable_data_ptr();
@@ -652,11 +660,16 @@ at::Tensor attention_bwd_cuda(const at::Tensor& dout, const at::Tensor& q, const
   check_shapes(q, k, v);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "attention_bwd: dout, out (B, N, H, D)");
   TORCH_CHECK(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), "attention_bwd: one dtype");
+  FASTMAE_CHECK_SAME_DEVICE(q, dout);
+  FASTMAE_CHECK_SAME_DEVICE(q, out);
+  FASTMAE_CHECK_SAME_DEVICE(q, lse_);
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t B = q.size(0), N = q.size(1), H = q.size(2), D = q.size(3);
+  TORCH_CHECK(lse_.dim() == 3 && lse_.size(0) == B && lse_.size(1) == H && lse_.size(2) == N,
+              "attention_bwd: lse (B, H, N)");
   const at::Tensor lse = lse_.contiguous().to(at::kFloat);
   at::Tensor dqkv = empty_output({B, N, 3, H, D}, q.options());
-  if (B * H == 0) return dqkv;
+  if (B * H * N == 0) return dqkv;
   const bool mma = q.scalar_type() != at::kFloat;
   const at::Tensor qr = mma ? pairs_ready(q) : q, kr = mma ? pairs_ready(k) : k, vr = mma ? pairs_ready(v) : v;
   const at::Tensor dr = mma ? pairs_ready(dout) : dout;

@@ -203,6 +203,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cu
   const at::Tensor w = (weight_.has_value() && weight_->defined()) ? weight_->contiguous() : at::Tensor();
   const at::Tensor b = (bias_.has_value() && bias_->defined()) ? bias_->contiguous() : at::Tensor();
   const int64_t rows = x.size(0), D = x.size(1);
+  if (has_res) {
+    TORCH_CHECK(res.sizes() == x.sizes(), "add_layer_norm_fwd: residual must match x");
+    FASTMAE_CHECK_SAME_DEVICE(x, res);
+  }
+  if (w.defined()) FASTMAE_CHECK_SAME_DEVICE(x, w);
+  if (b.defined()) FASTMAE_CHECK_SAME_DEVICE(x, b);
   TORCH_CHECK(D > 0 && D <= (1 << 20), "add_layer_norm_fwd: unsupported D");
   auto f32 = x.options().dtype(at::kFloat);
   at::Tensor y = empty_output({rows, D}, x.options().dtype(out_dtype));
@@ -246,6 +252,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cu
   const bool has_b = bias_.has_value() && bias_->defined();
   const bool sep_res = residual_dtype.has_value() && *residual_dtype != x_dtype;
   const int64_t rows = s.size(0), D = s.size(1);
+  if (has_ds) {
+    TORCH_CHECK(ds.sizes() == s.sizes(), "add_layer_norm_bwd: ds must match s");
+    FASTMAE_CHECK_SAME_DEVICE(s, ds);
+  }
+  FASTMAE_CHECK_SAME_DEVICE(s, dy);
+  FASTMAE_CHECK_SAME_DEVICE(s, mean);
+  FASTMAE_CHECK_SAME_DEVICE(s, rstd);
+  TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows, "add_layer_norm_bwd: mean and rstd must be (rows,)");
+  if (w.defined()) FASTMAE_CHECK_SAME_DEVICE(s, w);
   at::Tensor dx = empty_output({rows, D}, s.options().dtype(x_dtype));
   at::Tensor dres = sep_res ? empty_output({rows, D}, s.options().dtype(*residual_dtype)) : at::empty({0}, s.options());
   const int P = layer_norm::num_partials(rows, kRowsPerPartial);
@@ -263,7 +278,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cu
     a.st = dtype_code(s.scalar_type()); a.wt = w.defined() ? dtype_code(w.scalar_type()) : kF32;
     a.dxt = dtype_code(x_dtype); a.drt = sep_res ? dtype_code(*residual_dtype) : kF32;
     const size_t shm = static_cast<size_t>(kWarps) * 2 * D * sizeof(float);
-    TORCH_CHECK(shm <= 200 * 1024, "add_layer_norm_bwd: D=", D, " is too large for the CUDA kernel");
+    // a block's dW / dB partials in shared memory: above 48 KB with the opt-in, up to the card's limit
+    const int optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    TORCH_CHECK(shm <= static_cast<size_t>(std::max(optin, 48 * 1024)), "add_layer_norm_bwd: D = ", D, " needs ",
+                shm, " bytes of shared memory a block; this card allows ", optin, " (use backend 'triton' or 'torch')");
     auto launch = [&](auto kernel) {
       if (shm > 48 * 1024)
         C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shm)));

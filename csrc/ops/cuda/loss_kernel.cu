@@ -22,6 +22,9 @@ namespace loss {
 namespace {
 
 constexpr int kMaxWarps = 8;
+// Dynamic shared memory a block may take without the opt-in: 48 KB less the loss kernel's
+// static arrays (warp_loss, warp_mask), which count against the same 48 KB.
+constexpr int64_t kDynamicSmem = 48 * 1024 - 2 * kMaxWarps * int64_t(sizeof(float));
 constexpr int kFinalThreads = 256;
 
 struct Args {
@@ -68,10 +71,10 @@ __device__ void load_target(const img_t* __restrict__ imgs, const Args& a, int64
       sum += v;
     }
   }
-  if (!a.norm) {
-    __syncwarp();
-    return;
-  }
+  // every pass below reads values other lanes wrote (the vector gather writes runs of V, the
+  // passes read with a stride of 32): a shuffle is no memory fence, __syncwarp is
+  __syncwarp();
+  if (!a.norm) return;
   const float mean = warp_sum(sum) / static_cast<float>(a.P);
   float ss = 0;
   for (int64_t d = lane; d < a.P; d += 32) {
@@ -224,8 +227,10 @@ struct Launch {
 
 Launch plan(const Args& a) {
   const int64_t row_bytes = a.P * int64_t(sizeof(float));
-  FASTMAE_CHECK(row_bytes <= 48 * 1024, "patches of P = ", a.P, " values are above the CUDA loss kernel's limit");
-  const int warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxWarps, 48 * 1024 / row_bytes)));
+  FASTMAE_CHECK(a.P > 0, "patches of P = 0 values (imgs with no channels)");
+  FASTMAE_CHECK(row_bytes <= kDynamicSmem, "patches of P = ", a.P, " values are above the CUDA loss kernel's limit of ",
+                kDynamicSmem / int64_t(sizeof(float)), " (a warp holds a patch in shared memory)");
+  const int warps = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxWarps, kDynamicSmem / row_bytes)));
   const int rows_per_warp = 4;
   return {warps, rows_per_warp, std::max<int64_t>(1, ceil_div(a.M, int64_t(warps) * rows_per_warp)),
           static_cast<size_t>(warps * row_bytes)};
@@ -249,6 +254,8 @@ std::tuple<at::Tensor, at::Tensor> mae_loss_cuda(const at::Tensor& imgs_in, cons
                                                  const at::Tensor& mask_in, int64_t patch_size, bool norm) {
   FASTMAE_CHECK_DIM(imgs_in, 4);
   FASTMAE_CHECK_DIM(pred_in, 3);
+  FASTMAE_CHECK_SAME_DEVICE(imgs_in, pred_in);
+  FASTMAE_CHECK_SAME_DEVICE(imgs_in, mask_in);
   const c10::cuda::CUDAGuard guard(imgs_in.device());
   at::Tensor imgs = imgs_in, pred = pred_in, mask = mask_in;
   prepare(imgs, pred, mask);
@@ -278,12 +285,21 @@ std::tuple<at::Tensor, at::Tensor> mae_loss_cuda(const at::Tensor& imgs_in, cons
 at::Tensor mae_loss_backward_cuda(const at::Tensor& grad_out, const at::Tensor& mask_sum, const at::Tensor& imgs_in,
                                   const at::Tensor& pred_in, const at::Tensor& mask_in, int64_t patch_size,
                                   bool norm) {
+  FASTMAE_CHECK_DIM(imgs_in, 4);
+  FASTMAE_CHECK_DIM(pred_in, 3);
+  FASTMAE_CHECK_SAME_DEVICE(imgs_in, pred_in);
+  FASTMAE_CHECK_SAME_DEVICE(imgs_in, mask_in);
+  FASTMAE_CHECK(grad_out.numel() == 1 && mask_sum.numel() == 1, "grad_out and mask_sum must be scalars");
   const c10::cuda::CUDAGuard guard(imgs_in.device());
   at::Tensor imgs = imgs_in, pred = pred_in, mask = mask_in;
   prepare(imgs, pred, mask);
   const Args a = make_args(imgs, pred, patch_size, norm);
+  FASTMAE_CHECK(pred.size(0) * pred.size(1) == a.M && pred.size(2) == a.P && mask.numel() == a.M,
+                "pred / mask do not match the patchified imgs");
   const Launch k = plan(a);
-  const at::Tensor g = grad_out.to(at::kFloat).contiguous(), ms = mask_sum.to(at::kFloat).contiguous();
+  // the kernel reads both scalars on the device: a CPU scalar (a direct torch.ops call) is moved there
+  const at::Tensor g = grad_out.to(imgs.device(), at::kFloat).contiguous();
+  const at::Tensor ms = mask_sum.to(imgs.device(), at::kFloat).contiguous();
   at::Tensor grad = empty_output(pred.sizes(), pred.options());
   FASTMAE_DISPATCH_LOSS(imgs.scalar_type(), pred.scalar_type(), [&] {
     const pred_t* pp = pred.const_data_ptr<pred_t>();

@@ -97,6 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch(const at::Tensor& x, const
   at::Tensor out = empty_output({N, num_prefix + len_keep, D}, x.options());
   at::Tensor mask = empty_output({N, L}, x.options().dtype(at::kFloat));
   at::Tensor ids_restore = empty_output({N, L}, x.options().dtype(at::kLong));
+  if (N == 0) return {out, mask, ids_restore};  // an empty grid is not a launch CUDA accepts
   const int64_t T = num_prefix + len_keep;
   const int64_t row_bytes = D * x.element_size();
   const int64_t rows_per_block = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_bytes, 1));

@@ -239,6 +239,10 @@ std::tuple<at::Tensor, at::Tensor> decoder_unshuffle_backward_cuda(const at::Ten
   at::Tensor gx = empty_output({N, 1 + len_keep, D}, grad.options().dtype(x_dtype));
   at::Tensor partial = at::empty({N, D}, grad.options().dtype(acc));
   at::Tensor gm = empty_output({D}, grad.options().dtype(acc));
+  if (N == 0 || D == 0) {  // an empty grid is not a launch CUDA accepts; no rows: the mask token's gradient is 0
+    gm.zero_();
+    return {gx, gm};
+  }
   auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(ceil_div(D, kCols)));
   bool dispatched;
