@@ -305,6 +305,20 @@ def test_cpu_softmax_underflow(dtype, cpu_isa):
     torch.testing.assert_close(lse.double(), want, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [f32, bf16])
+def test_cuda_softmax_underflow(dtype):
+    # test_cpu_softmax_underflow on the CUDA kernels: fp32 on the SIMT path (whose delta is
+    # sum_j P dP, as the twin's), bf16 on mma.sync (FlashAttention's dO . O)
+    qkv = _randn(2, 40, 3, 2, 32, dtype=f32, device="cuda")
+    qkv[:, :, :2] = torch.randint(-6, 7, qkv[:, :, :2].shape, device="cuda").float()
+    check_packed(qkv.to(dtype), _randn(2, 40, 2, 32, dtype=dtype, device="cuda"), scale=1.0)
+    q, k, v = (_randn(2, 40, 3, 2, 32, dtype=f32, device="cuda") * 6).unbind(2)
+    _, lse = torch.ops.fastmae_ext.attention_fwd(q, k, v, 1.0)
+    want = torch.logsumexp(torch.einsum("bnhd,bmhd->bhnm", q.double(), k.double()), dim=-1)
+    torch.testing.assert_close(lse.double(), want, rtol=1e-6, atol=1e-5)
+
+
 def test_cpu_result_does_not_depend_on_threads():
     # one task per (batch, head) pair, nothing shared between tasks: bitwise equal on 1 and 2 threads
     qkv, dout = _randn(3, 50, 3, 5, 64, dtype=f32), _randn(3, 50, 5, 64, dtype=f32)

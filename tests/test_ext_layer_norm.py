@@ -354,8 +354,8 @@ def test_cuda_inputs_on_two_devices_are_an_error():
             fwd(*args, EPS, f32, f32)
     y, s, mean, rstd = fwd(x, r, w, b, EPS, f32, f32)
     dy = torch.randn_like(y)
-    for args in ((dy.cpu(), None, s, mean, rstd, w), (dy, s.cpu(), s, mean, rstd, w), (dy, None, s, mean.cpu(), rstd, w),
-                 (dy, None, s, mean, rstd, w.cpu())):
+    for args in ((dy.cpu(), None, s, mean, rstd, w), (dy, s.cpu(), s, mean, rstd, w),
+                 (dy, None, s, mean.cpu(), rstd, w), (dy, None, s, mean, rstd, w.cpu())):
         with pytest.raises(RuntimeError, match="must be on one device"):
             bwd(*args, b, f32, f32)
 

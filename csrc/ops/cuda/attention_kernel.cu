@@ -476,15 +476,29 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_simt(AttnArgs a, int D) 
   if (lane == 0) a.lse[attention::lse_offset(b, h, i, a.H, a.N)] = attention::lse_from(m, l);
 }
 
+// delta_i = sum_j P_ij dP_ij (= sum_d dO_id O_id, attention.h) of one query row per warp, in
+// double over the keys, with P_ij recomputed exactly as the dK / dV and dQ kernels below compute
+// it. Where P is nearly one-hot (logits spread over tens or hundreds), dS = P (dP - delta)
+// cancels, and the dO . O form would add the rounding of O and a sum over D of terms far larger
+// than the result (the CPU twin's form; the mma path keeps FlashAttention's dO . O).
 __global__ void __launch_bounds__(kWarps * 32) attn_bwd_delta_simt(AttnArgs a, int D) {
   const int row = blockIdx.x * kWarps + (threadIdx.x >> 5);
   if (row >= a.B * a.H * a.N) return;
   const int pair = row / a.N, i = row % a.N, b = pair / a.H, h = pair % a.H;
-  float o[kMaxPerLane], d[kMaxPerLane];
-  load_row_f(static_cast<const float*>(a.o), a.so, b, i, h, D, o);
+  float q[kMaxPerLane], d[kMaxPerLane];
+  load_row_f(static_cast<const float*>(a.q), a.sq, b, i, h, D, q);
   load_row_f(static_cast<const float*>(a.dout), a.sdo, b, i, h, D, d);
-  const float v = dot_row(o, d);
-  if ((threadIdx.x & 31) == 0) a.delta[attention::lse_offset(b, h, i, a.H, a.N)] = v;
+  const int li = attention::lse_offset(b, h, i, a.H, a.N);
+  const float lse = a.lse[li];
+  double acc = 0.0;
+  for (int j = 0; j < a.N; ++j) {
+    float kr[kMaxPerLane], vr[kMaxPerLane];
+    load_row_f(static_cast<const float*>(a.k), a.sk, b, j, h, D, kr);
+    load_row_f(static_cast<const float*>(a.v), a.sv, b, j, h, D, vr);
+    const float p = __expf(dot_row(q, kr) * a.scale - lse);
+    acc += static_cast<double>(p) * static_cast<double>(dot_row(d, vr));
+  }
+  if ((threadIdx.x & 31) == 0) a.delta[li] = static_cast<float>(acc);
 }
 
 // dK, dV of one key row per warp (over all queries).
