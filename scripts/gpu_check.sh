@@ -14,6 +14,8 @@
 #   bench_ops_ext    the same for backend ext, beside triton and SDPA (issue 12's targets)
 #   validate         `fastmae validate`, bf16, every backend but ext
 #   validate_ext     the same for backend ext
+#   sanitize_memcheck, sanitize_racecheck   backend ext's kernels under compute-sanitizer
+#                    (scripts/ext_sanitize.py), when the machine has it
 #   kernel_tests     the kernel test files on the GPU, fp32/fp16
 #   bench_step, pretrain_step, pretrain_vs_bench   a `fastmae pretrain` step against bench's
 #   data_transfer    a batch's pinned uint8 copy + normalisation against the official copy
@@ -226,6 +228,20 @@ B=$(budget 60 30)
 # shellcheck disable=SC2086
 step validate_ext $((B + 20)) "$PY" -m fastmae validate --quiet --out "$WORK/validate" --time-budget "$B" \
     --backends ext $VALIDATE_ARGS
+
+# backend ext's kernels under compute-sanitizer: reads past a row's end, misaligned vectors and
+# shared-memory races that results do not show (each tensor its own allocation, so memcheck sees its end)
+SANITIZER=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null)
+if [ -n "$SANITIZER" ]; then
+    for tool in memcheck racecheck; do
+        step "sanitize_$tool" 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 \
+            "$PY" scripts/ext_sanitize.py
+    done
+else
+    for tool in memcheck racecheck; do
+        wanted "sanitize_$tool" && SUMMARY+=("sanitize_$tool|skipped (no compute-sanitizer)|0")
+    done
+fi
 
 if ((HAVE_PYTEST)); then
     mapfile -t KERNEL_TESTS < <(ls tests/test_kernel_*.py 2>/dev/null)

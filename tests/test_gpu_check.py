@@ -110,6 +110,24 @@ def test_gpu_check_script_leaves_at_most_8_files(tmp_path):
     assert "not asked for" in (out / "summary.txt").read_text()
 
 
+def test_ext_sanitize_workload_runs_on_the_cpu_twins(capsys):
+    """scripts/ext_sanitize.py (the compute-sanitizer workload of gpu_check.sh) through the C++ twins:
+    every case runs, and each op of the extension has cases."""
+    from _ext import require_ext
+
+    require_ext()
+    sys.path.insert(0, str(REPO / "scripts"))
+    import ext_sanitize
+
+    assert ext_sanitize.main(["--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    ran = [line.split()[1] for line in lines if line.startswith("ok  ")]
+    assert set(ran) == {"patchify", "encoder_input", "decoder_unshuffle", "mae_loss", "add_layer_norm", "bias_gelu",
+                        "attention"}
+    assert lines[-1] == f"ext_sanitize: {len(ran)} cases on cpu"
+    assert ext_sanitize.main(["--device", "cpu", "--only", "no such case"]) == 1
+
+
 def test_gpu_check_refuses_a_work_folder_inside_out(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_WORK=str(out / "w"))
