@@ -25,9 +25,9 @@ def _validate(r: dict) -> list[str]:
     out = [f"validate: {len(ran)} checks, {len(bad)} failed"]
     out += [f"  FAIL {c['op']} {c['backend']} {c['dtype']} {c['shape']} {c['quantity']} {c['detail']}"
             for c in bad[:10]]
-    late = sum(c.get("oracle") == "not run" for c in checks)
-    if late:
-        out.append(f"  {late} cases not run (time budget)")
+    late = [c.get("detail", "") for c in checks if c.get("oracle") == "not run"]
+    for why in dict.fromkeys(late):  # the time budget, or the CUDA context lost after a case
+        out.append(f"  {late.count(why)} cases not run: {why}")
     if not r.get("complete", True):
         out.append("  record incomplete: validate was stopped before it finished")
     return out
@@ -44,8 +44,14 @@ def _ops(r: dict) -> list[str]:
     res = r.get("results", [])
     ok = [x for x in res if x.get("status") == "ok"]
     cei = r["ceilings"]
+    backends = ",".join(r.get("config", {}).get("backends") or ["?"])
     out = [f"bench_ops: {len(ok)} of {len(res)} measurements ok (copy {cei['copy']['gbps']:.0f} GB/s, "
-           f"matmul {cei['matmul']['tflops']:.0f} TFLOP/s)"]
+           f"matmul {cei['matmul']['tflops']:.0f} TFLOP/s; backends {backends})"]
+    if r.get("cuda_context_lost"):
+        first = next((x for x in res if "then the CUDA context was lost" in x.get("reason", "")
+                      or "then the CUDA context was lost" in x.get("graph_reason", "")), None)
+        where = f" at {first['section']} {first['op']} {first['backend']} {first['direction']}" if first else ""
+        out.append(f"  CUDA CONTEXT LOST{where}: {r['cuda_context_lost']}; the later measurements were skipped")
     for x in ok:
         # the data-path ops at ViT-B/16, and the block ops (norms, bias_gelu) at every shape
         if x["direction"] == "fwd+bwd" and "x_floor" in x and (

@@ -720,10 +720,21 @@ def test_gpu_summary_of_every_record_kind(tmp_path):
               "direction": "fwd+bwd", "status": "ok", "ms": 0.2, "x_floor": 2.0, "graph_status": "failed"}]
     json.dump({"kind": "ops", "ceilings": {"copy": {"gbps": 4000.0}, "matmul": {"tflops": 700.0}}, "results": rows},
               open(tmp_path / "ops-x.json", "w"))
+    sticky = "AcceleratorError: CUDA error: an illegal memory access was encountered"
+    lost_row = dict(att, backend="ext", status="error",
+                    reason=f"boom; then the CUDA context was lost ({sticky}): the later measurements of this run are "
+                           "skipped")
+    json.dump({"kind": "ops", "ceilings": {"copy": {"gbps": 4000.0}, "matmul": {"tflops": 700.0}},
+               "config": {"backends": ["ext", "sdpa"]}, "cuda_context_lost": sticky,
+               "results": [lost_row, dict(att, backend="sdpa:flash", status="skipped", reason="lost")]},
+              open(tmp_path / "ops-y.json", "w"))
+    lost = f"CUDA context lost after patchify ext bf16 s ({sticky})"
     checks = [{"op": "patchify", "backend": "triton", "dtype": "bf16", "shape": "s", "quantity": "out",
                "oracle": "exact", "passed": False, "detail": "mismatch"},
               {"op": "patchify", "backend": "triton", "dtype": "bf16", "shape": "t", "quantity": "-",
-               "oracle": "not run", "passed": True, "detail": ""}]
+               "oracle": "not run", "passed": True, "detail": "time budget of 5 s spent"},
+              *({"op": "mae_loss", "backend": "ext", "dtype": "bf16", "shape": sh, "quantity": "-",
+                 "oracle": "not run", "passed": True, "detail": lost} for sh in ("s", "t"))]
     json.dump({"kind": "validate", "complete": False, "checks": checks}, open(tmp_path / "validate-x.json", "w"))
     (tmp_path / "zz-broken.json").write_text("{not json")
 
@@ -732,6 +743,10 @@ def test_gpu_summary_of_every_record_kind(tmp_path):
     assert f"attention vit_b16 enc (256, 12, 50, 64) triton fwd+bwd {tri:.3f} ms (graph)" in text
     assert f"fastest SDPA sdpa:efficient 0.700 ms (graph), speedup {0.7 / tri:.2f}x" in text
     assert "mae_loss" in text and "graph failed" in text
-    assert "validate: 1 checks, 1 failed" in text and "1 cases not run" in text and "record incomplete" in text
+    assert "validate: 1 checks, 1 failed" in text and "record incomplete" in text
+    assert "1 cases not run: time budget of 5 s spent" in text and f"2 cases not run: {lost}" in text
+    assert "backends ext,sdpa)" in text and "backends ?)" in text
+    assert (f"CUDA CONTEXT LOST at attention attention_qkvpacked ext fwd+bwd: {sticky}; the later measurements "
+            "were skipped") in text
     assert "zz-broken.json: unreadable record" in text
     assert gpu_summary.summarize(str(tmp_path / "none")).startswith("no records")
