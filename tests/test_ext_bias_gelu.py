@@ -218,3 +218,16 @@ def test_cuda_misaligned_and_deterministic():
         xl, bl = x.clone().requires_grad_(True), b.clone().requires_grad_(True)
         outs.append(torch.autograd.grad(ops.bias_gelu(xl, bl, backend="ext"), (xl, bl), dy))
     assert all(torch.equal(a, c) for a, c in zip(*outs))
+
+
+@pytest.mark.gpu
+def test_cuda_inputs_on_two_devices_are_an_error():
+    # the dispatcher takes the CUDA kernel when any input is on the GPU: it must not read the others' memory
+    fwd, bwd = torch.ops.fastmae_ext.bias_gelu_fwd, torch.ops.fastmae_ext.bias_gelu_bwd
+    x, b = _inputs((37, 40), f32, f32, device="cuda")
+    dy = torch.randn_like(x)
+    with pytest.raises(RuntimeError, match="must be on one device"):
+        fwd(x, b.cpu())
+    for args in ((dy.cpu(), x, b), (dy, x, b.cpu())):
+        with pytest.raises(RuntimeError, match="must be on one device"):
+            bwd(*args)

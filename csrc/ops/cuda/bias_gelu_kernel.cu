@@ -89,6 +89,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32) bias_gelu_bwd_kernel(const voi
 
 at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x_, const at::Tensor& bias_) {
   TORCH_CHECK(x_.dim() == 2 && bias_.dim() == 1 && bias_.size(0) == x_.size(1), "bias_gelu_fwd: x (rows, H), bias (H)");
+  FASTMAE_CHECK_SAME_DEVICE(x_, bias_);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous(), bias = bias_.contiguous();
   const int64_t rows = x.size(0), H = x.size(1);
@@ -110,6 +111,8 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy_, con
                                                       const at::Tensor& bias_) {
   TORCH_CHECK(x_.dim() == 2 && dy_.sizes() == x_.sizes() && bias_.dim() == 1 && bias_.size(0) == x_.size(1),
               "bias_gelu_bwd: dy, x (rows, H), bias (H)");
+  FASTMAE_CHECK_SAME_DEVICE(x_, dy_);
+  FASTMAE_CHECK_SAME_DEVICE(x_, bias_);
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor dy = dy_.contiguous(), x = x_.contiguous(), bias = bias_.contiguous();
   const int64_t rows = x.size(0), H = x.size(1);
@@ -122,7 +125,10 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& dy_, con
     const DType dyt = dtype_code(dy.scalar_type()), xt = dtype_code(x.scalar_type()), bt = dtype_code(bias.scalar_type());
     const bool vec = can_vectorise(H, {&dy, &x, &bias, &dx});
     const int CH = vec ? 8 : 1;
-    const dim3 grid(P, static_cast<unsigned>((H + 32 * CH - 1) / (32 * CH)));
+    const int64_t tiles = (H + 32 * CH - 1) / (32 * CH);  // column tiles: gridDim.y, at most 65535
+    TORCH_CHECK(tiles <= 65535, "bias_gelu_bwd (CUDA): H = ", H, " is above the kernel's limit of ", 65535 * 32 * CH,
+                " columns", vec ? "" : " (for rows that are not whole 16-byte vectors)");
+    const dim3 grid(P, static_cast<unsigned>(tiles));
     if (vec) bias_gelu_bwd_kernel<8><<<grid, kBwdWarps * 32, 0, stream>>>(dy.const_data_ptr(), x.const_data_ptr(), bias.const_data_ptr(), dx.mutable_data_ptr(), part.mutable_data_ptr<float>(), rows, static_cast<int>(H), dyt, xt, bt);
     else bias_gelu_bwd_kernel<1><<<grid, kBwdWarps * 32, 0, stream>>>(dy.const_data_ptr(), x.const_data_ptr(), bias.const_data_ptr(), dx.mutable_data_ptr(), part.mutable_data_ptr<float>(), rows, static_cast<int>(H), dyt, xt, bt);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
