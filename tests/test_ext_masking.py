@@ -237,3 +237,16 @@ def test_empty_batch(device):
         assert_same(a, b)
     for a, b in zip(E.random_masking(x, 0.75, noise), ref.random_masking(x, 0.75, noise)):
         assert_same(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_inputs_on_two_devices_are_an_error():
+    # the dispatcher takes the CUDA kernel when any input is on the GPU: it must not read the others' memory
+    x, pos, cls = inputs(2, 16, 8, device="cuda")
+    noise = torch.rand(2, 16, device="cuda")
+    E_ = torch.ops.fastmae_ext
+    for args in ((x, pos, cls, noise.cpu()), (x, pos.cpu(), cls, noise), (x, pos, cls.cpu(), noise)):
+        with pytest.raises(RuntimeError, match="must be on one device"):
+            E_.encoder_input(*args, 4)
+    with pytest.raises(RuntimeError, match="must be on one device"):
+        E_.random_masking(x, noise.cpu(), 4)

@@ -189,3 +189,15 @@ def test_empty(device, N, D):
     _, ref_grads = _grads(lambda x, mt: ref.decoder_unshuffle(x, ids, mt, pos), (x, mt), g)
     assert_same(grads[0], ref_grads[0])
     assert_same(grads[1], ref_grads[1])
+
+
+@pytest.mark.gpu
+def test_cuda_inputs_on_two_devices_are_an_error():
+    # the dispatcher takes the CUDA kernel when any input is on the GPU: it must not read the others' memory
+    x, ids, mt, pos = make(2, 16, 8, 0.75, device="cuda")
+    E_ = torch.ops.fastmae_ext
+    for args in ((x, ids.cpu(), mt, pos), (x, ids, mt.cpu(), pos), (x, ids, mt, pos.cpu())):
+        with pytest.raises(RuntimeError, match="must be on one device"):
+            E_.decoder_unshuffle(*args)
+    with pytest.raises(RuntimeError, match="must be on one device"):
+        E_.decoder_unshuffle_backward(torch.randn(2, 17, 8, device="cuda"), ids.cpu(), x.shape[1] - 1, x.dtype)

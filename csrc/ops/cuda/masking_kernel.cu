@@ -89,6 +89,7 @@ __global__ void encoder_input_kernel(const scalar_t* __restrict__ x, const scala
 std::tuple<at::Tensor, at::Tensor, at::Tensor> launch(const at::Tensor& x, const at::Tensor* pos,
                                                       const at::Tensor* cls_a, const at::Tensor* cls_b,
                                                       const at::Tensor& noise, int64_t len_keep, int64_t num_prefix) {
+  FASTMAE_CHECK_SAME_DEVICE(x, noise);
   const int64_t N = x.size(0), L = x.size(1), D = x.size(2);
   FASTMAE_CHECK(noise.dim() == 2 && noise.size(0) == N && noise.size(1) == L, "noise must be (N, L)");
   FASTMAE_CHECK(L <= kMaxTokens, "at most ", kMaxTokens, " tokens a sample");
@@ -137,6 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_input_cuda(const at::Tens
                                                                   const at::Tensor& cls_token, const at::Tensor& noise,
                                                                   int64_t len_keep) {
   FASTMAE_CHECK_DIM(x_in, 3);
+  FASTMAE_CHECK_SAME_DEVICE(x_in, pos_embed);
+  FASTMAE_CHECK_SAME_DEVICE(x_in, cls_token);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t L = x_in.size(1), D = x_in.size(2);
   FASTMAE_CHECK(pos_embed.numel() == (1 + L) * D && cls_token.numel() == D, "pos_embed / cls_token shapes");

@@ -82,6 +82,9 @@ at::Tensor unshuffle_rows_cuda(const at::Tensor& src_in, const at::Tensor& ids_r
   FASTMAE_CHECK_DIM(ids_restore, 2);
   FASTMAE_CHECK(ids_restore.scalar_type() == at::kLong || ids_restore.scalar_type() == at::kInt,
                 "ids_restore must be int64 or int32");
+  FASTMAE_CHECK_SAME_DEVICE(src_in, ids_restore);
+  if (fill_in.has_value()) FASTMAE_CHECK_SAME_DEVICE(src_in, *fill_in);
+  if (pos_in.has_value()) FASTMAE_CHECK_SAME_DEVICE(src_in, *pos_in);
   const c10::cuda::CUDAGuard guard(src_in.device());
   const int64_t N = src_in.size(0), D = src_in.size(2), L = ids_restore.size(1), T = num_cls + L;
   at::Tensor src = src_in.to(dtype);
@@ -232,6 +235,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_unshuffle_backward_cuda(const at::Ten
                                                                    at::ScalarType x_dtype) {
   FASTMAE_CHECK_DIM(grad_in, 3);
   FASTMAE_CHECK(ids_restore.size(1) == grad_in.size(1) - 1, "grad must be (N, 1 + L, D)");
+  FASTMAE_CHECK_SAME_DEVICE(grad_in, ids_restore);
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const int64_t N = grad_in.size(0), L = grad_in.size(1) - 1, D = grad_in.size(2);
   const at::Tensor grad = grad_in.stride(2) == 1 ? grad_in : grad_in.contiguous();  // the kernels index d densely
