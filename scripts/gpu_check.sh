@@ -275,10 +275,10 @@ pack
 {
     echo
     echo "================ gpu_check summary ($(($(date +%s) - START)) s, records in $WORK/records) ================"
-    printf '%-14s %-28s %6s\n' step result seconds
+    printf '%-18s %-32s %6s\n' step result seconds
     for row in "${SUMMARY[@]}"; do
         IFS='|' read -r name status secs <<<"$row"
-        printf '%-14s %-28s %6s\n' "$name" "$status" "$secs"
+        printf '%-18s %-32s %6s\n' "$name" "$status" "$secs"
     done
     echo
     "$PY" -m benchmarks.gpu_summary "$WORK/records" 2>&1
