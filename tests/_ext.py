@@ -33,3 +33,10 @@ def require_ext(ops: tuple[str, ...] = ()) -> None:
     if os.environ.get("FASTMAE_EXT_REQUIRED") == "1":
         raise RuntimeError(why)
     pytest.skip(why, allow_module_level=True)
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values, contiguous, starting one element past the start of an allocation (differentiable):
+    what a kernel's 16-byte vector path must refuse. (A clone or ``.contiguous()`` of a strided view is
+    a fresh, aligned allocation: only a view like this one reaches a kernel misaligned.)"""
+    return torch.cat([t.new_zeros(1), t.reshape(-1)])[1:].view(t.shape)

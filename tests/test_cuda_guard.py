@@ -40,12 +40,12 @@ def test_probe_sees_a_real_sticky_error():
         import torch
         from fastmae import _timing
         x = torch.zeros(4, device="cuda")
-        print("before:", _timing.cuda_context_lost())
+        print("before:", _timing.cuda_context_lost(), flush=True)
         try:
             x[torch.tensor([1 << 20], device="cuda")].sum().item()
         except Exception as e:
-            print("raised:", type(e).__name__)
-        print("after:", _timing.cuda_context_lost())
+            print("raised:", type(e).__name__, flush=True)
+        print("after:", _timing.cuda_context_lost(), flush=True)
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO).stdout
     lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)

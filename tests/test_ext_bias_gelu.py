@@ -16,7 +16,7 @@ Skips (with the loader's reason) when fastmae._C is not built; fails instead und
 import pytest
 import torch
 import torch.nn.functional as F
-from _ext import require_ext
+from _ext import misaligned, require_ext
 
 from fastmae import ext, ops
 from fastmae import reference as ref
@@ -46,11 +46,12 @@ def _torch_results(x, bias, dy, stock):
     return y.detach(), dx, db
 
 
-def check(x, bias):
-    """ops.bias_gelu(backend='ext') vs the oracle (x of any strides)."""
+def check(x, bias, view=None):
+    """ops.bias_gelu(backend='ext') vs the oracle (x of any strides; ``view``: applied to x's leaf
+    before the op, e.g. :func:`misaligned`, which a clone would undo)."""
     xl = x.detach().clone().requires_grad_(True)
     bl = bias.detach().clone().requires_grad_(True)
-    y = ops.bias_gelu(xl, bl, backend="ext")
+    y = ops.bias_gelu(view(xl) if view else xl, bl, backend="ext")
     dy = torch.randn(y.shape, device=x.device).to(x.dtype)
     dx, db = torch.autograd.grad(y, (xl, bl), dy)
     assert y.shape == x.shape and y.dtype == x.dtype and dx.dtype == x.dtype and db.dtype == bias.dtype
@@ -209,8 +210,9 @@ def test_cuda_matches_reference(M, H, x_dtype, bias_dtype):
 @pytest.mark.gpu
 def test_cuda_misaligned_and_deterministic():
     base = torch.randn(197 * 769 + 1, device="cuda").to(bf16)
-    x = base[1:].view(197, 769)[:, :768]  # misaligned, strided: the scalar path after .contiguous()
+    x = base[1:].view(197, 769)[:, :768]  # strided: made contiguous (a fresh, aligned copy), the 16-byte path
     check(x, torch.randn(768, device="cuda"))
+    check(*_inputs((197, 768), bf16, f32, device="cuda"), view=misaligned)  # one element off: the scalar path
     x, b = _inputs((50432, 2048), bf16, f32, device="cuda")
     dy = torch.randn(50432, 2048, device="cuda").to(bf16)
     outs = []

@@ -17,7 +17,7 @@ without these ops; under ``FASTMAE_EXT_REQUIRED=1`` (``make test``) that is a fa
 
 import pytest
 import torch
-from _ext import require_ext
+from _ext import misaligned, require_ext
 
 from fastmae import ext, ops
 from fastmae import reference as ref
@@ -299,10 +299,13 @@ def test_cuda_dtype_combinations(x_dt, r_dt, w_dt, out_dt, res_dt):
 @pytest.mark.gpu
 def test_cuda_non_contiguous_and_misaligned():
     base = torch.randn(197, 769, device="cuda")
-    x = base[:, 1:]  # rows 769 apart, first element misaligned: the scalar path after .contiguous()
+    x = base[:, 1:]  # rows 769 apart: made contiguous (a fresh, aligned copy), then the 16-byte path
     r = torch.randn(768, 197, device="cuda").t()
     w, b = 1 + 0.5 * torch.randn(768, device="cuda"), 0.3 * torch.randn(768, device="cuda")
     check_add(x, r, w, b)
+    # contiguous but one element past an allocation's start: the scalar path
+    x, r, w, b = _inputs(197, 768, device="cuda")
+    check_add(x, r, w, b, views=misaligned)
 
 
 @pytest.mark.gpu
