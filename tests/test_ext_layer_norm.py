@@ -18,6 +18,7 @@ without these ops; under ``FASTMAE_EXT_REQUIRED=1`` (``make test``) that is a fa
 import pytest
 import torch
 from _ext import misaligned, require_ext
+from _ln_oracle import at_stored_s
 
 from fastmae import ext, ops
 from fastmae import reference as ref
@@ -71,8 +72,9 @@ def check_add(x, r, w, b, out_dtype=None, res_dtype=None, grad_s=True, views=Non
     def lowp(x, r, w, b):
         return ref.add_layer_norm(view(x), None if r is None else view(r), w, b, EPS, out_dtype, res_dtype)
 
-    def exact(x, r, w, b):
-        return ref.add_layer_norm(view(x), None if r is None else view(r), w, b, EPS, f64, f64)
+    def exact(x, r, w, b):  # the LayerNorm of the stored s (tests/_ln_oracle.py)
+        vr = None if r is None else view(r)
+        return ref.add_layer_norm(at_stored_s(view(x), vr, s_dt), vr, w, b, EPS, f64, f64)
 
     (y, s), grads = _run(op, [x, r, w, b], [gy, gs])
     (yl, sl), gl = _run(lowp, [x, r, w, b], [gy, gs])
