@@ -287,36 +287,33 @@ def test_cpu_any_head_dim_through_torch_ops(D):
         _assert_oracle(name, got, lp, ex, f32)
 
 
-@pytest.mark.parametrize("dtype", [f32, bf16])
-def test_cpu_softmax_underflow(dtype, cpu_isa):
+def _check_softmax_underflow(dtype, device):
     # logits spread over hundreds: most of P underflows (the twin's exp gives exactly 0 below
     # ln FLT_MIN), lse must still be the logsumexp. For the oracle q and k are small integers, so
     # that every logit is exact in fp32 whatever the summation order: with rounded logits of
     # this size the problem is so ill-conditioned that the fp32 result is a lottery over
     # rounding orders (PyTorch itself, with the head dim permuted, fails the oracle for 65 of 200
     # seeds; scripts/attention_oracle_spread.py). The lse check takes 6 N(0, 1) inputs.
-    qkv = _randn(2, 40, 3, 2, 32, dtype=f32)
-    qkv[:, :, :2] = torch.randint(-6, 7, qkv[:, :, :2].shape).float()
-    check_packed(qkv.to(dtype), _randn(2, 40, 2, 32, dtype=dtype), scale=1.0)
-    qkv = _randn(2, 40, 3, 2, 32, dtype=f32) * 6
-    q, k, v = qkv.unbind(2)
+    qkv = _randn(2, 40, 3, 2, 32, dtype=f32, device=device)
+    qkv[:, :, :2] = torch.randint(-6, 7, qkv[:, :, :2].shape, device=device).float()
+    check_packed(qkv.to(dtype), _randn(2, 40, 2, 32, dtype=dtype, device=device), scale=1.0)
+    q, k, v = (_randn(2, 40, 3, 2, 32, dtype=f32, device=device) * 6).unbind(2)
     _, lse = torch.ops.fastmae_ext.attention_fwd(q, k, v, 1.0)
     want = torch.logsumexp(torch.einsum("bnhd,bmhd->bhnm", q.double(), k.double()), dim=-1)
     torch.testing.assert_close(lse.double(), want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [f32, bf16])
+def test_cpu_softmax_underflow(dtype, cpu_isa):
+    _check_softmax_underflow(dtype, "cpu")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [f32, bf16])
 def test_cuda_softmax_underflow(dtype):
-    # test_cpu_softmax_underflow on the CUDA kernels: fp32 on the SIMT path (whose delta is
-    # sum_j P dP, as the twin's), bf16 on mma.sync (FlashAttention's dO . O)
-    qkv = _randn(2, 40, 3, 2, 32, dtype=f32, device="cuda")
-    qkv[:, :, :2] = torch.randint(-6, 7, qkv[:, :, :2].shape, device="cuda").float()
-    check_packed(qkv.to(dtype), _randn(2, 40, 2, 32, dtype=dtype, device="cuda"), scale=1.0)
-    q, k, v = (_randn(2, 40, 3, 2, 32, dtype=f32, device="cuda") * 6).unbind(2)
-    _, lse = torch.ops.fastmae_ext.attention_fwd(q, k, v, 1.0)
-    want = torch.logsumexp(torch.einsum("bnhd,bmhd->bhnm", q.double(), k.double()), dim=-1)
-    torch.testing.assert_close(lse.double(), want, rtol=1e-6, atol=1e-5)
+    # fp32 on the SIMT path (whose delta is sum_j P dP, as the twin's), bf16 on mma.sync
+    # (FlashAttention's dO . O)
+    _check_softmax_underflow(dtype, "cuda")
 
 
 def test_cpu_result_does_not_depend_on_threads():
