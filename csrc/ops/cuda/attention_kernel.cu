@@ -145,6 +145,7 @@ struct AttnArgs {
   const void* q; const void* k; const void* v; const void* o; const void* dout;
   Strides4 sq, sk, sv, so, sdo;
   void* out; float* lse; void* dqkv; float* delta;
+  float* row_max; float* row_sum;  // the SIMT backward's softmax statistics per query row (B, H, N)
   int B, N, H;
   float scale;
 };
@@ -476,29 +477,57 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_simt(AttnArgs a, int D) 
   if (lane == 0) a.lse[attention::lse_offset(b, h, i, a.H, a.N)] = attention::lse_from(m, l);
 }
 
-// delta_i = sum_j P_ij dP_ij (= sum_d dO_id O_id, attention.h) of one query row per warp, in
-// double over the keys, with P_ij recomputed exactly as the dK / dV and dQ kernels below compute
-// it. Where P is nearly one-hot (logits spread over tens or hundreds), dS = P (dP - delta)
-// cancels, and the dO . O form would add the rounding of O and a sum over D of terms far larger
-// than the result (the CPU twin's form; the mma path keeps FlashAttention's dO . O).
-__global__ void __launch_bounds__(kWarps * 32) attn_bwd_delta_simt(AttnArgs a, int D) {
-  const int row = blockIdx.x * kWarps + (threadIdx.x >> 5);
+// The backward's scores and probabilities (SIMT): s_ij = fl(q_i . k_j * scale) as the forward
+// computes it, P_ij = exp(s_ij - m_i) / l_i from the row's max m_i and sum l_i (attn_bwd_stats_simt),
+// not exp(s_ij - lse_i): near the max s_ij - m_i is exact (two nearby floats), while s_ij - lse_i
+// carries lse's rounding (an ulp of a logit of hundreds is 3e-5), which came straight through
+// dS = P (dP - delta) where P is nearly one-hot (logits spread over hundreds: dq 12x the 2x
+// oracle's bound, found by the CPU emulation of tests/_cuda_emu). The CPU twin does the same.
+__device__ __forceinline__ float score_simt(const float (&q)[kMaxPerLane], const float (&kr)[kMaxPerLane], float scale) {
+  return dot_row(q, kr) * scale;
+}
+__device__ __forceinline__ float prob_simt(float s, float m, float l) { return __expf(s - m) / l; }
+
+// Per query row, one warp: m_i = max_j s_ij, l_i = sum_j exp(s_ij - m_i) (the scores kept in
+// shared memory, N <= 256), then delta_i = sum_j P_ij dP_ij in double with P as the dK / dV and
+// dQ kernels compute it (= sum_d dO_id O_id, attention.h). Where P is nearly one-hot, dS =
+// P (dP - delta) cancels, and the dO . O form would add the rounding of O and a sum over D of
+// terms far larger than the result (the CPU twin's form; the mma path keeps FlashAttention's
+// dO . O and lse).
+__global__ void __launch_bounds__(kWarps * 32) attn_bwd_stats_simt(AttnArgs a, int D) {
+  __shared__ float srow[kWarps][attention::kMaxN];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row = blockIdx.x * kWarps + warp;
   if (row >= a.B * a.H * a.N) return;
   const int pair = row / a.N, i = row % a.N, b = pair / a.H, h = pair % a.H;
   float q[kMaxPerLane], d[kMaxPerLane];
   load_row_f(static_cast<const float*>(a.q), a.sq, b, i, h, D, q);
   load_row_f(static_cast<const float*>(a.dout), a.sdo, b, i, h, D, d);
-  const int li = attention::lse_offset(b, h, i, a.H, a.N);
-  const float lse = a.lse[li];
+  float m = -INFINITY;
+  for (int j = 0; j < a.N; ++j) {
+    float kr[kMaxPerLane];
+    load_row_f(static_cast<const float*>(a.k), a.sk, b, j, h, D, kr);
+    const float sj = score_simt(q, kr, a.scale);
+    if (lane == (j & 31)) srow[warp][j] = sj;
+    m = fmaxf(m, sj);
+  }
+  __syncwarp();
+  float l = 0.0f;
+  for (int j = lane; j < a.N; j += 32) l += __expf(srow[warp][j] - m);
+  l = warp_sum(l);
   double acc = 0.0;
   for (int j = 0; j < a.N; ++j) {
-    float kr[kMaxPerLane], vr[kMaxPerLane];
-    load_row_f(static_cast<const float*>(a.k), a.sk, b, j, h, D, kr);
+    float vr[kMaxPerLane];
     load_row_f(static_cast<const float*>(a.v), a.sv, b, j, h, D, vr);
-    const float p = __expf(dot_row(q, kr) * a.scale - lse);
+    const float p = prob_simt(srow[warp][j], m, l);
     acc += static_cast<double>(p) * static_cast<double>(dot_row(d, vr));
   }
-  if ((threadIdx.x & 31) == 0) a.delta[li] = static_cast<float>(acc);
+  if (lane == 0) {
+    const int li = attention::lse_offset(b, h, i, a.H, a.N);
+    a.delta[li] = static_cast<float>(acc);
+    a.row_max[li] = m;
+    a.row_sum[li] = l;
+  }
 }
 
 // dK, dV of one key row per warp (over all queries).
@@ -514,7 +543,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_kv_simt(AttnArgs a, int 
     load_row_f(static_cast<const float*>(a.q), a.sq, b, i, h, D, q);
     load_row_f(static_cast<const float*>(a.dout), a.sdo, b, i, h, D, d);
     const int li = attention::lse_offset(b, h, i, a.H, a.N);
-    const float p = __expf(dot_row(q, kr) * a.scale - a.lse[li]);
+    const float p = prob_simt(score_simt(q, kr, a.scale), a.row_max[li], a.row_sum[li]);
     const float ds = attention::dscore(p, dot_row(d, vr), a.delta[li]);
 #pragma unroll
     for (int c = 0; c < kMaxPerLane; ++c) {
@@ -542,12 +571,12 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_q_simt(AttnArgs a, int D
   load_row_f(static_cast<const float*>(a.q), a.sq, b, i, h, D, q);
   load_row_f(static_cast<const float*>(a.dout), a.sdo, b, i, h, D, d);
   const int li = attention::lse_offset(b, h, i, a.H, a.N);
-  const float lse = a.lse[li], delta = a.delta[li];
+  const float m = a.row_max[li], l = a.row_sum[li], delta = a.delta[li];
   for (int j = 0; j < a.N; ++j) {
     float kr[kMaxPerLane], vr[kMaxPerLane];
     load_row_f(static_cast<const float*>(a.k), a.sk, b, j, h, D, kr);
     load_row_f(static_cast<const float*>(a.v), a.sv, b, j, h, D, vr);
-    const float p = __expf(dot_row(q, kr) * a.scale - lse);
+    const float p = prob_simt(score_simt(q, kr, a.scale), m, l);
     const float ds = attention::dscore(p, dot_row(d, vr), delta);
 #pragma unroll
     for (int c = 0; c < kMaxPerLane; ++c) dq[c] += ds * kr[c];
@@ -696,11 +725,13 @@ at::Tensor attention_bwd_cuda(const at::Tensor& dout, const at::Tensor& q, const
     case at::kHalf: bwd_mma<__half>(a, static_cast<int>(D)); break;
     case at::kBFloat16: bwd_mma<__nv_bfloat16>(a, static_cast<int>(D)); break;
     case at::kFloat: {
-      at::Tensor delta = at::empty({B, H, N}, q.options().dtype(at::kFloat));
-      a.delta = delta.mutable_data_ptr<float>();
+      at::Tensor stats = at::empty({3, B, H, N}, q.options().dtype(at::kFloat));  // delta, row max, row sum
+      a.delta = stats[0].mutable_data_ptr<float>();
+      a.row_max = stats[1].mutable_data_ptr<float>();
+      a.row_sum = stats[2].mutable_data_ptr<float>();
       const unsigned grid = static_cast<unsigned>((B * H * N + kWarps - 1) / kWarps);
       auto stream = at::cuda::getCurrentCUDAStream();
-      attn_bwd_delta_simt<<<grid, kWarps * 32, 0, stream>>>(a, static_cast<int>(D));
+      attn_bwd_stats_simt<<<grid, kWarps * 32, 0, stream>>>(a, static_cast<int>(D));
       attn_bwd_kv_simt<<<grid, kWarps * 32, 0, stream>>>(a, static_cast<int>(D));
       attn_bwd_q_simt<<<grid, kWarps * 32, 0, stream>>>(a, static_cast<int>(D));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
