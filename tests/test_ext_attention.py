@@ -223,28 +223,28 @@ GPU_N = [1, 5, 16, 17, 32, 33, 50, 64, 65, 197, 256]
 @pytest.mark.parametrize("dtype", [bf16, f16, f32])
 @pytest.mark.parametrize("D", [32, 64, 80, 128])
 @pytest.mark.parametrize("N", GPU_N)
-def test_cuda_qkvpacked_matches_reference(N, D, dtype):
+def test_cuda_qkvpacked_matches_reference(N, D, dtype, device="cuda"):
     B, H = 3, 5
-    check_packed(_randn(B, N, 3, H, D, dtype=dtype, device="cuda"), _randn(B, N, H, D, dtype=dtype, device="cuda"))
+    check_packed(_randn(B, N, 3, H, D, dtype=dtype, device=device), _randn(B, N, H, D, dtype=dtype, device=device))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [bf16, f16, f32])
-def test_cuda_non_contiguous_and_scale(dtype):
+def test_cuda_non_contiguous_and_scale(dtype, device="cuda"):
     B, N, H, D = 2, 37, 3, 80
-    q = _randn(B, H, N, D, dtype=dtype, device="cuda").transpose(1, 2)
-    k = _randn(B, N, H, 2 * D, dtype=dtype, device="cuda")[..., ::2]
-    v = _randn(N, B, H, D, dtype=dtype, device="cuda").transpose(0, 1)
-    dout = _randn(B, H, N, D, dtype=dtype, device="cuda").transpose(1, 2)
+    q = _randn(B, H, N, D, dtype=dtype, device=device).transpose(1, 2)
+    k = _randn(B, N, H, 2 * D, dtype=dtype, device=device)[..., ::2]
+    v = _randn(N, B, H, D, dtype=dtype, device=device).transpose(0, 1)
+    dout = _randn(B, H, N, D, dtype=dtype, device=device).transpose(1, 2)
     check_separate(q, k, v, dout, scale=0.3)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [bf16, f16])
 @pytest.mark.parametrize("B,N,H,D", [(256, 50, 12, 64), (256, 197, 16, 32), (64, 65, 16, 80)])
-def test_cuda_mae_shapes_and_deterministic(B, N, H, D, dtype):
-    qkv = _randn(B, N, 3, H, D, dtype=dtype, device="cuda")
-    dout = _randn(B, N, H, D, dtype=dtype, device="cuda")
+def test_cuda_mae_shapes_and_deterministic(B, N, H, D, dtype, device="cuda"):
+    qkv = _randn(B, N, 3, H, D, dtype=dtype, device=device)
+    dout = _randn(B, N, H, D, dtype=dtype, device=device)
     out, g = check_packed(qkv, dout)
     out2, g2 = _packed_grads(lambda t: ops.attention_qkvpacked(t, backend="ext"), qkv, dout)
     assert torch.equal(out, out2) and torch.equal(g, g2)
@@ -310,10 +310,10 @@ def test_cpu_softmax_underflow(dtype, cpu_isa):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [f32, bf16])
-def test_cuda_softmax_underflow(dtype):
+def test_cuda_softmax_underflow(dtype, device="cuda"):
     # fp32 on the SIMT path (whose delta is sum_j P dP, as the twin's), bf16 on mma.sync
     # (FlashAttention's dO . O)
-    _check_softmax_underflow(dtype, "cuda")
+    _check_softmax_underflow(dtype, device)
 
 
 def test_cpu_result_does_not_depend_on_threads():

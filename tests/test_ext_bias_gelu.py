@@ -203,18 +203,18 @@ def test_cuda_kernels_are_registered():
 @pytest.mark.gpu
 @pytest.mark.parametrize("x_dtype,bias_dtype", DTYPES)
 @pytest.mark.parametrize("M,H", [(1, 8), (3, 40), (197, 100), (1000, 768), (12800, 3072), (777, 2048)])
-def test_cuda_matches_reference(M, H, x_dtype, bias_dtype):
-    check(*_inputs((M, H), x_dtype, bias_dtype, device="cuda"))
+def test_cuda_matches_reference(M, H, x_dtype, bias_dtype, device="cuda"):
+    check(*_inputs((M, H), x_dtype, bias_dtype, device=device))
 
 
 @pytest.mark.gpu
-def test_cuda_misaligned_and_deterministic():
-    base = torch.randn(197 * 769 + 1, device="cuda").to(bf16)
+def test_cuda_misaligned_and_deterministic(device="cuda", big=(50432, 2048)):
+    base = torch.randn(197 * 769 + 1, device=device).to(bf16)
     x = base[1:].view(197, 769)[:, :768]  # strided: made contiguous (a fresh, aligned copy), the 16-byte path
-    check(x, torch.randn(768, device="cuda"))
-    check(*_inputs((197, 768), bf16, f32, device="cuda"), view=misaligned)  # one element off: the scalar path
-    x, b = _inputs((50432, 2048), bf16, f32, device="cuda")
-    dy = torch.randn(50432, 2048, device="cuda").to(bf16)
+    check(x, torch.randn(768, device=device))
+    check(*_inputs((197, 768), bf16, f32, device=device), view=misaligned)  # one element off: the scalar path
+    x, b = _inputs(big, bf16, f32, device=device)
+    dy = torch.randn(big, device=device).to(bf16)
     outs = []
     for _ in range(2):
         xl, bl = x.clone().requires_grad_(True), b.clone().requires_grad_(True)

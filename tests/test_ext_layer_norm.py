@@ -282,40 +282,40 @@ def test_cuda_kernels_are_registered():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [bf16, f16, f32])
 @pytest.mark.parametrize("rows,D", [(1, 8), (3, 40), (197, 100), (1000, 768), (50, 1280), (7, 2048), (33, 3000)])
-def test_cuda_matches_reference(rows, D, dtype):
+def test_cuda_matches_reference(rows, D, dtype, device="cuda"):
     # D % 8 == 0: 16-byte path (in registers up to 1024, re-read above); 100, 3000: scalar path
-    x, r, w, b = _inputs(rows, D, dtype, f32, f32, device="cuda")
+    x, r, w, b = _inputs(rows, D, dtype, f32, f32, device=device)
     check_add(x, r, w, b, res_dtype=f32)
-    x, r, w, b = _inputs(rows, D, dtype, dtype, dtype, device="cuda")
+    x, r, w, b = _inputs(rows, D, dtype, dtype, dtype, device=device)
     check_add(x, r, w, b)
     check_ln(x, w, b)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("x_dt,r_dt,w_dt,out_dt,res_dt", DTYPE_CASES)
-def test_cuda_dtype_combinations(x_dt, r_dt, w_dt, out_dt, res_dt):
-    x, r, w, b = _inputs(197, 768, x_dt, r_dt, w_dt, device="cuda")
+def test_cuda_dtype_combinations(x_dt, r_dt, w_dt, out_dt, res_dt, device="cuda"):
+    x, r, w, b = _inputs(197, 768, x_dt, r_dt, w_dt, device=device)
     check_add(x, r, w, b, out_dt, res_dt)
 
 
 @pytest.mark.gpu
-def test_cuda_non_contiguous_and_misaligned():
-    base = torch.randn(197, 769, device="cuda")
+def test_cuda_non_contiguous_and_misaligned(device="cuda"):
+    base = torch.randn(197, 769, device=device)
     x = base[:, 1:]  # rows 769 apart: made contiguous (a fresh, aligned copy), then the 16-byte path
-    r = torch.randn(768, 197, device="cuda").t()
-    w, b = 1 + 0.5 * torch.randn(768, device="cuda"), 0.3 * torch.randn(768, device="cuda")
+    r = torch.randn(768, 197, device=device).t()
+    w, b = 1 + 0.5 * torch.randn(768, device=device), 0.3 * torch.randn(768, device=device)
     check_add(x, r, w, b)
     # contiguous but one element past an allocation's start: the scalar path
-    x, r, w, b = _inputs(197, 768, device="cuda")
+    x, r, w, b = _inputs(197, 768, device=device)
     check_add(x, r, w, b, views=misaligned)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows,D", [(12800, 768), (50432, 512)])
-def test_cuda_deterministic_and_mae_shapes(rows, D):
-    x, r, w, b = _inputs(rows, D, bf16, f32, f32, device="cuda")
+def test_cuda_deterministic_and_mae_shapes(rows, D, device="cuda"):
+    x, r, w, b = _inputs(rows, D, bf16, f32, f32, device=device)
     check_add(x, r, w, b, out_dtype=bf16)
-    gy = torch.randn(rows, D, device="cuda").to(bf16)
+    gy = torch.randn(rows, D, device=device).to(bf16)
     runs = [_run(lambda *t: ops.add_layer_norm(*t, EPS, out_dtype=bf16, backend="ext"), [x, r, w, b], [gy, None])[1]
             for _ in range(2)]
     for a, c in zip(*runs):
@@ -323,14 +323,15 @@ def test_cuda_deterministic_and_mae_shapes(rows, D):
 
 
 @pytest.mark.gpu
-def test_cuda_backward_up_to_the_cards_shared_memory():
+def test_cuda_backward_up_to_the_cards_shared_memory(device="cuda", optin=None):
     # the backward keeps a block's dW / dB partials (4 warps x 2 x D floats) in shared memory, with
     # the opt-in above 48 KB: the largest D the card allows runs, the next is a clear error
-    optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    if optin is None:
+        optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
     D = optin // 32 // 8 * 8
-    x, r, w, b = _inputs(40, D, device="cuda")
+    x, r, w, b = _inputs(40, D, device=device)
     check_add(x, r, w, b)
-    x, r, w, b = _inputs(4, D + 8, device="cuda")
+    x, r, w, b = _inputs(4, D + 8, device=device)
     leaves = [t.detach().requires_grad_() for t in (x, r, w, b)]
     y, s = ops.add_layer_norm(*leaves, EPS, backend="ext")
     with pytest.raises(RuntimeError, match="bytes of shared memory a block; this card allows"):

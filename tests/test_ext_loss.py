@@ -122,10 +122,10 @@ def test_cuda_kernels_are_registered():
 @pytest.mark.gpu
 @pytest.mark.parametrize("imgs_dtype,pred_dtype", DTYPES)
 @pytest.mark.parametrize("norm", [False, True])
-def test_cuda_matches_reference(imgs_dtype, pred_dtype, norm):
+def test_cuda_matches_reference(imgs_dtype, pred_dtype, norm, device="cuda"):
     for N, C, H, W, p in CASES + [(8, 3, 224, 224, 16)]:
-        imgs, pred, _ = _inputs(N, C, H, W, p, "cuda", pred_dtype, imgs_dtype)
-        mask = _mae_mask(N, (H // p) * (W // p), 0.25, "cuda")
+        imgs, pred, _ = _inputs(N, C, H, W, p, device, pred_dtype, imgs_dtype)
+        mask = _mae_mask(N, (H // p) * (W // p), 0.25, device)
         _check_cuda(imgs, pred, mask, p, norm)
 
 
@@ -138,7 +138,7 @@ def _check_cuda(imgs, pred, mask, p, norm):
     # the CUDA kernel sums in float32 (tree order): the 2x oracle in every dtype
     assert (out.double() - exact).abs() <= 2 * (want.double() - exact).abs() + 8 * EPS32 * exact.abs()
     assert torch.equal(E.mae_loss(imgs, pred, mask, p, norm), out)
-    g = torch.rand((), device="cuda") + 0.5
+    g = torch.rand((), device=imgs.device) + 0.5
     out.backward(g)
     want.backward(g)
     torch.testing.assert_close(pred.grad, pred_ref.grad, **_grad_tols(imgs, mask, p, norm, g, pred_ref.grad))
@@ -150,11 +150,11 @@ def _check_cuda(imgs, pred, mask, p, norm):
 # A patch above the limit (P = 12288) is a clear error, not a failed launch.
 @pytest.mark.gpu
 @pytest.mark.parametrize("norm", [False, True])
-def test_cuda_patches_that_fill_shared_memory(norm):
+def test_cuda_patches_that_fill_shared_memory(norm, device="cuda"):
     for N, C, H, W, p in [(2, 3, 64, 96, 32), (1, 1, 128, 128, 64), (2, 6, 32, 48, 16)]:
-        imgs, pred, _ = _inputs(N, C, H, W, p, "cuda")
-        _check_cuda(imgs, pred, _mae_mask(N, (H // p) * (W // p), 0.25, "cuda"), p, norm)
-    imgs, pred, mask = _inputs(1, 3, 64, 64, 64, "cuda")
+        imgs, pred, _ = _inputs(N, C, H, W, p, device)
+        _check_cuda(imgs, pred, _mae_mask(N, (H // p) * (W // p), 0.25, device), p, norm)
+    imgs, pred, mask = _inputs(1, 3, 64, 64, 64, device)
     with pytest.raises(RuntimeError, match="above the CUDA loss kernel's limit"):
         E.mae_loss(imgs, pred, torch.ones_like(mask), 64, norm)
 

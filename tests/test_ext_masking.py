@@ -196,14 +196,14 @@ def test_cuda_kernels_are_registered():
 @pytest.mark.gpu
 @pytest.mark.parametrize("x_dtype,p_dtype", [(bf16, None), (f16, None), (f32, None), (bf16, f32), (f64, None)])
 @pytest.mark.parametrize("N,L,D,ratio", [(8, 196, 768, 0.75), (3, 49, 40, 0.5), (2, 4096, 8, 0.9), (4, 197, 36, 0.0)])
-def test_cuda_matches_reference(x_dtype, p_dtype, N, L, D, ratio):
-    x, pos, cls = inputs(N, L, D, x_dtype, p_dtype, device="cuda")
-    for noise in (torch.rand(N, L, device="cuda"), tied_noise(N, L, "cuda")):
+def test_cuda_matches_reference(x_dtype, p_dtype, N, L, D, ratio, device="cuda"):
+    x, pos, cls = inputs(N, L, D, x_dtype, p_dtype, device=device)
+    for noise in (torch.rand(N, L, device=device), tied_noise(N, L, device)):
         for a, b in zip(E.encoder_input(x, pos, cls, ratio, noise), ref.encoder_input(x, pos, cls, ratio, noise)):
             assert_same(a, b)
         for a, b in zip(E.random_masking(x, ratio, noise), ref.random_masking(x, ratio, noise)):
             assert_same(a, b)
-    g = torch.randn(N, 1 + ref.num_kept(L, ratio), D, device="cuda").to(torch.promote_types(x.dtype, pos.dtype))
+    g = torch.randn(N, 1 + ref.num_kept(L, ratio), D, device=device).to(torch.promote_types(x.dtype, pos.dtype))
     _, grads = _grads(lambda *t: E.encoder_input(*t, ratio, noise), (x, pos, cls), g)
     _, ref_grads = _grads(lambda *t: ref.encoder_input(*t, ratio, noise), (x, pos, cls), g)
     assert_same(grads[0], ref_grads[0])

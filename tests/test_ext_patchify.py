@@ -121,14 +121,14 @@ def test_cuda_kernels_are_registered():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,C,H,W,p", SHAPES + [(8, 3, 224, 224, 16)])
-def test_cuda_matches_reference(N, C, H, W, p, dtype):
-    imgs = _imgs(N, C, H, W, dtype, "cuda")
+def test_cuda_matches_reference(N, C, H, W, p, dtype, device="cuda"):
+    imgs = _imgs(N, C, H, W, dtype, device)
     assert torch.equal(E.patchify(imgs, p), ref.patchify(imgs, p))
     assert torch.equal(E.patchify(imgs.to(memory_format=torch.channels_last), p), ref.patchify(imgs, p))
     for out_dtype in DTYPES:
         assert torch.equal(E.patchify(imgs, p, out_dtype=out_dtype), ref.patchify(imgs, p).to(out_dtype))
     h, w = H // p, W // p
-    x = torch.randn(N, h * w, p * p * C, device="cuda").to(dtype)
+    x = torch.randn(N, h * w, p * p * C, device=device).to(dtype)
     assert torch.equal(E.unpatchify(x, p, (h, w)), ref.unpatchify(x, p, (h, w)))
     assert torch.equal(E.unpatchify(x[:, :, :], p, (h, w), out_dtype=torch.float32),
                        ref.unpatchify(x, p, (h, w)).float())

@@ -128,11 +128,11 @@ def test_cuda_kernels_are_registered():
 @pytest.mark.gpu
 @pytest.mark.parametrize("x_dtype,m_dtype", [(bf16, None), (f16, f32), (f32, None), (f64, None)])
 @pytest.mark.parametrize("N,L,D,ratio", [(8, 196, 512, 0.75), (3, 49, 40, 0.5), (2, 197, 36, 0.0)])
-def test_cuda_matches_reference(x_dtype, m_dtype, N, L, D, ratio):
-    x, ids, mt, pos = make(N, L, D, ratio, x_dtype, m_dtype, m_dtype, device="cuda")
+def test_cuda_matches_reference(x_dtype, m_dtype, N, L, D, ratio, device="cuda"):
+    x, ids, mt, pos = make(N, L, D, ratio, x_dtype, m_dtype, m_dtype, device=device)
     assert_same(E.decoder_unshuffle(x, ids, mt, pos), ref.decoder_unshuffle(x, ids, mt, pos))
     assert_same(E.decoder_unshuffle(x, ids.int(), mt), ref.decoder_unshuffle(x, ids, mt))
-    g = torch.randn(N, 1 + L, D, device="cuda").to(torch.promote_types(x.dtype, mt.dtype))
+    g = torch.randn(N, 1 + L, D, device=device).to(torch.promote_types(x.dtype, mt.dtype))
     _, grads = _grads(lambda x, mt: E.decoder_unshuffle(x, ids, mt, pos), (x, mt), g)
     _, ref_grads = _grads(lambda x, mt: ref.decoder_unshuffle(x, ids, mt, pos), (x, mt), g)
     assert_same(grads[0], ref_grads[0])

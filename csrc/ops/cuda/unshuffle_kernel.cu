@@ -158,9 +158,13 @@ __device__ __forceinline__ void store_cols(T* __restrict__ p, const U (&v)[G]) {
       // split these stores into four 4-byte ones
       uint32_t w[4];
       memcpy(w, &x, sizeof(w));
+#if defined(FASTMAE_CUDA_EMU)  // the CPU emulation of tests/_cuda_emu: the same 16 bytes
+      memcpy(p + h * VV, w, sizeof(w));
+#else
       asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(__cvta_generic_to_global(p + h * VV)), "r"(w[0]),
                    "r"(w[1]), "r"(w[2]), "r"(w[3])
                    : "memory");
+#endif
     }
   }
 }

@@ -1,0 +1,134 @@
+"""The extension's CUDA kernels (csrc/ops/cuda/*.cu) run on the CPU, for machines without a GPU.
+
+:func:`build` rewrites each kernel file a little (see emu.h: launches, dynamic shared memory,
+the CUDA headers, the op registration) into ``build/cuda_emu/`` and compiles it with the C++
+compiler against emu.h / emu.cpp, a CPU emulation of the CUDA C++ the kernels use: a block's
+threads are fibers, barriers and warp collectives (shuffles, mma.sync) are released by a
+scheduler that checks CUDA's rules (a lane that returned before its warp's shuffle, a launch
+CUDA refuses, a write past the end of dynamic shared memory). The functions registered for
+the CUDA key become ``torch.ops.fastmae_emu.<op>`` on CPU tensors.
+
+:func:`emulated` then puts them behind ``torch.ops.fastmae_ext.<op>`` for CPU tensors (in
+place of the C++ twins) while it is open, so that everything above the raw ops, the autograd
+formulas and checks of fastmae.ext and fastmae.ops, runs on the emulated kernels unchanged.
+
+This tests the kernels' index math, control flow, barriers and host-side launch logic, not the
+GPU's numerics, timing or memory model (emu.h lists what is not modelled): the GPU run of
+scripts/gpu_check.sh is still the judge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+CSRC = ROOT / "csrc"
+KERNELS = sorted((CSRC / "ops" / "cuda").glob("*.cu"))
+BUILD = ROOT / "build" / "cuda_emu"
+
+SMEM_OPTIN = 227 * 1024  # the emulated card's opt-in shared memory a block (sm_90; emu_cuda_context.h)
+
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\((.*?)\);", re.S)
+_EXTERN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+)\s+(\w+)\[\];")
+_REGISTRATION = re.compile(r"TORCH_LIBRARY_IMPL\(fastmae_ext,\s*CUDA,\s*m\)")
+
+
+def rewrite(src: str) -> str:
+    """One kernel file's source, as the emulation compiles it (the rules in emu.h's header)."""
+    src = src.replace("#include <ATen/cuda/CUDAContext.h>", '#include "emu_cuda_context.h"')
+    src = src.replace("#include <c10/cuda/CUDAGuard.h>", '#include "emu_cuda_context.h"')
+    src = _EXTERN_SMEM.sub(r"\1* \2 = reinterpret_cast<\1*>(::emu::dynamic_smem());", src)
+    src = _LAUNCH.sub(
+        lambda m: f"::emu::launch({m[1]}, ::emu::Config({m[2]}), [&] {{ {m[1]}({m[3]}); }}, {_cstr(m[1])});", src)
+    head, sep, tail = src.partition("TORCH_LIBRARY_IMPL(fastmae_ext, CUDA, m)")
+    assert sep and not _REGISTRATION.search(tail), "one TORCH_LIBRARY_IMPL(fastmae_ext, CUDA, m) a kernel file"
+    return head + "TORCH_LIBRARY_FRAGMENT(fastmae_emu, m)" + tail.replace("m.impl(", "m.def(")
+
+
+def _cstr(s: str) -> str:
+    return '"' + " ".join(s.split()) + '"'
+
+
+def op_names() -> list[str]:
+    """The ops the kernel files register for the CUDA key."""
+    names = []
+    for f in KERNELS:
+        tail = f.read_text().partition("TORCH_LIBRARY_IMPL(fastmae_ext, CUDA, m)")[2]
+        names += re.findall(r'm\.impl\("(\w+)"', tail)
+    return names
+
+
+_loaded = False
+
+
+def build(verbose: bool = False) -> None:
+    """Compiles (incrementally: ninja, under build/cuda_emu) and loads the emulated kernels."""
+    global _loaded
+    if _loaded:
+        return
+    from torch.utils import cpp_extension
+
+    src_dir = BUILD / "src"
+    src_dir.mkdir(parents=True, exist_ok=True)
+    sources = [str(HERE / "emu.cpp")]
+    for f in [*KERNELS, HERE / "selftest.cu"]:
+        out = src_dir / (f.stem + ".cpp")
+        text = rewrite(f.read_text())
+        if not out.exists() or out.read_text() != text:
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, out)
+        sources.append(str(out))
+    cpp_extension.load(  # ninja rebuilds what changed, headers included
+        name="fastmae_cuda_emu",
+        sources=sources,
+        # -fno-strict-aliasing: the kernels pun types through reinterpret_cast (a 32-bit word read
+        # as a __half2, a __nv_bfloat162 as a uint32_t), as CUDA code does and nvcc compiles as
+        # meant; g++ -O2 may drop such reads (seen: load_chunk's 16-bit path read zeros)
+        extra_cflags=["-O2", "-fno-strict-aliasing", "-DFASTMAE_CUDA_EMU", "-include", str(HERE / "emu.h"),
+                      "-Wno-unused-parameter"],
+        extra_include_paths=[str(HERE), str(CSRC), str(CSRC / "ops"), str(CSRC / "ops" / "cuda")],
+        build_directory=str(BUILD),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    _loaded = True
+
+
+def set_order(order: str = "ascending", seed: int = 0) -> None:
+    """The order in which the emulation resumes runnable threads (and runs blocks):
+    ``ascending``, ``descending`` or ``shuffled`` (from ``seed``)."""
+    code = {"ascending": 0, "descending": 1, "shuffled": 2}[order]
+    torch.ops.fastmae_emu.emu_set_order(code, seed, 0)
+
+
+def set_smem_optin(nbytes: int) -> None:
+    """The emulated card's opt-in limit of dynamic shared memory a block (227 KB: sm_90)."""
+    torch.ops.fastmae_emu.emu_set_order(0, 0, nbytes)
+
+
+@contextlib.contextmanager
+def emulated():
+    """While open, ``torch.ops.fastmae_ext.<op>`` on CPU tensors runs the emulated CUDA kernel
+    (every op the kernel files register for CUDA); the C++ twins come back on exit."""
+    build()
+    lib = torch.library.Library("fastmae_ext", "IMPL")
+    try:
+        for name in op_names():
+            lib.impl(name, _forward(getattr(torch.ops.fastmae_emu, name)), "CPU")
+        yield
+    finally:
+        lib._destroy()
+
+
+def _forward(op):
+    def run(*args, **kwargs):
+        return op(*args, **kwargs)
+
+    return run
