@@ -14,12 +14,19 @@ head dim and the fp16 / bf16 (mma.sync) and fp32 (SIMT) paths. Run it with
 allocation and memcheck sees the end of each.
 
 ``--device cpu`` runs the same calls through the C++ twins: a test of this script on machines
-without a GPU, nothing more. Prints one line per case; exit 0 when every call returned.
+without a GPU, nothing more. ``--device emu`` runs them through the CUDA kernels on the CPU
+emulation of tests/_cuda_emu (csrc/README.md), and with it the checks a GPU is not needed for:
+
+    scripts/emu_memcheck.sh    # the emulated kernels built with AddressSanitizer: memcheck on the CPU
+
+(``--order descending`` / ``shuffled``: the emulation's thread order, for races). Prints one
+line per case; exit 0 when every call returned.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -128,26 +135,46 @@ def cases(dev):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="scripts/ext_sanitize.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda", help="cuda (default), or cpu to test this script")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu", "emu"),
+                   help="cuda (default); cpu: the C++ twins (a test of this script); emu: the CUDA kernels "
+                        "on the CPU emulation of tests/_cuda_emu")
+    p.add_argument("--order", default="ascending", choices=("ascending", "descending", "shuffled"),
+                   help="--device emu: the order the emulation resumes threads and runs blocks in")
     p.add_argument("--only", default=None, help="run only the cases whose name contains this text")
     args = p.parse_args(argv)
-    dev = torch.device(args.device)
+    dev = torch.device("cpu" if args.device == "emu" else args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("ext_sanitize: no CUDA device (use --device cpu to test the script)", file=sys.stderr)
         return 2
     torch.manual_seed(0)
+    with contextlib.ExitStack() as stack:
+        if args.device == "emu":
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+            import _cuda_emu
+
+            _cuda_emu.build()
+            _cuda_emu.set_order(args.order, seed=0)
+            stack.enter_context(_cuda_emu.emulated())
+        n = _run(dev, args.only, _cuda_emu.launches if args.device == "emu" else None)
+    print(f"ext_sanitize: {n} cases on {args.device}")
+    return 0 if n else 1
+
+
+def _run(dev, only, launches=None) -> int:
     n = 0
     for name, fn in cases(dev):
-        if args.only and args.only not in name:
+        if only and only not in name:
             continue
         t0 = time.perf_counter()
+        before = launches() if launches else 0
         fn()
+        if launches and launches() == before:
+            raise RuntimeError(f"ext_sanitize: {name} launched no emulated kernel")
         if dev.type == "cuda":
             torch.cuda.synchronize()
         print(f"ok  {name}  ({time.perf_counter() - t0:.2f} s)", flush=True)
         n += 1
-    print(f"ext_sanitize: {n} cases on {dev}")
-    return 0 if n else 1
+    return n
 
 
 if __name__ == "__main__":

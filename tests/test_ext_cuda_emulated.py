@@ -16,6 +16,9 @@ break one rule each. Skips when the extension is not built (fails under FASTMAE_
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +38,7 @@ import test_ext_unshuffle as TU  # noqa: E402
 
 f16, f32, f64, bf16 = torch.float16, torch.float32, torch.float64, torch.bfloat16
 CPU = "cpu"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # FASTMAE_EMU_ORDER=descending or shuffled runs every test with the threads resumed in that order
@@ -219,3 +223,29 @@ def test_emulated_launch_limits():
     assert launch(2, 1, 32, 64 * 1024, 64 * 1024, 16 * 1024) == 0  # exactly 64 KB
     with pytest.raises(RuntimeError, match="a write 0 bytes past the end of its 65536 bytes of dynamic shared memory"):
         launch(1, 1, 32, 64 * 1024, 64 * 1024, 16 * 1024 + 1)
+
+
+# ----------------------------------------------------------------------------- memcheck
+def _asan(code_or_args):
+    lib = subprocess.run([os.environ.get("CXX", "c++"), "-print-file-name=libasan.so"], capture_output=True,
+                         text=True).stdout.strip()
+    assert os.path.isfile(lib), f"the C++ compiler has no AddressSanitizer runtime ({lib!r})"
+    env = dict(os.environ, LD_PRELOAD=lib, FASTMAE_EMU_ASAN="1",
+               ASAN_OPTIONS="detect_leaks=0:detect_stack_use_after_return=0")
+    return subprocess.run([sys.executable, *code_or_args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_emulated_kernels_under_addresssanitizer():
+    # scripts/emu_memcheck.sh's run: every ext_sanitize case clean under ASan, after a probe that
+    # reads one float past a tensor's end and must be reported (the check can fail)
+    probe = ("import sys; sys.path.insert(0, 'tests'); import torch, _cuda_emu; _cuda_emu.build(); "
+             "x = torch.randn(1000); assert torch.equal(torch.ops.fastmae_emu._selftest_shifted_copy(x, 0), x); "
+             "print('in bounds', flush=True); torch.ops.fastmae_emu._selftest_shifted_copy(x, 1)")
+    r = _asan(["-c", probe])
+    assert r.returncode != 0 and "in bounds" in r.stdout, (r.stdout, r.stderr[-3000:])
+    assert "AddressSanitizer: heap-buffer-overflow" in r.stderr
+    assert "0 bytes to the right of 4000-byte region" in r.stderr
+    r = _asan(["scripts/ext_sanitize.py", "--device", "emu"])
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-5000:])
+    assert "AddressSanitizer" not in r.stderr and r.stdout.splitlines()[-1] == "ext_sanitize: 39 cases on emu"

@@ -68,13 +68,20 @@ _loaded = False
 
 
 def build(verbose: bool = False) -> None:
-    """Compiles (incrementally: ninja, under build/cuda_emu) and loads the emulated kernels."""
+    """Compiles (incrementally: ninja, under build/cuda_emu) and loads the emulated kernels.
+
+    Under ``FASTMAE_EMU_ASAN=1`` they are built with AddressSanitizer instead (build/cuda_emu_asan;
+    run Python with libasan preloaded, scripts/emu_memcheck.sh): a read or write past the end of a
+    tensor's allocation or of shared memory fails with its stack, as compute-sanitizer's memcheck
+    would on the GPU."""
     global _loaded
     if _loaded:
         return
     from torch.utils import cpp_extension
 
-    src_dir = BUILD / "src"
+    asan = os.environ.get("FASTMAE_EMU_ASAN") == "1"
+    build_dir = BUILD.with_name(BUILD.name + "_asan") if asan else BUILD
+    src_dir = build_dir / "src"
     src_dir.mkdir(parents=True, exist_ok=True)
     sources = [str(HERE / "emu.cpp")]
     for f in [*KERNELS, HERE / "selftest.cu"]:
@@ -86,15 +93,16 @@ def build(verbose: bool = False) -> None:
             os.replace(tmp, out)
         sources.append(str(out))
     cpp_extension.load(  # ninja rebuilds what changed, headers included
-        name="fastmae_cuda_emu",
+        name="fastmae_cuda_emu_asan" if asan else "fastmae_cuda_emu",
         sources=sources,
         # -fno-strict-aliasing: the kernels pun types through reinterpret_cast (a 32-bit word read
         # as a __half2, a __nv_bfloat162 as a uint32_t), as CUDA code does and nvcc compiles as
         # meant; g++ -O2 may drop such reads (seen: load_chunk's 16-bit path read zeros)
         extra_cflags=["-O2", "-fno-strict-aliasing", "-DFASTMAE_CUDA_EMU", "-include", str(HERE / "emu.h"),
-                      "-Wno-unused-parameter"],
+                      "-Wno-unused-parameter", *(["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else [])],
+        extra_ldflags=["-fsanitize=address"] if asan else [],
         extra_include_paths=[str(HERE), str(CSRC), str(CSRC / "ops"), str(CSRC / "ops" / "cuda")],
-        build_directory=str(BUILD),
+        build_directory=str(build_dir),
         is_python_module=False,
         verbose=verbose,
     )
@@ -108,6 +116,11 @@ def set_order(order: str = "ascending", seed: int = 0) -> None:
     torch.ops.fastmae_emu.emu_set_order(code, seed, 0)
 
 
+def launches() -> int:
+    """The number of emulated kernel launches so far in this process."""
+    return int(torch.ops.fastmae_emu.emu_set_order(-1, 0, 0))
+
+
 def set_smem_optin(nbytes: int) -> None:
     """The emulated card's opt-in limit of dynamic shared memory a block (227 KB: sm_90)."""
     torch.ops.fastmae_emu.emu_set_order(0, 0, nbytes)
@@ -117,6 +130,9 @@ def set_smem_optin(nbytes: int) -> None:
 def emulated():
     """While open, ``torch.ops.fastmae_ext.<op>`` on CPU tensors runs the emulated CUDA kernel
     (every op the kernel files register for CUDA); the C++ twins come back on exit."""
+    from fastmae import ext
+
+    ext.load()  # first: the extension's own CPU kernels, registered later, would take precedence
     build()
     lib = torch.library.Library("fastmae_ext", "IMPL")
     try:

@@ -402,11 +402,12 @@ void mma_m16n8k16(bool bf16, float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
 }
 
 namespace {
-// order: 0 ascending, 1 descending, 2 shuffled from seed; optin: the card's opt-in shared memory
-// limit (bytes; 0 keeps it). Returns the number of launches so far.
+// order: 0 ascending, 1 descending, 2 shuffled from seed (-1: change nothing); optin: the card's
+// opt-in shared memory limit (bytes; 0 keeps it). Returns the number of launches so far.
 int64_t set_order(int64_t order, int64_t seed, int64_t optin) {
-  TORCH_CHECK(0 <= order && order <= 2, "emu_set_order: order must be 0, 1 or 2");
   Scheduler& s = S();
+  if (order == -1) return s.launches;  // a query only
+  TORCH_CHECK(0 <= order && order <= 2, "emu_set_order: order must be 0, 1 or 2 (or -1: the launch count)");
   s.order = static_cast<int>(order);
   s.rng.seed(static_cast<uint64_t>(seed));
   if (optin > 0) s.optin = static_cast<int>(optin);

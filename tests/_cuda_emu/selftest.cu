@@ -91,6 +91,20 @@ int64_t selftest_launch(int64_t grid_x, int64_t grid_y, int64_t block, int64_t s
   return 0;
 }
 
+// Thread i copies x[i + shift] (for the memcheck run: a read past a tensor's end with shift > 0).
+__global__ void shifted_copy_kernel(const float* x, float* out, int64_t n, int64_t shift) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i < n) out[i] = x[i + shift];
+}
+
+at::Tensor selftest_shifted_copy(const at::Tensor& x, int64_t shift) {
+  at::Tensor out = at::empty_like(x);
+  const int64_t n = x.numel();
+  shifted_copy_kernel<<<static_cast<unsigned>((n + 127) / 128), 128, 0, at::cuda::getCurrentCUDAStream()>>>(
+      x.const_data_ptr<float>(), out.mutable_data_ptr<float>(), n, shift);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmae_ext, CUDA, m) {
@@ -98,4 +112,5 @@ TORCH_LIBRARY_IMPL(fastmae_ext, CUDA, m) {
   m.impl("_selftest_warp_sum", &selftest_warp_sum);
   m.impl("_selftest_race", &selftest_race);
   m.impl("_selftest_launch", &selftest_launch);
+  m.impl("_selftest_shifted_copy", &selftest_shifted_copy);
 }
