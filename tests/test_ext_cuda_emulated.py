@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _ext import require_ext
+from _ext import misaligned, require_ext
 
 require_ext(("patchify", "attention_fwd", "add_layer_norm_fwd", "bias_gelu_fwd", "mae_loss", "encoder_input",
              "decoder_unshuffle"))
@@ -35,6 +35,9 @@ import test_ext_loss as TLo  # noqa: E402
 import test_ext_masking as TM  # noqa: E402
 import test_ext_patchify as TP  # noqa: E402
 import test_ext_unshuffle as TU  # noqa: E402
+
+from fastmae import ops  # noqa: E402
+from fastmae import reference as ref  # noqa: E402
 
 f16, f32, f64, bf16 = torch.float16, torch.float32, torch.float64, torch.bfloat16
 CPU = "cpu"
@@ -72,6 +75,10 @@ def test_masking_empty_batch():
     TM.test_empty_batch(CPU)
 
 
+def test_masking_single_feature_tokens_from_a_strided_view():
+    TM.test_single_feature_tokens_from_a_strided_view(CPU)
+
+
 @pytest.mark.parametrize("x_dtype,m_dtype", [(bf16, None), (f16, f32), (f32, None), (f64, None)])
 @pytest.mark.parametrize("N,L,D,ratio", [(3, 49, 40, 0.5), (2, 197, 36, 0.0), (2, 196, 512, 0.75)])
 def test_unshuffle(x_dtype, m_dtype, N, L, D, ratio):
@@ -86,6 +93,67 @@ def test_unshuffle_grad_layouts(x_dtype, m_dtype):
 @pytest.mark.parametrize("N,D", [(0, 16), (2, 0)])
 def test_unshuffle_empty(N, D):
     TU.test_empty(CPU, N, D)
+
+
+# Random shapes, dtypes and layouts (fresh every run): the kernels' choice between their 16-byte
+# and scalar paths, ragged tails and strided inputs, against the reference, exactly.
+DT = [f32, f16, bf16, f64]
+
+
+def _layout(t, kind):
+    if kind == "offset":
+        return misaligned(t)
+    if kind == "strided":  # every other element of a tensor twice as wide
+        return torch.stack([t, torch.randn_like(t)], -1).flatten(-2)[..., ::2]
+    return t
+
+
+def _pick(g, xs):
+    return xs[int(torch.randint(len(xs), (), generator=g))]
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_fuzz_data_movement(case):
+    g = torch.Generator().manual_seed(int(torch.randint(2**31, ())))
+    for _ in range(5):
+        _fuzz_once(g)
+
+
+def _fuzz_once(g):
+    # patchify / unpatchify
+    p, N, C = _pick(g, [1, 2, 3, 4, 7, 8, 14, 16]), _pick(g, [1, 2, 3]), _pick(g, [1, 3, 4])
+    h, w = _pick(g, [1, 2, 3, 5]), _pick(g, [1, 2, 4])
+    dt, out = _pick(g, DT), _pick(g, [None, *DT])
+    imgs = _layout((torch.randn(N, C, h * p, w * p) * 3).to(dt), _pick(g, ["plain", "offset", "strided"]))
+    want = ref.patchify(imgs, p).to(out or dt)
+    TM.assert_same(TP.E.patchify(imgs, p, out_dtype=out), want)
+    x = _layout(torch.randn(N, h * w, p * p * C).to(dt), _pick(g, ["plain", "offset", "strided"]))
+    TM.assert_same(TP.E.unpatchify(x, p, (h, w)), ref.unpatchify(x, p, (h, w)))
+    # encoder input (random masking, pos-embed add, gather, cls) and its backward
+    N, L, D = _pick(g, [1, 2, 5]), _pick(g, [1, 7, 16, 49, 50, 197, 300]), _pick(g, [1, 4, 8, 12, 36, 64, 72])
+    ratio = _pick(g, [r for r in (0.0, 0.25, 0.5, 0.75, 0.9) if int(L * (1 - r)) >= 1])  # a token kept
+    xd, pd = _pick(g, DT), _pick(g, [None, f32, f16])
+    x, pos, cls = TM.inputs(N, L, D, xd, pd)
+    x = _layout(x, _pick(g, ["plain", "offset", "strided"]))
+    noise = _pick(g, [torch.rand(N, L), TM.tied_noise(N, L)])
+    for a, b in zip(ops.encoder_input(x, pos, cls, ratio, noise, backend="ext"),
+                    ref.encoder_input(x, pos, cls, ratio, noise)):
+        TM.assert_same(a, b)
+    gout = torch.randn(N, 1 + ref.num_kept(L, ratio), D).to(torch.promote_types(x.dtype, pos.dtype))
+    _, got = TM._grads(lambda *t: ops.encoder_input(*t, ratio, noise, backend="ext"), (x, pos, cls), gout)
+    _, want = TM._grads(lambda *t: ref.encoder_input(*t, ratio, noise), (x, pos, cls), gout)
+    TM.assert_same(got[0], want[0])
+    # decoder unshuffle and grad x
+    md = _pick(g, [None, f32])
+    x, ids, mt, pos = TU.make(N, L, D, ratio, xd, md, md, ids_dtype=_pick(g, [torch.int64, torch.int32]))
+    x = _layout(x, _pick(g, ["plain", "offset", "strided"]))
+    TM.assert_same(ops.decoder_unshuffle(x, ids, mt, pos, backend="ext"), ref.decoder_unshuffle(x, ids, mt, pos))
+    gout = _layout(torch.randn(N, 1 + L, D).to(torch.promote_types(x.dtype, mt.dtype)),
+                   _pick(g, ["plain", "offset", "strided"]))
+    _, got = TU._grads(lambda x, mt: ops.decoder_unshuffle(x, ids, mt, pos, backend="ext"), (x, mt), gout)
+    _, want = TU._grads(lambda x, mt: ref.decoder_unshuffle(x, ids, mt, pos), (x, mt), gout.contiguous())
+    TM.assert_same(got[0], want[0])
+    TU.assert_mask_token_grad(got[1], gout, ids, L, ratio)
 
 
 # ----------------------------------------------------------------------------- loss

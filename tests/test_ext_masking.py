@@ -239,6 +239,22 @@ def test_empty_batch(device):
         assert_same(a, b)
 
 
+# Tokens of one feature whose last dim has a stride other than 1 (a size-1 dim's stride is free:
+# such a tensor is contiguous, .contiguous() keeps it): the kernels must not require it to be 1
+# (the CUDA kernel did, at N = L = D = 1 from a strided view; found by the emulation's fuzz test).
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_single_feature_tokens_from_a_strided_view(device):
+    N, L = 2, 16
+    x = torch.randn(N * L, device=device).as_strided((N, L, 1), (L, 1, 7))
+    assert x.is_contiguous() and x.contiguous().stride(2) == 7
+    pos, cls = torch.randn(1, 1 + L, 1, device=device), torch.randn(1, 1, 1, device=device)
+    noise = torch.rand(N, L, device=device)
+    for a, b in zip(E.encoder_input(x, pos, cls, 0.75, noise), ref.encoder_input(x, pos, cls, 0.75, noise)):
+        assert_same(a, b)
+    for a, b in zip(E.random_masking(x, 0.75, noise), ref.random_masking(x, 0.75, noise)):
+        assert_same(a, b)
+
+
 @pytest.mark.gpu
 def test_cuda_inputs_on_two_devices_are_an_error():
     # the dispatcher takes the CUDA kernel when any input is on the GPU: it must not read the others' memory

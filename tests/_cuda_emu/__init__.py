@@ -131,6 +131,7 @@ def emulated():
     """While open, ``torch.ops.fastmae_ext.<op>`` on CPU tensors runs the emulated CUDA kernel
     (every op the kernel files register for CUDA); the C++ twins come back on exit."""
     from fastmae import ext
+    from fastmae.ext import patchify  # noqa: F401 -- the probe below
 
     ext.load()  # first: the extension's own CPU kernels, registered later, would take precedence
     build()
@@ -138,6 +139,10 @@ def emulated():
     try:
         for name in op_names():
             lib.impl(name, _forward(getattr(torch.ops.fastmae_emu, name)), "CPU")
+        before = launches()
+        ext.patchify.patchify(torch.ones(1, 1, 2, 2), 2)
+        if launches() == before:
+            raise RuntimeError("_cuda_emu.emulated: torch.ops.fastmae_ext.patchify did not run the emulated kernel")
         yield
     finally:
         lib._destroy()

@@ -94,7 +94,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> launch(const at::Tensor& x, const
   FASTMAE_CHECK(noise.dim() == 2 && noise.size(0) == N && noise.size(1) == L, "noise must be (N, L)");
   FASTMAE_CHECK(L <= kMaxTokens, "at most ", kMaxTokens, " tokens a sample");
   FASTMAE_CHECK(len_keep >= 1 && len_keep <= L, "len_keep must be in [1, L]");
-  FASTMAE_CHECK(x.stride(2) == 1, "x rows must be contiguous");
+  // rows dense; a size-1 dim keeps any stride through .contiguous(): D = 1 reads only d = 0
+  FASTMAE_CHECK(x.stride(2) == 1 || D <= 1, "x rows must be contiguous");
   at::Tensor out = empty_output({N, num_prefix + len_keep, D}, x.options());
   at::Tensor mask = empty_output({N, L}, x.options().dtype(at::kFloat));
   at::Tensor ids_restore = empty_output({N, L}, x.options().dtype(at::kLong));
