@@ -291,6 +291,11 @@ def test_emulated_launch_limits():
     assert launch(2, 1, 32, 64 * 1024, 64 * 1024, 16 * 1024) == 0  # exactly 64 KB
     with pytest.raises(RuntimeError, match="a write 0 bytes past the end of its 65536 bytes of dynamic shared memory"):
         launch(1, 1, 32, 64 * 1024, 64 * 1024, 16 * 1024 + 1)
+    # static arrays count against the same 48 KB: 40 KB static + 8 KB dynamic fits, + 16 KB does not
+    assert torch.equal(_emu()._selftest_static_smem(8 * 1024), torch.full((32,), 3.0))
+    with pytest.raises(RuntimeError, match="40960 bytes of static and 16384 of dynamic shared memory are above "
+                                           "the 49152 a block may have without the opt-in"):
+        _emu()._selftest_static_smem(16 * 1024)
 
 
 # ----------------------------------------------------------------------------- memcheck

@@ -36,19 +36,31 @@ SMEM_OPTIN = 227 * 1024  # the emulated card's opt-in shared memory a block (sm_
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\((.*?)\);", re.S)
 _EXTERN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+)\s+(\w+)\[\];")
+_STATIC_SMEM = re.compile(r"__shared__\s+([\w:]+)\s+([^;]+);")
 _REGISTRATION = re.compile(r"TORCH_LIBRARY_IMPL\(fastmae_ext,\s*CUDA,\s*m\)")
 
 
-def rewrite(src: str) -> str:
-    """One kernel file's source, as the emulation compiles it (the rules in emu.h's header)."""
+def rewrite(src: str, header: bool = False) -> str:
+    """One kernel file's source (or a header's: no registration), as the emulation compiles it
+    (the rules in emu.h's header)."""
     src = src.replace("#include <ATen/cuda/CUDAContext.h>", '#include "emu_cuda_context.h"')
     src = src.replace("#include <c10/cuda/CUDAGuard.h>", '#include "emu_cuda_context.h"')
     src = _EXTERN_SMEM.sub(r"\1* \2 = reinterpret_cast<\1*>(::emu::dynamic_smem());", src)
+    src = _STATIC_SMEM.sub(_static_smem, src)
     src = _LAUNCH.sub(
         lambda m: f"::emu::launch({m[1]}, ::emu::Config({m[2]}), [&] {{ {m[1]}({m[3]}); }}, {_cstr(m[1])});", src)
+    if header:
+        return src
     head, sep, tail = src.partition("TORCH_LIBRARY_IMPL(fastmae_ext, CUDA, m)")
     assert sep and not _REGISTRATION.search(tail), "one TORCH_LIBRARY_IMPL(fastmae_ext, CUDA, m) a kernel file"
     return head + "TORCH_LIBRARY_FRAGMENT(fastmae_emu, m)" + tail.replace("m.impl(", "m.def(")
+
+
+def _static_smem(m: re.Match) -> str:
+    # `__shared__ T a[..], b[..];` -> the arrays (static: one per kernel instantiation, shared by
+    # the block's threads as blocks run one at a time) and their sizes noted for the launch check
+    names = [d.strip().split("[")[0].strip() for d in m[2].split(",")]
+    return f"static {m[1]} {m[2]};" + "".join(f" ::emu::note_static_smem({n}, sizeof({n}));" for n in names)
 
 
 def _cstr(s: str) -> str:
@@ -84,14 +96,17 @@ def build(verbose: bool = False) -> None:
     src_dir = build_dir / "src"
     src_dir.mkdir(parents=True, exist_ok=True)
     sources = [str(HERE / "emu.cpp")]
-    for f in [*KERNELS, HERE / "selftest.cu"]:
-        out = src_dir / (f.stem + ".cpp")
-        text = rewrite(f.read_text())
+    # the kernels' own headers (.cuh) rewritten beside them: found first by their includes
+    headers = sorted((CSRC / "ops" / "cuda").glob("*.cuh"))
+    for f in [*KERNELS, HERE / "selftest.cu", *headers]:
+        out = src_dir / (f.name if f.suffix == ".cuh" else f.stem + ".cpp")
+        text = rewrite(f.read_text(), header=f.suffix == ".cuh")
         if not out.exists() or out.read_text() != text:
             tmp = out.with_suffix(".tmp")
             tmp.write_text(text)
             os.replace(tmp, out)
-        sources.append(str(out))
+        if f.suffix != ".cuh":
+            sources.append(str(out))
     cpp_extension.load(  # ninja rebuilds what changed, headers included
         name="fastmae_cuda_emu_asan" if asan else "fastmae_cuda_emu",
         sources=sources,

@@ -111,6 +111,7 @@ struct Scheduler {
   int order = 0;  // 0 ascending, 1 descending, 2 shuffled
   std::mt19937_64 rng{0};
   std::unordered_map<const void*, int> max_dynamic;
+  std::unordered_map<const void*, size_t> static_smem;  // the running launch's static arrays
   int optin = 227 * 1024;
   int64_t launches = 0;
 };
@@ -315,6 +316,8 @@ void set_max_dynamic_smem(const void* kernel, int bytes) {
 
 int smem_optin() { return S().optin; }
 
+void note_static_smem(const void* array, size_t bytes) { S().static_smem[array] = bytes; }
+
 void launch_body(const void* kernel, const char* name, const Config& cfg, const std::function<void()>& body) {
   Scheduler& s = S();
   TORCH_CHECK(s.cur == nullptr, "emu: a launch from inside a kernel");
@@ -347,11 +350,21 @@ void launch_body(const void* kernel, const char* name, const Config& cfg, const 
       for (unsigned x = 0; x < g.x; ++x) blocks.push_back(dim3(x, y, z));
   if (s.order == 1) std::reverse(blocks.begin(), blocks.end());
   if (s.order == 2) std::shuffle(blocks.begin(), blocks.end(), s.rng);
+  s.static_smem.clear();
   for (const dim3& bi : blocks) {
     g_block_idx = bi;
     std::memset(s.smem.data(), 0xff, cfg.smem);
     std::memset(s.smem.data() + cfg.smem, 0xa5, kGuardBytes);
     run_block(static_cast<int>(nthreads));
+    // static + dynamic: at most 48 KB without the opt-in, the card's limit with it
+    size_t stat = 0;
+    for (const auto& a : s.static_smem) stat += a.second;
+    const bool opted = it != s.max_dynamic.end();
+    const size_t total_limit = opted ? static_cast<size_t>(s.optin) : static_cast<size_t>(kStaticSmemLimit);
+    if (stat + cfg.smem > total_limit)
+      fail(std::to_string(stat) + " bytes of static and " + std::to_string(cfg.smem) +
+           " of dynamic shared memory are above the " + std::to_string(total_limit) + " a block may have" +
+           (opted ? "" : " without the opt-in") + " (cudaErrorInvalidValue at launch)");
     for (size_t i = 0; i < kGuardBytes; ++i)
       if (s.smem[cfg.smem + i] != 0xa5)
         fail("a write " + std::to_string(i) + " bytes past the end of its " + std::to_string(cfg.smem) +

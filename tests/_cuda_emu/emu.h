@@ -116,6 +116,9 @@ void launch(K* kernel, const Config& cfg, const std::function<void()>& body, con
   launch_body(key_of(kernel), name, cfg, body);
 }
 void set_max_dynamic_smem(const void* kernel, int bytes);
+// A static __shared__ array of the running kernel (the rewrite adds the call after each
+// declaration): static and dynamic shared memory together are held to CUDA's limits.
+void note_static_smem(const void* array, size_t bytes);
 int smem_optin();
 
 // Warp collectives: each lane passes its own operands; the scheduler computes every lane's
