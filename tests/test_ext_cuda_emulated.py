@@ -44,15 +44,17 @@ CPU = "cpu"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# FASTMAE_EMU_ORDER=descending or shuffled runs every test with the threads resumed in that order
-# (and the blocks run in it): a kernel whose result depends on it has a race.
-ORDER = os.environ.get("FASTMAE_EMU_ORDER", "ascending")
+# The emulation resumes a block's runnable threads, and runs the blocks, in a random order drawn
+# for each test (printed: pytest shows it with a failure), so that a result depending on the order
+# (a race between two barriers) fails some run; FASTMAE_EMU_ORDER=ascending or descending fixes it.
+ORDER = os.environ.get("FASTMAE_EMU_ORDER", "shuffled")
 
 
 @pytest.fixture(autouse=True)
-def emulated():
+def emulated(_fresh_seed):
     _cuda_emu.build()
-    _cuda_emu.set_order(ORDER, seed=1234)
+    _cuda_emu.set_order(ORDER, seed=_fresh_seed)
+    print(f"emulation: threads resumed in {ORDER} order (seed {_fresh_seed})")
     with _cuda_emu.emulated():
         yield
     _cuda_emu.set_order("ascending")
