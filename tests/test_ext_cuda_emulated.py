@@ -294,10 +294,23 @@ def test_emulated_launch_limits():
     with pytest.raises(RuntimeError, match="a write 0 bytes past the end of its 65536 bytes of dynamic shared memory"):
         launch(1, 1, 32, 64 * 1024, 64 * 1024, 16 * 1024 + 1)
     # static arrays count against the same 48 KB: 40 KB static + 8 KB dynamic fits, + 16 KB does not
-    assert torch.equal(_emu()._selftest_static_smem(8 * 1024), torch.full((32,), 3.0))
+    for _ in range(2):  # and a static array starts as 0xff (NaN) in every block, not with old values
+        out = _emu()._selftest_static_smem(8 * 1024)
+        assert torch.equal(out[:32], torch.full((32,), 3.0)) and out[32].isnan()
     with pytest.raises(RuntimeError, match="40960 bytes of static and 16384 of dynamic shared memory are above "
                                            "the 49152 a block may have without the opt-in"):
         _emu()._selftest_static_smem(16 * 1024)
+
+
+def test_emulated_misaligned_vector_load_is_an_error():
+    # the build's -fsanitize=alignment stops the process (in a subprocess here) at a 16-byte load
+    # from an address that is 4 bytes past a 16-byte boundary, as the GPU would fault
+    code = ("import sys; sys.path.insert(0, 'tests'); import torch, _cuda_emu; _cuda_emu.build(); "
+            "x = torch.arange(16.); print(float(torch.ops.fastmae_emu._selftest_vector_load(x, 4)), flush=True); "
+            "torch.ops.fastmae_emu._selftest_vector_load(x, 1)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.stdout.split() == ["22.0"] and r.returncode != 0, (r.stdout, r.stderr[-3000:])
+    assert "misaligned address" in r.stderr and "16 byte alignment" in r.stderr, r.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------- memcheck

@@ -32,11 +32,12 @@ CSRC = ROOT / "csrc"
 KERNELS = sorted((CSRC / "ops" / "cuda").glob("*.cu"))
 BUILD = ROOT / "build" / "cuda_emu"
 
+SANITIZE = ["-fsanitize=alignment", "-fno-sanitize-recover=alignment"]
 SMEM_OPTIN = 227 * 1024  # the emulated card's opt-in shared memory a block (sm_90; emu_cuda_context.h)
 
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\((.*?)\);", re.S)
 _EXTERN_SMEM = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?([\w:]+)\s+(\w+)\[\];")
-_STATIC_SMEM = re.compile(r"__shared__\s+([\w:]+)\s+([^;]+);")
+_STATIC_SMEM = re.compile(r"__shared__\s+((?:__align__\(\d+\)\s+)?[\w:]+)\s+([^;]+);")
 _REGISTRATION = re.compile(r"TORCH_LIBRARY_IMPL\(fastmae_ext,\s*CUDA,\s*m\)")
 
 
@@ -113,9 +114,12 @@ def build(verbose: bool = False) -> None:
         # -fno-strict-aliasing: the kernels pun types through reinterpret_cast (a 32-bit word read
         # as a __half2, a __nv_bfloat162 as a uint32_t), as CUDA code does and nvcc compiles as
         # meant; g++ -O2 may drop such reads (seen: load_chunk's 16-bit path read zeros)
+        # -fsanitize=alignment: a misaligned access (a 16-byte vector load from an 8-byte aligned
+        # address) faults on the GPU; here it is an error naming the line, not a silent success
         extra_cflags=["-O2", "-fno-strict-aliasing", "-DFASTMAE_CUDA_EMU", "-include", str(HERE / "emu.h"),
-                      "-Wno-unused-parameter", *(["-fsanitize=address", "-fno-omit-frame-pointer"] if asan else [])],
-        extra_ldflags=["-fsanitize=address"] if asan else [],
+                      "-Wno-unused-parameter", *SANITIZE, *(["-fsanitize=address", "-fno-omit-frame-pointer"]
+                                                            if asan else [])],
+        extra_ldflags=[*SANITIZE, *(["-fsanitize=address"] if asan else [])],
         extra_include_paths=[str(HERE), str(CSRC), str(CSRC / "ops"), str(CSRC / "ops" / "cuda")],
         build_directory=str(build_dir),
         is_python_module=False,

@@ -6,6 +6,15 @@
 #include <torch/library.h>
 #include <ucontext.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define EMU_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define EMU_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define EMU_POISON(p, n) ((void)(p), (void)(n))
+#define EMU_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 #include <ATen/ATen.h>
 
 #include <algorithm>
@@ -16,6 +25,7 @@
 #include <random>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 // The switch between fibers: on x86-64 a few instructions (the callee-saved registers and the
@@ -92,7 +102,10 @@ struct Fiber {
 };
 
 constexpr size_t kStackBytes = 128 * 1024;
-constexpr size_t kGuardBytes = 4096;   // past the end of dynamic shared memory: must stay 0xa5
+// Past the end of dynamic shared memory: 0xff bytes like the memory itself (a read past the end
+// sees NaN / -1, not a plausible 0), checked unchanged after each block; poisoned under ASan, so
+// that a read or write there is reported where it happens.
+constexpr size_t kGuardBytes = 4096;
 constexpr int kStaticSmemLimit = 48 * 1024;
 
 struct Scheduler {
@@ -112,6 +125,7 @@ struct Scheduler {
   std::mt19937_64 rng{0};
   std::unordered_map<const void*, int> max_dynamic;
   std::unordered_map<const void*, size_t> static_smem;  // the running launch's static arrays
+  std::unordered_set<const void*> static_this_block;     // those the running block has declared
   int optin = 227 * 1024;
   int64_t launches = 0;
 };
@@ -231,7 +245,7 @@ bool release_warps(int nthreads) {
       uint64_t in[32];
       for (int l = 0; l < 32; ++l) in[l] = lanes[l].bits;
       for (int l = 0; l < 32; ++l) {
-        const int width = lanes[l].width, src = l ^ lanes[l].lane_mask;
+        const int width = lanes[l].width, src = l ^ (lanes[l].lane_mask & 31);
         if (width <= 0 || width > 32 || (width & (width - 1)) != 0) fail(where + ": width not a power of 2 up to 32");
         lanes[l].bits = (src / width > l / width || src >= 32) ? in[l] : in[src];
       }
@@ -316,7 +330,13 @@ void set_max_dynamic_smem(const void* kernel, int bytes) {
 
 int smem_optin() { return S().optin; }
 
-void note_static_smem(const void* array, size_t bytes) { S().static_smem[array] = bytes; }
+// The first thread of a block to reach the declaration fills the array with 0xff (NaN, -1), as
+// dynamic shared memory is: a static array keeps no values from an earlier block or launch.
+void note_static_smem(const void* array, size_t bytes) {
+  Scheduler& s = S();
+  s.static_smem[array] = bytes;
+  if (s.static_this_block.insert(array).second) std::memset(const_cast<void*>(array), 0xff, bytes);
+}
 
 void launch_body(const void* kernel, const char* name, const Config& cfg, const std::function<void()>& body) {
   Scheduler& s = S();
@@ -353,9 +373,11 @@ void launch_body(const void* kernel, const char* name, const Config& cfg, const 
   s.static_smem.clear();
   for (const dim3& bi : blocks) {
     g_block_idx = bi;
-    std::memset(s.smem.data(), 0xff, cfg.smem);
-    std::memset(s.smem.data() + cfg.smem, 0xa5, kGuardBytes);
+    std::memset(s.smem.data(), 0xff, cfg.smem + kGuardBytes);
+    s.static_this_block.clear();
+    EMU_POISON(s.smem.data() + cfg.smem, kGuardBytes);
     run_block(static_cast<int>(nthreads));
+    EMU_UNPOISON(s.smem.data() + cfg.smem, kGuardBytes);
     // static + dynamic: at most 48 KB without the opt-in, the card's limit with it
     size_t stat = 0;
     for (const auto& a : s.static_smem) stat += a.second;
@@ -366,7 +388,7 @@ void launch_body(const void* kernel, const char* name, const Config& cfg, const 
            " of dynamic shared memory are above the " + std::to_string(total_limit) + " a block may have" +
            (opted ? "" : " without the opt-in") + " (cudaErrorInvalidValue at launch)");
     for (size_t i = 0; i < kGuardBytes; ++i)
-      if (s.smem[cfg.smem + i] != 0xa5)
+      if (s.smem[cfg.smem + i] != 0xff)
         fail("a write " + std::to_string(i) + " bytes past the end of its " + std::to_string(cfg.smem) +
              " bytes of dynamic shared memory");
   }

@@ -1,6 +1,6 @@
 // Stand-ins for the ATen / c10 CUDA headers the kernel files include (ATen/cuda/CUDAContext.h,
 // c10/cuda/CUDAGuard.h) under the emulation of emu.h: the tensors are CPU tensors, the stream
-// is nothing, the device properties are an H100's / H200's (sm_90).
+// is nothing, the device properties are an H100's / H200's (sm_90) but for the SM count.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -15,7 +15,9 @@ struct EmuStream {
 };
 inline EmuStream getCurrentCUDAStream(int = -1) { return {}; }
 struct EmuDeviceProp {
-  int multiProcessorCount = 132;
+  // 2, not an H100's 132: grids sized from the SM count are small, so that grid-stride loops
+  // take more than one pass at test sizes
+  int multiProcessorCount = 2;
   int sharedMemPerBlockOptin = 227 * 1024;
   size_t sharedMemPerBlock = 48 * 1024;
   int maxThreadsPerBlock = 1024;

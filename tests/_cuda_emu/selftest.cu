@@ -81,10 +81,14 @@ __global__ void static_smem_kernel(float* out) {
   dyn[threadIdx.x] = 2.0f;
   __syncthreads();
   out[threadIdx.x] = big[threadIdx.x] + dyn[threadIdx.x];
+  if (threadIdx.x == 0) {  // an element no thread of this block wrote: poison, whatever the last launch left
+    out[32] = big[100];
+    big[100] = 5.0f;
+  }
 }
 
 at::Tensor selftest_static_smem(int64_t dynamic_bytes) {
-  at::Tensor out = at::empty({32}, at::dtype(at::kFloat));
+  at::Tensor out = at::empty({33}, at::dtype(at::kFloat));
   static_smem_kernel<<<1, 32, static_cast<size_t>(dynamic_bytes), at::cuda::getCurrentCUDAStream()>>>(
       out.mutable_data_ptr<float>());
   return out;
@@ -123,6 +127,19 @@ at::Tensor selftest_shifted_copy(const at::Tensor& x, int64_t shift) {
   return out;
 }
 
+// A 16-byte load from x + offset floats: misaligned (a fault on the GPU) unless offset % 4 == 0.
+__global__ void vector_load_kernel(const float* x, float* out, int64_t offset) {
+  const float4 v = *reinterpret_cast<const float4*>(x + offset);
+  out[0] = v.x + v.y + v.z + v.w;
+}
+
+at::Tensor selftest_vector_load(const at::Tensor& x, int64_t offset) {
+  at::Tensor out = at::empty({1}, x.options());
+  vector_load_kernel<<<1, 1, 0, at::cuda::getCurrentCUDAStream()>>>(x.const_data_ptr<float>(),
+                                                                    out.mutable_data_ptr<float>(), offset);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmae_ext, CUDA, m) {
@@ -132,4 +149,5 @@ TORCH_LIBRARY_IMPL(fastmae_ext, CUDA, m) {
   m.impl("_selftest_launch", &selftest_launch);
   m.impl("_selftest_shifted_copy", &selftest_shifted_copy);
   m.impl("_selftest_static_smem", &selftest_static_smem);
+  m.impl("_selftest_vector_load", &selftest_vector_load);
 }
