@@ -41,11 +41,13 @@ _STATIC_SMEM = re.compile(r"__shared__\s+((?:__align__\(\d+\)\s+)?[\w:]+)\s+([^;
 _REGISTRATION = re.compile(r"TORCH_LIBRARY_IMPL\(fastmae_ext,\s*CUDA,\s*m\)")
 
 
-def rewrite(src: str, header: bool = False) -> str:
+def rewrite(src: str, header: bool = False, poison_scratch: bool = True) -> str:
     """One kernel file's source (or a header's: no registration), as the emulation compiles it
-    (the rules in emu.h's header)."""
+    (the rules in emu.h's header; and scratch buffers, at::empty, allocated poisoned as outputs are)."""
     src = src.replace("#include <ATen/cuda/CUDAContext.h>", '#include "emu_cuda_context.h"')
     src = src.replace("#include <c10/cuda/CUDAGuard.h>", '#include "emu_cuda_context.h"')
+    if poison_scratch:  # csrc's kernel files (they have csrc/common.h): scratch buffers poisoned too
+        src = src.replace("at::empty(", "::fastmae::empty_output(")
     src = _EXTERN_SMEM.sub(r"\1* \2 = reinterpret_cast<\1*>(::emu::dynamic_smem());", src)
     src = _STATIC_SMEM.sub(_static_smem, src)
     src = _LAUNCH.sub(
@@ -101,7 +103,7 @@ def build(verbose: bool = False) -> None:
     headers = sorted((CSRC / "ops" / "cuda").glob("*.cuh"))
     for f in [*KERNELS, HERE / "selftest.cu", *headers]:
         out = src_dir / (f.name if f.suffix == ".cuh" else f.stem + ".cpp")
-        text = rewrite(f.read_text(), header=f.suffix == ".cuh")
+        text = rewrite(f.read_text(), header=f.suffix == ".cuh", poison_scratch=f.parent != HERE)
         if not out.exists() or out.read_text() != text:
             tmp = out.with_suffix(".tmp")
             tmp.write_text(text)
