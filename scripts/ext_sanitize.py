@@ -152,9 +152,8 @@ def main(argv=None) -> int:
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
             import _cuda_emu
 
-            _cuda_emu.build()
-            _cuda_emu.set_order(args.order, seed=0)
             stack.enter_context(_cuda_emu.emulated())
+            _cuda_emu.set_order(args.order, seed=0)
         n = _run(dev, args.only, _cuda_emu.launches if args.device == "emu" else None)
     print(f"ext_sanitize: {n} cases on {args.device}")
     return 0 if n else 1

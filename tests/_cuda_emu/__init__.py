@@ -133,18 +133,12 @@ def build(verbose: bool = False) -> None:
 def set_order(order: str = "ascending", seed: int = 0) -> None:
     """The order in which the emulation resumes runnable threads (and runs blocks):
     ``ascending``, ``descending`` or ``shuffled`` (from ``seed``)."""
-    code = {"ascending": 0, "descending": 1, "shuffled": 2}[order]
-    torch.ops.fastmae_emu.emu_set_order(code, seed, 0)
+    torch.ops.fastmae_emu.emu_set_order({"ascending": 0, "descending": 1, "shuffled": 2}[order], seed)
 
 
 def launches() -> int:
     """The number of emulated kernel launches so far in this process."""
-    return int(torch.ops.fastmae_emu.emu_set_order(-1, 0, 0))
-
-
-def set_smem_optin(nbytes: int) -> None:
-    """The emulated card's opt-in limit of dynamic shared memory a block (227 KB: sm_90)."""
-    torch.ops.fastmae_emu.emu_set_order(0, 0, nbytes)
+    return int(torch.ops.fastmae_emu.emu_launches())
 
 
 @contextlib.contextmanager
@@ -159,7 +153,7 @@ def emulated():
     lib = torch.library.Library("fastmae_ext", "IMPL")
     try:
         for name in op_names():
-            lib.impl(name, _forward(getattr(torch.ops.fastmae_emu, name)), "CPU")
+            lib.impl(name, getattr(torch.ops.fastmae_emu, name), "CPU")
         before = launches()
         ext.patchify.patchify(torch.ones(1, 1, 2, 2), 2)
         if launches() == before:
@@ -168,9 +162,3 @@ def emulated():
     finally:
         lib._destroy()
 
-
-def _forward(op):
-    def run(*args, **kwargs):
-        return op(*args, **kwargs)
-
-    return run

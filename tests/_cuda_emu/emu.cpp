@@ -1,5 +1,5 @@
 // The runtime of the CUDA emulation (emu.h): blocks one after another, a block's threads as
-// fibers (ucontext) on the calling thread, barriers and warp collectives released by a small
+// fibers on the calling thread, barriers and warp collectives released by a small
 // scheduler that checks CUDA's rules on the way.
 #include "emu.h"
 
@@ -119,14 +119,13 @@ struct Scheduler {
   Fiber* cur = nullptr;
   const std::function<void()>* body = nullptr;
   std::vector<unsigned char> smem;
-  size_t smem_bytes = 0;
   std::string kernel;
   int order = 0;  // 0 ascending, 1 descending, 2 shuffled
   std::mt19937_64 rng{0};
   std::unordered_map<const void*, int> max_dynamic;
   std::unordered_map<const void*, size_t> static_smem;  // the running launch's static arrays
   std::unordered_set<const void*> static_this_block;     // those the running block has declared
-  int optin = 227 * 1024;
+  const int optin = 227 * 1024;  // sm_90's opt-in limit a block (SMEM_OPTIN in __init__.py)
   int64_t launches = 0;
 };
 
@@ -358,7 +357,6 @@ void launch_body(const void* kernel, const char* name, const Config& cfg, const 
               ": cudaErrorInvalidValue");
   if (static_cast<int64_t>(s.fibers.size()) < nthreads) s.fibers.resize(nthreads);
   while (static_cast<int64_t>(s.stacks.size()) < nthreads) s.stacks.emplace_back(new char[kStackBytes]);
-  s.smem_bytes = cfg.smem;
   s.smem.assign(cfg.smem + kGuardBytes + 16, 0);
   s.body = &body;
   ++s.launches;
@@ -437,17 +435,14 @@ void mma_m16n8k16(bool bf16, float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
 }
 
 namespace {
-// order: 0 ascending, 1 descending, 2 shuffled from seed (-1: change nothing); optin: the card's
-// opt-in shared memory limit (bytes; 0 keeps it). Returns the number of launches so far.
-int64_t set_order(int64_t order, int64_t seed, int64_t optin) {
+// order: 0 ascending, 1 descending, 2 shuffled from seed.
+void set_order(int64_t order, int64_t seed) {
+  TORCH_CHECK(0 <= order && order <= 2, "emu_set_order: order must be 0, 1 or 2");
   Scheduler& s = S();
-  if (order == -1) return s.launches;  // a query only
-  TORCH_CHECK(0 <= order && order <= 2, "emu_set_order: order must be 0, 1 or 2 (or -1: the launch count)");
   s.order = static_cast<int>(order);
   s.rng.seed(static_cast<uint64_t>(seed));
-  if (optin > 0) s.optin = static_cast<int>(optin);
-  return s.launches;
 }
+int64_t launches() { return S().launches; }
 }  // namespace
 
 }  // namespace emu
@@ -464,4 +459,7 @@ at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options)
 }
 }  // namespace fastmae
 
-TORCH_LIBRARY_FRAGMENT(fastmae_emu, m) { m.def("emu_set_order(int order, int seed, int optin) -> int", &emu::set_order); }
+TORCH_LIBRARY_FRAGMENT(fastmae_emu, m) {
+  m.def("emu_set_order(int order, int seed) -> ()", &emu::set_order);
+  m.def("emu_launches() -> int", &emu::launches);
+}

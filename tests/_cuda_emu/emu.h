@@ -7,7 +7,7 @@
 // fragment of the namespace fastmae_emu with the same functions (schemas inferred).
 //
 // Execution model (emu.cpp): the blocks of a launch run one after another; the threads of a
-// block are fibers (ucontext) on the calling thread, each run until it reaches a barrier.
+// block are fibers on the calling thread, each run until it reaches a barrier.
 // __syncthreads releases when every thread of the block that has not returned waits at one;
 // a warp collective (__shfl_xor_sync, __syncwarp, mma.sync) when all 32 lanes of the warp wait
 // at the same collective, and it is then computed from all the lanes' inputs at once. A lane
@@ -15,8 +15,9 @@
 // collective and __syncthreads, or a block whose threads all wait with no barrier to release is
 // an error naming the kernel, as are launches CUDA would refuse (an empty grid, gridDim.y or z
 // above 65535, more than 1024 threads a block, dynamic shared memory above 48 KB without the
-// opt-in attribute or above the card's limit). Dynamic shared memory is filled with 0xff bytes
-// (NaN, -1) before each block, and writes past its end are caught by a guard band. The order in
+// opt-in attribute or above the card's limit, static and dynamic together above the limit).
+// Dynamic shared memory and static __shared__ arrays are filled with 0xff bytes (NaN, -1) before
+// each block, and writes past the dynamic memory's end are caught by a guard band. The order in
 // which runnable threads are resumed can be reversed or shuffled (emu_set_order), so that a
 // result that depends on it (a race between two barriers) shows as a difference between runs.
 //
