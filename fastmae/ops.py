@@ -96,13 +96,13 @@ def _impl(op: str, backend: str):
 # The ops whose C++ kernel (backend="ext" on CPU tensors) ``backend="auto"`` takes for CPU
 # tensors: those measured faster than the reference on CPU (benchmarks/bench_cpu_twins.py,
 # benchmarks/results/cpu_twins.json); the others run the reference there.
-# Measured 2026-12-02 07:46-07:47 UTC (AMD EPYC with AVX-512, 2 threads, load 0.5-1.2, ViT-B batch 8, three
-# whole runs, glibc malloc pinned: see the benchmark's docstring), ext / reference: patchify 4.6x-5.9x,
-# unpatchify 3.2x-3.4x, random_masking 5.2x-5.7x, encoder_input 4.4x-5.0x, decoder_unshuffle 4.7x-6.2x,
-# mae_loss 7.0x-7.9x (forward + backward 4.1x-4.2x), bias_gelu 1.22x-1.38x (forward + backward 1.20x-1.36x)
-# in fp32, 1.12x-1.27x (1.35x-1.50x) with bf16 and 1.16x-1.64x (1.40x-1.43x) with fp16 activations. Not
-# taken: add_layer_norm (fp32 1.23x-1.25x forward but 0.99x-1.17x forward + backward; fp16 0.81x-1.57x
-# forward), attention (fp32 1.04x-1.12x encoder, 1.49x-1.51x decoder, fp16 7.8x-16x, but bf16 0.66x-0.85x:
+# Measured 2026-12-02 15:50-15:53 UTC (AMD EPYC with AVX-512, 2 threads, load 1.2-1.5, ViT-B batch 8, four
+# whole runs, glibc malloc pinned: see the benchmark's docstring), ext / reference: patchify 5.3x-5.6x,
+# unpatchify 3.1x-3.7x, random_masking 4.8x-5.6x, encoder_input 4.6x-5.3x, decoder_unshuffle 5.1x-5.7x,
+# mae_loss 7.0x-8.2x (forward + backward 3.6x-4.0x), bias_gelu 1.07x-1.29x (forward + backward 1.27x-1.35x)
+# in fp32, 1.14x-1.37x (1.24x-1.54x) with bf16 and 1.11x-1.46x (1.30x-1.56x) with fp16 activations. Not
+# taken: add_layer_norm (fp32 1.27x-1.36x forward but 0.99x-1.10x forward + backward; fp16 0.93x-1.76x
+# forward), attention (fp32 1.02x-1.11x encoder, 1.44x-1.48x decoder, fp16 7.6x-16x, but bf16 0.70x-0.82x:
 # the twin converts bf16 to fp32 and multiplies in fp32, the reference multiplies in bf16).
 EXT_CPU_AUTO = frozenset({"patchify", "unpatchify", "random_masking", "encoder_input", "decoder_unshuffle",
                           "mae_loss", "bias_gelu"})

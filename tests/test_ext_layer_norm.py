@@ -473,3 +473,28 @@ def test_cpu_row_conversions_give_torchs_bits(cpu_isa, dt):
     xd = target.to(dt)
     _, s = ops.add_layer_norm(xd, r, w, b, EPS, residual_dtype=f32, backend="ext")
     _same_bits(s, ref.add_layer_norm(xd, r, w, b, EPS, residual_dtype=f32)[1])
+
+
+def test_cpu_bf16_rows_round_in_registers_as_torch(cpu_isa):
+    # x, residual, s and y all bf16: the twin rounds s = x + residual in registers (fvec.h).
+    # Sums that are exact ties between two bf16 neighbours (r half an ulp of x, both signs and
+    # both parities), just above and below them, bf16 subnormals, overflow of fp32, infinities
+    # and NaN, at random places in rows that span the 32-lane blocks, an 8-lane block and the
+    # tail (D = 77): the bits of the reference's rounding.
+    rows, D = 6, 77
+    n = rows * D
+    x = (torch.randn(n) * 8).to(bf16)
+    half_ulp = torch.ldexp(torch.ones(n), torch.frexp(x.float())[1] - 9)  # half an ulp of x in bf16
+    r = half_ulp * torch.tensor([1.0, -1.0, 1.5, -1.5, 0.75, -0.75])[torch.randint(0, 6, (n,))]
+    specials = [(3.0e38, 3.0e38), (-3.0e38, -3.0e38), (float("inf"), 1.0), (float("inf"), float("-inf")),
+                (float("nan"), 1.0), (1.0e-39, 2.0e-39), (-1.0e-39, 1.0e-40), (0.0, -0.0), (-0.0, -0.0)]
+    where = torch.randperm(n)[:len(specials)]
+    for k, (a, c) in zip(where.tolist(), specials):
+        x[k], r[k] = a, c
+    x, r = x.view(rows, D), r.to(bf16).view(rows, D)
+    w, b = torch.randn(D), torch.randn(D)
+    _, s = ops.add_layer_norm(x, r, w, b, EPS, backend="ext")
+    assert s.dtype == bf16
+    _same_bits(s, ref.add_layer_norm(x, r, w, b, EPS)[1])
+    rounded = (x.float() + r.float()) != (x.float() + r.float()).to(bf16).float()
+    assert rounded.float().mean() > 0.5  # most sums are rounded: the test exercises the rounding

@@ -9,9 +9,11 @@ The ops are ``torch.ops.fastmae_ext.add_layer_norm_fwd`` / ``add_layer_norm_bwd`
 (``csrc/ops/layer_norm.cpp``; math in ``csrc/ops/layer_norm.h``):
 
 * CPU (``csrc/ops/cpu/layer_norm_kernel.cpp``): ``at::parallel_for`` over rows; fp32 rows
-  are read and written in place (fp16 / bf16 through fp32 row buffers), one pass for the add
-  and its sum, a centred-variance pass, one for y; the row loops are compiled for AVX2+FMA
-  and for the baseline target, picked at run time. The backward cuts the rows into fixed
+  are read and written in place, in the forward all-bf16 rows too (converted in registers),
+  other fp16 / bf16 rows through fp32 row buffers; one pass for the add and its sum, a
+  centred-variance pass, one for y, on 8-lane vectors with 32-lane fixed-order sums
+  (``csrc/ops/cpu/fvec.h``); the row loops are compiled for AVX2+FMA and for the baseline
+  target, picked at run time. The backward cuts the rows into fixed
   32-row blocks with one dW/dB partial each, summed in block order.
 * CUDA (``csrc/ops/cuda/layer_norm_kernel.cu``): a warp per row with 16-byte accesses
   (scalar for D % 8 != 0), the row in registers up to D = 1024; the backward gives each

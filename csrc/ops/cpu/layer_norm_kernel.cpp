@@ -1,31 +1,33 @@
 // CPU twin of the fused residual add + LayerNorm (math in ../layer_norm.h).
 //
 // Forward: at::parallel_for over rows. Per row, fp32 math: s = x + residual in one pass that
-// stores s and sums it (fp32 storage: s is written straight into the output and re-read from
-// there, hot in L1; fp16 / bf16: s is rounded and stored, then its rounded values re-read,
-// as the backward reads them), then the centred sum of squares, then y = xhat * w + b
-// written straight into y (fp32) or through a row buffer (fp16 / bf16).
+// stores s and sums the stored values, then the centred sum of squares over the row (hot in
+// L1), then y = xhat * w + b stored. When x, residual, s and y are all fp32, or all bf16, the
+// row is read and written in place with bf16 converted in registers (rounded s kept in an fp32
+// row buffer for the next passes); any other dtype mix goes through fp32 row buffers (rowio.h),
+// s rounded to its dtype and read back, as the backward reads it.
 // Backward: rows are cut into fixed blocks of kRowsPerPartial; at::parallel_for over blocks.
 // Per row, one pass computes c1 = sum(xhat * g), c2 = sum(g) and adds dy * xhat, dy into
-// the block's dW / dB partial rows, a second pass writes dx (and dresidual). The partials are
-// summed over blocks in block order. The blocks never depend on the thread count, so the
-// result is the same bits on every run and machine (for one choice of the code path below).
+// the block's dW / dB partial rows, a second pass writes dx (and dresidual); fp32 rows in
+// place, fp16 / bf16 through fp32 row buffers. The partials are summed over blocks in block
+// order. The blocks never depend on the thread count, so the result is the same bits on every
+// run and machine (for one choice of the code path below).
 //
-// Vectorisation: each row loop works on blocks of kLanes = 16 elements, loads into a local
-// array before any store (no aliasing question for the compiler), with 16 independent
-// partial sums combined in a fixed tree at the end: GCC vectorises that without
-// reassociating anything, so the sums have the same order whatever the vector width. The
-// row loops are compiled twice (FASTMAE_TARGET_AVX2, csrc/common.h): for AVX2 + FMA, taken
-// where the CPU has them, and for the baseline target. Storage dtypes other than fp32 are
-// converted to / from fp32 row buffers (rowio.h) around the same loops.
+// Vectorisation: the row loops are written on 8-lane vectors (fvec.h: GCC / Clang vector
+// extensions, no auto-vectoriser involved) and every row sum keeps 32 independent lanes so that
+// no add waits on the last (Sum32: a fixed order that depends only on D). The loops are compiled
+// twice (FASTMAE_TARGET_AVX2, csrc/common.h): for AVX2 + FMA, taken where the CPU has them, and
+// for the baseline target. At MAE's shapes the rows stream from L3 (benchmarks/bench_cpu_twins.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "../layer_norm.h"
+#include "fvec.h"
 #include "rowio.h"
 
 namespace fastmae {
@@ -33,7 +35,6 @@ namespace {
 
 using namespace fastmae::cpu;
 constexpr int64_t kRowsPerPartial = 32;
-constexpr int kLanes = 16;
 
 // A (D,) parameter as fp32: read in place when it is a contiguous fp32 tensor, else converted
 // into `store` (filled with `fill` when absent).
@@ -49,72 +50,104 @@ const float* param_f32(const std::optional<at::Tensor>& p, int64_t D, float fill
 }
 
 // ----------------------------------------------------------------------------- row loops
-// Fixed-order sum of the 16 lanes.
-FASTMAE_ALWAYS_INLINE float lanes_sum(const float* a) {
-  float t[8], u[4];
-  for (int j = 0; j < 8; ++j) t[j] = a[j] + a[j + 8];
-  for (int j = 0; j < 4; ++j) u[j] = t[j] + t[j + 4];
-  return (u[0] + u[2]) + (u[1] + u[3]);
-}
+// 8-lane vectors (fvec.h); every row sum keeps 32 lanes, in the fixed order Sum32 describes.
+// T is the rows' storage type, float or bf16 (converted in registers).
 
-// s = x + r stored; returns sum(s).
-FASTMAE_ALWAYS_INLINE float add_store_sum(const float* x, const float* r, float* s, int64_t n) {
-  float acc[kLanes] = {};
+// s = x + r stored in T; returns sum(s) of the stored values, which go to sf as fp32 too
+// (for T = float, sf is s).
+template <class T>
+FASTMAE_ALWAYS_INLINE float add_store_sum(const T* x, const T* r, T* s, float* sf, int64_t n) {
+  constexpr bool kF32 = std::is_same_v<T, float>;
+  Sum32 acc;
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    float v[kLanes];
-    for (int j = 0; j < kLanes; ++j) v[j] = x[i + j] + r[i + j];
-    for (int j = 0; j < kLanes; ++j) s[i + j] = v[j];
-    for (int j = 0; j < kLanes; ++j) acc[j] += v[j];
+  for (; i + kSumLanes <= n; i += kSumLanes)
+    for (int k = 0; k < 4; ++k) {
+      const int64_t j = i + kVecLanes * k;
+      const f32x8 v = vstore(s + j, vload(x + j) + vload(r + j));
+      if (!kF32) vstore(sf + j, v);
+      acc.lane[k] += v;
+    }
+  for (; i + kVecLanes <= n; i += kVecLanes) {
+    const f32x8 v = vstore(s + i, vload(x + i) + vload(r + i));
+    if (!kF32) vstore(sf + i, v);
+    acc.lane[0] += v;
   }
   float tail = 0.0f;
   for (; i < n; ++i) {
-    const float v = x[i] + r[i];
-    s[i] = v;
+    const float v = sstore(s + i, sload(x + i) + sload(r + i));
+    if (!kF32) sf[i] = v;
     tail += v;
   }
-  return lanes_sum(acc) + tail;
+  return acc.total() + tail;
 }
 
 FASTMAE_ALWAYS_INLINE void add_rows(const float* x, const float* r, float* s, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) s[i] = x[i] + r[i];
+  int64_t i = 0;
+  for (; i + kVecLanes <= n; i += kVecLanes) vstore(s + i, vload(x + i) + vload(r + i));
+  for (; i < n; ++i) s[i] = x[i] + r[i];
 }
 
-FASTMAE_ALWAYS_INLINE float sum16(const float* p, int64_t n) {
-  float acc[kLanes] = {};
+// x as fp32 into f.
+template <class T>
+FASTMAE_ALWAYS_INLINE void widen(const T* x, float* f, int64_t n) {
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += p[i + j];
+  for (; i + kVecLanes <= n; i += kVecLanes) vstore(f + i, vload(x + i));
+  for (; i < n; ++i) f[i] = sload(x + i);
+}
+
+FASTMAE_ALWAYS_INLINE float row_sum(const float* p, int64_t n) {
+  Sum32 acc;
+  int64_t i = 0;
+  for (; i + kSumLanes <= n; i += kSumLanes)
+    for (int k = 0; k < 4; ++k) acc.lane[k] += vload(p + i + kVecLanes * k);
+  for (; i + kVecLanes <= n; i += kVecLanes) acc.lane[0] += vload(p + i);
   float tail = 0.0f;
   for (; i < n; ++i) tail += p[i];
-  return lanes_sum(acc) + tail;
+  return acc.total() + tail;
 }
 
 FASTMAE_ALWAYS_INLINE float centred_sumsq(const float* p, float mu, int64_t n) {
-  float acc[kLanes] = {};
+  Sum32 acc;
+  const f32x8 m = vsplat(mu);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const float c = p[i + j] - mu;
-      acc[j] += c * c;
+  for (; i + kSumLanes <= n; i += kSumLanes)
+    for (int k = 0; k < 4; ++k) {
+      const f32x8 c = vload(p + i + kVecLanes * k) - m;
+      acc.lane[k] += c * c;
     }
+  for (; i + kVecLanes <= n; i += kVecLanes) {
+    const f32x8 c = vload(p + i) - m;
+    acc.lane[0] += c * c;
+  }
   float tail = 0.0f;
   for (; i < n; ++i) {
     const float c = p[i] - mu;
     tail += c * c;
   }
-  return lanes_sum(acc) + tail;
+  return acc.total() + tail;
 }
 
-FASTMAE_ALWAYS_INLINE void normalize(const float* s, float mu, float rs, const float* w, const float* b, float* y,
+// y = (s - mean) * rstd * w + b (layer_norm::forward_elem), stored in T.
+template <class T>
+FASTMAE_ALWAYS_INLINE void normalize(const float* s, float mu, float rs, const float* w, const float* b, T* y,
                                      int64_t n) {
+  const f32x8 m = vsplat(mu), r = vsplat(rs);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    float v[kLanes];
-    for (int j = 0; j < kLanes; ++j) v[j] = layer_norm::forward_elem(s[i + j], mu, rs, w[i + j], b[i + j]);
-    for (int j = 0; j < kLanes; ++j) y[i + j] = v[j];
+  for (; i + kVecLanes <= n; i += kVecLanes) vstore(y + i, (vload(s + i) - m) * r * vload(w + i) + vload(b + i));
+  for (; i < n; ++i) sstore(y + i, layer_norm::forward_elem(s[i], mu, rs, w[i], b[i]));
+}
+
+// First backward pass over 8 elements (see bwd_sums).
+template <bool kAcc>
+FASTMAE_ALWAYS_INLINE void bwd_block(const float* s, const float* dy, const float* w, const f32x8& m, const f32x8& r,
+                                     float* dwp, float* dbp, f32x8& a1, f32x8& a2) {
+  const f32x8 xh = (vload(s) - m) * r, d = vload(dy), g = d * vload(w);
+  a1 += xh * g;
+  a2 += g;
+  if (kAcc) {
+    vstore(dwp, vload(dwp) + d * xh);
+    vstore(dbp, vload(dbp) + d);
   }
-  for (; i < n; ++i) y[i] = layer_norm::forward_elem(s[i], mu, rs, w[i], b[i]);
 }
 
 // First backward pass: returns c1 * D = sum(xhat * g) and c2 * D = sum(g) (g = dy * w); with
@@ -122,50 +155,41 @@ FASTMAE_ALWAYS_INLINE void normalize(const float* s, float mu, float rs, const f
 template <bool kAcc>
 FASTMAE_ALWAYS_INLINE void bwd_sums(const float* s, const float* dy, const float* w, float mu, float rs, float* dwp,
                                     float* dbp, int64_t n, float* sxg, float* sg) {
-  float a1[kLanes] = {}, a2[kLanes] = {};
+  Sum32 a1, a2;
+  const f32x8 m = vsplat(mu), r = vsplat(rs);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    float xh[kLanes], d[kLanes], pw[kLanes], pb[kLanes];
-    for (int j = 0; j < kLanes; ++j) {
-      xh[j] = (s[i + j] - mu) * rs;
-      d[j] = dy[i + j];
-      const float g = d[j] * w[i + j];
-      a1[j] += xh[j] * g;
-      a2[j] += g;
+  for (; i + kSumLanes <= n; i += kSumLanes)
+    for (int k = 0; k < 4; ++k) {
+      const int64_t j = i + kVecLanes * k;
+      bwd_block<kAcc>(s + j, dy + j, w + j, m, r, dwp + j, dbp + j, a1.lane[k], a2.lane[k]);
     }
-    if (kAcc) {
-      for (int j = 0; j < kLanes; ++j) {
-        pw[j] = dwp[i + j] + d[j] * xh[j];
-        pb[j] = dbp[i + j] + d[j];
-      }
-      for (int j = 0; j < kLanes; ++j) dwp[i + j] = pw[j];
-      for (int j = 0; j < kLanes; ++j) dbp[i + j] = pb[j];
-    }
-  }
+  for (; i + kVecLanes <= n; i += kVecLanes)
+    bwd_block<kAcc>(s + i, dy + i, w + i, m, r, dwp + i, dbp + i, a1.lane[0], a2.lane[0]);
   float t1 = 0.0f, t2 = 0.0f;
   for (; i < n; ++i) {
-    const float xh = (s[i] - mu) * rs, g = dy[i] * w[i];
+    const float d = dy[i], xh = (s[i] - mu) * rs, g = d * w[i];
     t1 += xh * g;
     t2 += g;
     if (kAcc) {
-      dwp[i] += dy[i] * xh;
-      dbp[i] += dy[i];
+      dwp[i] += d * xh;
+      dbp[i] += d;
     }
   }
-  *sxg = lanes_sum(a1) + t1;
-  *sg = lanes_sum(a2) + t2;
+  *sxg = a1.total() + t1;
+  *sg = a2.total() + t2;
 }
 
-// Second backward pass: dx = (g - xhat * c1 - c2) * rstd (+ ds).
+// Second backward pass: dx = (g - xhat * c1 - c2) * rstd (+ ds) (layer_norm::backward_elem).
 template <bool kDs>
 FASTMAE_ALWAYS_INLINE void bwd_dx(const float* s, const float* dy, const float* ds, const float* w, float mu, float rs,
                                   float c1, float c2, float* dx, int64_t n) {
+  const f32x8 m = vsplat(mu), r = vsplat(rs), k1 = vsplat(c1), k2 = vsplat(c2);
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    float v[kLanes];
-    for (int j = 0; j < kLanes; ++j)
-      v[j] = layer_norm::backward_elem(dy[i + j], s[i + j], mu, rs, w[i + j], c1, c2, kDs ? ds[i + j] : 0.0f);
-    for (int j = 0; j < kLanes; ++j) dx[i + j] = v[j];
+  for (; i + kVecLanes <= n; i += kVecLanes) {
+    const f32x8 xh = (vload(s + i) - m) * r;
+    f32x8 v = (vload(dy + i) * vload(w + i) - xh * k1 - k2) * r;
+    if (kDs) v += vload(ds + i);
+    vstore(dx + i, v);
   }
   for (; i < n; ++i) dx[i] = layer_norm::backward_elem(dy[i], s[i], mu, rs, w[i], c1, c2, kDs ? ds[i] : 0.0f);
 }
@@ -186,55 +210,98 @@ struct FwdArgs {
   float eps;
 };
 
+// One row whose x, residual (when given), s and y are all stored in T (fp32 or bf16): loaded
+// and stored in registers. buf: D floats (the rounded s, or x, in fp32 for T = bf16).
+template <class T>
+FASTMAE_ALWAYS_INLINE void fwd_row_same(const FwdArgs& a, int64_t r, float* buf) {
+  const int64_t D = a.D;
+  const T* x = reinterpret_cast<const T*>(a.x) + r * D;
+  const float* sf;  // the normalised row, fp32
+  float total;
+  if (a.res != nullptr) {
+    T* s = reinterpret_cast<T*>(a.s) + r * D;
+    float* so;
+    if constexpr (std::is_same_v<T, float>)
+      so = s;
+    else
+      so = buf;
+    total = add_store_sum(x, reinterpret_cast<const T*>(a.res) + r * D, s, so, D);
+    sf = so;
+  } else {
+    if constexpr (std::is_same_v<T, float>) {
+      sf = x;
+    } else {
+      widen(x, buf, D);
+      sf = buf;
+    }
+    total = row_sum(sf, D);
+  }
+  const float mu = total / static_cast<float>(D);
+  const float rs = layer_norm::rstd_from(centred_sumsq(sf, mu, D), static_cast<int>(D), a.eps);
+  normalize(sf, mu, rs, a.w, a.b, reinterpret_cast<T*>(a.y) + r * D, D);
+  a.mean[r] = mu;
+  a.rstd[r] = rs;
+}
+
+// One row of any other dtype mix, through fp32 row buffers (buf0..buf2: D floats each).
+FASTMAE_ALWAYS_INLINE void fwd_row_mixed(const FwdArgs& a, int64_t r, float* buf0, float* buf1, float* buf2) {
+  const int64_t D = a.D;
+  // xf: x in fp32 (in place for fp32 storage, else converted into buf0)
+  const char* xrow = a.x + r * D * a.xe;
+  const float* xf = reinterpret_cast<const float*>(xrow);
+  if (a.xt != at::kFloat) {
+    load_row(xrow, a.xt, buf0, D);
+    xf = buf0;
+  }
+  const float* sf = xf;  // the normalised row, fp32
+  float total;
+  if (a.res != nullptr) {
+    const char* rrow = a.res + r * D * a.re;
+    const float* rf = reinterpret_cast<const float*>(rrow);
+    if (a.rt != at::kFloat) {
+      load_row(rrow, a.rt, buf1, D);
+      rf = buf1;
+    }
+    char* srow = a.s + r * D * a.se;
+    if (a.st == at::kFloat) {
+      float* so = reinterpret_cast<float*>(srow);
+      total = add_store_sum(xf, rf, so, so, D);
+      sf = so;
+    } else {
+      // normalise the stored (rounded) s, which is what the backward reads
+      add_rows(xf, rf, buf2, D);
+      store_row(buf2, a.st, srow, D);
+      load_row(srow, a.st, buf2, D);
+      sf = buf2;
+      total = row_sum(sf, D);
+    }
+  } else {
+    total = row_sum(sf, D);
+  }
+  const float mu = total / static_cast<float>(D);
+  const float rs = layer_norm::rstd_from(centred_sumsq(sf, mu, D), static_cast<int>(D), a.eps);
+  char* yrow = a.y + r * D * a.ye;
+  if (a.yt == at::kFloat) {
+    normalize(sf, mu, rs, a.w, a.b, reinterpret_cast<float*>(yrow), D);
+  } else {
+    float* yb = sf == buf0 ? buf1 : buf0;  // a buffer sf is not in
+    normalize(sf, mu, rs, a.w, a.b, yb, D);
+    store_row(yb, a.yt, yrow, D);
+  }
+  a.mean[r] = mu;
+  a.rstd[r] = rs;
+}
+
 // Rows [r0, r1); buf0..buf2: D floats each.
 FASTMAE_ALWAYS_INLINE void fwd_rows_body(const FwdArgs& a, int64_t r0, int64_t r1, float* buf0, float* buf1,
                                          float* buf2) {
-  const int64_t D = a.D;
-  for (int64_t r = r0; r < r1; ++r) {
-    // xf: x in fp32 (in place for fp32 storage, else converted into buf0)
-    const char* xrow = a.x + r * D * a.xe;
-    const float* xf = reinterpret_cast<const float*>(xrow);
-    if (a.xt != at::kFloat) {
-      load_row(xrow, a.xt, buf0, D);
-      xf = buf0;
-    }
-    const float* sf = xf;  // the normalised row, fp32
-    float total;
-    if (a.res != nullptr) {
-      const char* rrow = a.res + r * D * a.re;
-      const float* rf = reinterpret_cast<const float*>(rrow);
-      if (a.rt != at::kFloat) {
-        load_row(rrow, a.rt, buf1, D);
-        rf = buf1;
-      }
-      char* srow = a.s + r * D * a.se;
-      if (a.st == at::kFloat) {
-        float* so = reinterpret_cast<float*>(srow);
-        total = add_store_sum(xf, rf, so, D);
-        sf = so;
-      } else {
-        // normalise the stored (rounded) s, which is what the backward reads
-        add_rows(xf, rf, buf2, D);
-        store_row(buf2, a.st, srow, D);
-        load_row(srow, a.st, buf2, D);
-        sf = buf2;
-        total = sum16(sf, D);
-      }
-    } else {
-      total = sum16(sf, D);
-    }
-    const float mu = total / static_cast<float>(D);
-    const float rs = layer_norm::rstd_from(centred_sumsq(sf, mu, D), static_cast<int>(D), a.eps);
-    char* yrow = a.y + r * D * a.ye;
-    if (a.yt == at::kFloat) {
-      normalize(sf, mu, rs, a.w, a.b, reinterpret_cast<float*>(yrow), D);
-    } else {
-      float* yb = sf == buf0 ? buf1 : buf0;  // a buffer sf is not in
-      normalize(sf, mu, rs, a.w, a.b, yb, D);
-      store_row(yb, a.yt, yrow, D);
-    }
-    a.mean[r] = mu;
-    a.rstd[r] = rs;
+  const bool same = a.yt == a.xt && (a.res == nullptr || (a.rt == a.xt && a.st == a.xt));
+  if (same && a.xt == at::kFloat) {
+    for (int64_t r = r0; r < r1; ++r) fwd_row_same<float>(a, r, buf0);
+  } else if (same && a.xt == at::kBFloat16) {
+    for (int64_t r = r0; r < r1; ++r) fwd_row_same<bf16>(a, r, buf0);
+  } else {
+    for (int64_t r = r0; r < r1; ++r) fwd_row_mixed(a, r, buf0, buf1, buf2);
   }
 }
 
@@ -268,32 +335,38 @@ FASTMAE_ALWAYS_INLINE const float* as_f32(const char* row, at::ScalarType t, flo
   return buf;
 }
 
+// One row: fp32 rows in place, fp16 / bf16 through fp32 row buffers (buf0..buf3: D floats
+// each). (Converting bf16 in registers instead, as the forward does, loads and widens s and dy
+// twice: measured slower here.)
+template <bool kDs, bool kAcc>
+FASTMAE_ALWAYS_INLINE void bwd_row(const BwdArgs& a, int64_t r, float* dwp, float* dbp, float* buf0,
+                                         float* buf1, float* buf2, float* buf3) {
+  const int64_t D = a.D;
+  const float* sf = as_f32(a.s + r * D * a.se, a.st, buf0, D);
+  const float* dyf = as_f32(a.dy + r * D * a.dye, a.dyt, buf1, D);
+  const float* dsf = kDs ? as_f32(a.ds + r * D * a.dse, a.dst, buf2, D) : nullptr;
+  const float mu = a.mean[r], rs = a.rstd[r], invD = 1.0f / static_cast<float>(D);
+  float sxg, sg;
+  bwd_sums<kAcc>(sf, dyf, a.w, mu, rs, dwp, dbp, D, &sxg, &sg);
+  char* dxrow = a.dx + r * D * a.dxe;
+  float* dxf = a.dxt == at::kFloat ? reinterpret_cast<float*>(dxrow) : buf3;
+  bwd_dx<kDs>(sf, dyf, dsf, a.w, mu, rs, sxg * invD, sg * invD, dxf, D);
+  if (a.dxt != at::kFloat) store_row(dxf, a.dxt, dxrow, D);
+  if (a.dres != nullptr) store_row(dxf, a.drt, a.dres + r * D * a.dre, D);
+}
+
 // Blocks [b0, b1); buf0..buf3: D floats each.
 template <bool kDs, bool kAcc>
 FASTMAE_ALWAYS_INLINE void bwd_blocks_body(const BwdArgs& a, int64_t b0, int64_t b1, float* buf0, float* buf1,
                                            float* buf2, float* buf3) {
   const int64_t D = a.D;
-  const float invD = 1.0f / static_cast<float>(D);
   for (int64_t blk = b0; blk < b1; ++blk) {
     float* dwp = a.part + blk * 2 * D;
     float* dbp = dwp + D;
     if (kAcc)
       for (int64_t i = 0; i < 2 * D; ++i) dwp[i] = 0.0f;
     const int64_t r_end = std::min(a.rows, (blk + 1) * kRowsPerPartial);
-    for (int64_t r = blk * kRowsPerPartial; r < r_end; ++r) {
-      const float* sf = as_f32(a.s + r * D * a.se, a.st, buf0, D);
-      const float* dyf = as_f32(a.dy + r * D * a.dye, a.dyt, buf1, D);
-      const float* dsf = kDs ? as_f32(a.ds + r * D * a.dse, a.dst, buf2, D) : nullptr;
-      const float mu = a.mean[r], rs = a.rstd[r];
-      float sxg, sg;
-      bwd_sums<kAcc>(sf, dyf, a.w, mu, rs, dwp, dbp, D, &sxg, &sg);
-      const float c1 = sxg * invD, c2 = sg * invD;
-      char* dxrow = a.dx + r * D * a.dxe;
-      float* dxf = a.dxt == at::kFloat ? reinterpret_cast<float*>(dxrow) : buf3;
-      bwd_dx<kDs>(sf, dyf, dsf, a.w, mu, rs, c1, c2, dxf, D);
-      if (a.dxt != at::kFloat) store_row(dxf, a.dxt, dxrow, D);
-      if (a.dres != nullptr) store_row(dxf, a.drt, a.dres + r * D * a.dre, D);
-    }
+    for (int64_t r = blk * kRowsPerPartial; r < r_end; ++r) bwd_row<kDs, kAcc>(a, r, dwp, dbp, buf0, buf1, buf2, buf3);
   }
 }
 
