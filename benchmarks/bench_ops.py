@@ -598,8 +598,10 @@ def run_sections(args, device, dtype, ceilings, record, save, progress):
                 r["tflops" + suffix] = flops / (m[key] * 1e-3) / 1e12
                 r["frac_matmul" + suffix] = flops / (m[key] * 1e-3) / peak
         record["results"].append(r)
-        if h.lost is not None:
+        if h.lost is not None and "cuda_context_lost" not in record:
+            # this row's measurement left the context unusable: marked, for gpu_summary to name it
             record["cuda_context_lost"] = h.lost
+            r["cuda_context_lost_here"] = True
         save()  # after every measurement: a run cut short by a timeout keeps what it measured
 
     def measure(backend, case, **kw) -> dict:

@@ -48,8 +48,7 @@ def _ops(r: dict) -> list[str]:
     out = [f"bench_ops: {len(ok)} of {len(res)} measurements ok (copy {cei['copy']['gbps']:.0f} GB/s, "
            f"matmul {cei['matmul']['tflops']:.0f} TFLOP/s; backends {backends})"]
     if r.get("cuda_context_lost"):
-        first = next((x for x in res if "then the CUDA context was lost" in x.get("reason", "")
-                      or "then the CUDA context was lost" in x.get("graph_reason", "")), None)
+        first = next((x for x in res if x.get("cuda_context_lost_here")), None)
         where = f" at {first['section']} {first['op']} {first['backend']} {first['direction']}" if first else ""
         out.append(f"  CUDA CONTEXT LOST{where}: {r['cuda_context_lost']}; the later measurements were skipped")
     for x in ok:

@@ -452,6 +452,37 @@ def test_bench_ops_runs_sections_in_the_order_given(tmp_path):
     assert set(sections[:first_ops]) == {"attention"} and set(sections[first_ops:]) == {"ops"}
 
 
+def test_the_measurement_that_lost_the_cuda_context_is_marked(tmp_path, monkeypatch):
+    # the record names the row after whose measurement the context was unusable (a key, not the
+    # reason's wording), and gpu_summary reports that row
+    from benchmarks import gpu_summary
+
+    sticky = "AcceleratorError: CUDA error: an illegal memory access was encountered"
+    orig, calls = bench_ops.Harness._measure, []
+    lose_at = random.randint(2, 4)
+
+    def losing(self, make, fn, reps):  # the lose_at-th measurement fails and takes the context with it
+        calls.append(1)
+        if len(calls) == lose_at:
+            return {"status": "error", "reason": self.context_check("boom")}
+        return orig(self, make, fn, reps)
+
+    with monkeypatch.context() as m:  # undone before the suite's own check of the context (conftest.py)
+        m.setattr(bench_ops.Harness, "_measure", losing)
+        m.setattr(_timing, "cuda_context_lost", lambda device=None: sticky)
+        rc = bench_ops.main(["--device", "cpu", "--out", str(tmp_path), "--quiet", "--reps", "2", "--warmup", "1",
+                             "--sections", "ops", "--backends", "torch"])
+    assert rc == 1  # a lost context is a failed run
+    (path,) = tmp_path.glob("ops-*.json")
+    record = json.load(open(path))
+    marked = [i for i, r in enumerate(record["results"]) if r.get("cuda_context_lost_here")]
+    assert record["cuda_context_lost"] == sticky and len(marked) == 1
+    x = record["results"][marked[0]]
+    assert x["status"] == "error" and all(r["status"] == "skipped" for r in record["results"][marked[0] + 1:])
+    assert (f"CUDA CONTEXT LOST at {x['section']} {x['op']} {x['backend']} {x['direction']}: {sticky}"
+            in gpu_summary.summarize(str(tmp_path)))
+
+
 def test_a_failed_capture_is_recorded_not_raised(monkeypatch):
     calls = []
 
@@ -721,7 +752,7 @@ def test_gpu_summary_of_every_record_kind(tmp_path):
     json.dump({"kind": "ops", "ceilings": {"copy": {"gbps": 4000.0}, "matmul": {"tflops": 700.0}}, "results": rows},
               open(tmp_path / "ops-x.json", "w"))
     sticky = "AcceleratorError: CUDA error: an illegal memory access was encountered"
-    lost_row = dict(att, backend="ext", status="error",
+    lost_row = dict(att, backend="ext", status="error", cuda_context_lost_here=True,
                     reason=f"boom; then the CUDA context was lost ({sticky}): the later measurements of this run are "
                            "skipped")
     json.dump({"kind": "ops", "ceilings": {"copy": {"gbps": 4000.0}, "matmul": {"tflops": 700.0}},
