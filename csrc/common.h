@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
 
 // Index math shared by a CUDA kernel and its CPU twin lives in csrc/ops/<op>.h as FASTMAE_HD
 // functions: host-and-device when nvcc compiles them, plain inline C++ otherwise.
@@ -58,6 +59,18 @@
 #define FASTMAE_CHECK_FLOAT(t) FASTMAE_CHECK(at::isFloatingType((t).scalar_type()), #t " must be floating point")
 #define FASTMAE_CHECK_SAME_DEVICE(a, b) \
   FASTMAE_CHECK((a).device() == (b).device(), #a " and " #b " must be on one device")
+// A dtype argument (out_dtype, x_dtype, ...): the same check, and message, on every device.
+#define FASTMAE_CHECK_FLOAT_DTYPE(dt) \
+  FASTMAE_CHECK(at::isFloatingType(dt), #dt " must be a floating dtype, got ", (dt))
+
+namespace fastmae {
+// An optional out_dtype argument: the dtype it names (a floating one), else t's.
+inline at::ScalarType out_type(const at::Tensor& t, std::optional<at::ScalarType> out_dtype) {
+  if (!out_dtype.has_value()) return t.scalar_type();
+  FASTMAE_CHECK(at::isFloatingType(*out_dtype), "out_dtype must be a floating dtype, got ", *out_dtype);
+  return *out_dtype;
+}
+}  // namespace fastmae
 
 // CPU kernels: the build targets baseline x86-64 (SSE2) or aarch64, so that one wheel runs
 // anywhere. On x86-64 a hot loop may be compiled a second time for AVX2+FMA (and a third for

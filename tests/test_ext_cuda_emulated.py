@@ -67,6 +67,10 @@ def test_patchify(N, C, H, W, p, dtype):
     TP.test_cuda_matches_reference(N, C, H, W, p, dtype, device=CPU)
 
 
+def test_patchify_takes_a_float_out_dtype_only():
+    TP.test_raw_ops_take_a_float_out_dtype_only(CPU)
+
+
 @pytest.mark.parametrize("x_dtype,p_dtype", [(bf16, None), (f16, None), (f32, None), (bf16, f32), (f64, None)])
 @pytest.mark.parametrize("N,L,D,ratio", [(3, 49, 40, 0.5), (2, 1030, 8, 0.9), (4, 197, 36, 0.0), (2, 196, 768, 0.75)])
 def test_masking(x_dtype, p_dtype, N, L, D, ratio):
@@ -79,6 +83,10 @@ def test_masking_empty_batch():
 
 def test_masking_single_feature_tokens_from_a_strided_view():
     TM.test_single_feature_tokens_from_a_strided_view(CPU)
+
+
+def test_masking_backward_takes_a_float_dtype_only():
+    TM.test_raw_backward_takes_a_float_dtype_only(CPU)
 
 
 @pytest.mark.parametrize("x_dtype,m_dtype", [(bf16, None), (f16, f32), (f32, None), (f64, None)])
@@ -95,6 +103,15 @@ def test_unshuffle_grad_layouts(x_dtype, m_dtype):
 @pytest.mark.parametrize("N,D", [(0, 16), (2, 0)])
 def test_unshuffle_empty(N, D):
     TU.test_empty(CPU, N, D)
+
+
+@pytest.mark.parametrize("N,L,D", [(65535 + 3, 4, 8), (1, 2, (65535 + 1) * 64)])
+def test_unshuffle_backward_above_the_grids_y_extent(N, L, D):
+    TU.test_backward_above_the_grids_y_extent(CPU, N, L, D)
+
+
+def test_unshuffle_backward_takes_a_float_x_dtype_only():
+    TU.test_raw_op_takes_a_float_x_dtype_only(CPU)
 
 
 # Random shapes, dtypes and layouts (fresh every run): the kernels' choice between their 16-byte
@@ -192,6 +209,10 @@ def test_layer_norm_deterministic():
 
 def test_layer_norm_backward_up_to_the_cards_shared_memory():
     TL.test_cuda_backward_up_to_the_cards_shared_memory(device=CPU, optin=_cuda_emu.SMEM_OPTIN)
+
+
+def test_layer_norm_raw_ops_edges():
+    TL.test_raw_ops_edges_alike_on_both_devices(CPU)
 
 
 @pytest.mark.parametrize("x_dtype,bias_dtype", TB.DTYPES)

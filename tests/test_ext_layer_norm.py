@@ -351,6 +351,47 @@ def test_raw_ops_shape_checks(device):
         bwd(torch.randn_like(y), torch.randn_like(s)[:5], s, mean, rstd, w, b, f32, f32)
 
 
+# Edges the raw ops take alike on both devices: rows of D = 0 (empty outputs; mean and rstd are
+# 0 / 0, as the CPU computes them; on CUDA nothing to launch), rows above 2^20 elements (the
+# CUDA forward stopped there), and dtype arguments outside float32 / float16 / bfloat16 (the
+# same error, naming the argument).
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_raw_ops_edges_alike_on_both_devices(device):
+    fwd, bwd = torch.ops.fastmae_ext.add_layer_norm_fwd, torch.ops.fastmae_ext.add_layer_norm_bwd
+    x, r, w, b = _inputs(3, 0, device=device)
+    y, s, mean, rstd = fwd(x, r, w, b, EPS, f32, f32)
+    assert y.shape == s.shape == (3, 0) and bool(mean.isnan().all()) and bool(rstd.isnan().all())
+    dx, dres, dw, db = bwd(torch.randn_like(y), torch.randn_like(s), s, mean, rstd, w, b, f32, None)
+    assert dx.shape == (3, 0) and dres.numel() == 0 and dw.shape == db.shape == (0,)
+    leaves = [t.requires_grad_() for t in (x, r, w, b)]
+    y, s = ops.add_layer_norm(*leaves, EPS, backend="ext")
+    grads = torch.autograd.grad((y, s), leaves, (torch.ones_like(y), torch.ones_like(s)))
+    assert [g.shape for g in grads] == [(3, 0), (3, 0), (0,), (0,)]
+
+    x, r, w, b = _inputs(3, 16, device=device)
+    for name, args in (("out_dtype", (torch.int32, f32)), ("out_dtype", (f64, f32)),
+                       ("residual_dtype", (f32, torch.int64))):
+        with pytest.raises(RuntimeError, match=f"add_layer_norm_fwd: {name} must be float32, float16 or bfloat16"):
+            fwd(x, r, w, b, EPS, *args)
+    with pytest.raises(RuntimeError, match="add_layer_norm_fwd: x must be float32, float16 or bfloat16, got Double"):
+        fwd(x.double(), r, w, b, EPS, f32, f32)
+    y, s, mean, rstd = fwd(x, r, w, b, EPS, f32, f32)
+    dy = torch.randn_like(y)
+    with pytest.raises(RuntimeError, match="add_layer_norm_bwd: x_dtype must be float32, float16 or bfloat16"):
+        bwd(dy, None, s, mean, rstd, w, b, torch.int32, None)
+    with pytest.raises(RuntimeError, match="add_layer_norm_bwd: residual_dtype must be float32, float16 or bfloat16"):
+        bwd(dy, None, s, mean, rstd, w, b, f32, torch.int16)
+
+    # a row of 2^20 + 8 elements: the forward against the oracle (the CUDA backward stops far
+    # below, where a block's dW / dB partials fill its shared memory: its own clear error)
+    x, r, w, b = _inputs(2, (1 << 20) + 8, device=device)
+    y, s = ops.add_layer_norm(x, r, w, b, EPS, backend="ext")
+    yl, sl = ref.add_layer_norm(x, r, w, b, EPS)
+    ye, _ = ref.add_layer_norm(at_stored_s(x.double(), r.double(), f32), r.double(), w.double(), b.double(), EPS)
+    _assert_2x("y", y, yl, ye, f32)
+    assert torch.equal(s, sl)
+
+
 @pytest.mark.gpu
 def test_cuda_inputs_on_two_devices_are_an_error():
     fwd, bwd = torch.ops.fastmae_ext.add_layer_norm_fwd, torch.ops.fastmae_ext.add_layer_norm_bwd

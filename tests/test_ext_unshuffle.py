@@ -212,3 +212,29 @@ def test_cuda_inputs_on_two_devices_are_an_error():
             E_.decoder_unshuffle(*args)
     with pytest.raises(RuntimeError, match="must be on one device"):
         E_.decoder_unshuffle_backward(torch.randn(2, 17, 8, device="cuda"), ids.cpu(), x.shape[1] - 1, x.dtype)
+
+
+# The backward's grid: slabs of kCols = 64 columns on x, samples on y, whose extent stops at
+# 65535. A batch above it (the blocks then take several samples each), and tokens of more than
+# 65535 slabs (the grid had them on y). Exact as above.
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("N,L,D", [(65535 + 3, 4, 8), (1, 2, (65535 + 1) * 64)])
+def test_backward_above_the_grids_y_extent(device, N, L, D):
+    ratio = 0.5
+    x, ids, mt, pos = make(N, L, D, ratio, device=device)
+    g = torch.randn(N, 1 + L, D, device=device)
+    _, got = _grads(lambda x, mt: E.decoder_unshuffle(x, ids, mt, pos), (x, mt), g)
+    _, want = _grads(lambda x, mt: ref.decoder_unshuffle(x, ids, mt, pos), (x, mt), g)
+    assert_same(got[0], want[0])
+    assert_mask_token_grad(got[1], g, ids, L, ratio)
+
+
+# The raw op's dtype argument: a non-float one is the same clear error on both devices (the
+# CUDA kernel cast to it before).
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_raw_op_takes_a_float_x_dtype_only(device):
+    ids = torch.argsort(torch.rand(2, 8, device=device), dim=1)
+    g = torch.randn(2, 9, 4, device=device)
+    for dt in (torch.int32, torch.int64, torch.bool):
+        with pytest.raises(RuntimeError, match="x_dtype must be a floating dtype, got"):
+            torch.ops.fastmae_ext.decoder_unshuffle_backward(g, ids, 2, dt)

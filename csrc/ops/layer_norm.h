@@ -16,8 +16,46 @@
 namespace fastmae {
 namespace layer_norm {
 
-// rstd from the row's centred sum of squares.
-FASTMAE_HD float rstd_from(float centred_sumsq, int D, float eps) {
+// The dtypes the kernels store and load (host): float32, float16, bfloat16; the same check,
+// and message, on both devices. (fastmae.ops validates user input first.)
+inline void check_dtype(at::ScalarType t, const char* op, const char* what) {
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op, ": ", what,
+              " must be float32, float16 or bfloat16, got ", t);
+}
+inline void check_dtype(const std::optional<at::Tensor>& t, const char* op, const char* what) {
+  if (t.has_value() && t->defined()) check_dtype(t->scalar_type(), op, what);
+}
+
+inline void check_fwd_dtypes(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                             at::ScalarType out_dtype, at::ScalarType residual_dtype) {
+  constexpr const char* op = "add_layer_norm_fwd";
+  check_dtype(x.scalar_type(), op, "x");
+  check_dtype(residual, op, "residual");
+  check_dtype(weight, op, "weight");
+  check_dtype(bias, op, "bias");
+  check_dtype(out_dtype, op, "out_dtype");
+  check_dtype(residual_dtype, op, "residual_dtype");
+}
+
+inline void check_bwd_dtypes(const at::Tensor& dy, const std::optional<at::Tensor>& ds, const at::Tensor& s,
+                             const std::optional<at::Tensor>& weight, at::ScalarType x_dtype,
+                             std::optional<at::ScalarType> residual_dtype) {
+  constexpr const char* op = "add_layer_norm_bwd";
+  check_dtype(dy.scalar_type(), op, "dy");
+  check_dtype(ds, op, "ds");
+  check_dtype(s.scalar_type(), op, "s");
+  check_dtype(weight, op, "weight");
+  check_dtype(x_dtype, op, "x_dtype");
+  if (residual_dtype.has_value()) check_dtype(*residual_dtype, op, "residual_dtype");
+}
+
+// The widest row the CUDA kernels index with 32-bit column offsets (a lane's last chunk start
+// plus a warp's stride stays below 2^31).
+constexpr int64_t kCudaMaxD = (int64_t{1} << 31) - 1 - 32 * 8;
+
+// rstd from the row's centred sum of squares (D = 0: 0 / 0, NaN, as the mean).
+FASTMAE_HD float rstd_from(float centred_sumsq, int64_t D, float eps) {
 #ifdef __CUDA_ARCH__
   return rsqrtf(centred_sumsq / static_cast<float>(D) + eps);
 #else

@@ -237,7 +237,7 @@ FASTMAE_ALWAYS_INLINE void fwd_row_same(const FwdArgs& a, int64_t r, float* buf)
     total = row_sum(sf, D);
   }
   const float mu = total / static_cast<float>(D);
-  const float rs = layer_norm::rstd_from(centred_sumsq(sf, mu, D), static_cast<int>(D), a.eps);
+  const float rs = layer_norm::rstd_from(centred_sumsq(sf, mu, D), D, a.eps);
   normalize(sf, mu, rs, a.w, a.b, reinterpret_cast<T*>(a.y) + r * D, D);
   a.mean[r] = mu;
   a.rstd[r] = rs;
@@ -279,7 +279,7 @@ FASTMAE_ALWAYS_INLINE void fwd_row_mixed(const FwdArgs& a, int64_t r, float* buf
     total = row_sum(sf, D);
   }
   const float mu = total / static_cast<float>(D);
-  const float rs = layer_norm::rstd_from(centred_sumsq(sf, mu, D), static_cast<int>(D), a.eps);
+  const float rs = layer_norm::rstd_from(centred_sumsq(sf, mu, D), D, a.eps);
   char* yrow = a.y + r * D * a.ye;
   if (a.yt == at::kFloat) {
     normalize(sf, mu, rs, a.w, a.b, reinterpret_cast<float*>(yrow), D);
@@ -415,6 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cp
   const at::Tensor res = has_res ? residual_->contiguous() : at::Tensor();
   const int64_t rows = x.size(0), D = x.size(1);
   if (has_res) TORCH_CHECK(res.sizes() == x.sizes(), "add_layer_norm_fwd: residual must match x");
+  layer_norm::check_fwd_dtypes(x, residual_, weight, bias, out_dtype, residual_dtype);
   std::vector<float> w_store, b_store;
   const float* w = param_f32(weight, D, 1.0f, w_store);
   const float* b = param_f32(bias, D, 0.0f, b_store);
@@ -466,6 +467,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cp
   const bool has_ds = ds_.has_value() && ds_->defined();
   const at::Tensor ds = has_ds ? ds_->contiguous() : at::Tensor();
   if (has_ds) TORCH_CHECK(ds.sizes() == s.sizes(), "add_layer_norm_bwd: ds must match s");
+  layer_norm::check_bwd_dtypes(dy, ds_, s, weight, x_dtype, residual_dtype);
   const bool has_w = weight.has_value() && weight->defined(), has_b = bias.has_value() && bias->defined();
   const bool sep_res = residual_dtype.has_value() && *residual_dtype != x_dtype;
   const int64_t rows = s.size(0), D = s.size(1);

@@ -171,10 +171,6 @@ void unpatchify_rows(const in_t* src, out_t* dst, const Geom& g, const TokenStri
   });
 }
 
-at::ScalarType out_type(const at::Tensor& t, std::optional<at::ScalarType> out_dtype) {
-  return out_dtype.has_value() ? *out_dtype : t.scalar_type();
-}
-
 // f.template operator()<C_STATIC, UNIT, P_STATIC>(): the channel count 3 as a constant, a unit
 // stride, and ViT's patch size 16 as a constant where the rest is the fast path
 template <typename F>

@@ -127,6 +127,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_unshuffle_backward_cpu(const at::Tens
                                                                   const at::Tensor& ids_restore, int64_t len_keep,
                                                                   at::ScalarType x_dtype) {
   FASTMAE_CHECK_DIM(grad_in, 3);
+  FASTMAE_CHECK_FLOAT_DTYPE(x_dtype);
   FASTMAE_CHECK(ids_restore.size(1) == grad_in.size(1) - 1, "grad must be (N, 1 + L, D)");
   const at::Tensor grad = grad_in.stride(2) == 1 ? grad_in : grad_in.contiguous();
   const int64_t N = grad.size(0), D = grad.size(2);

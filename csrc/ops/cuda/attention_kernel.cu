@@ -41,6 +41,7 @@
 #include <cstdint>
 
 #include "../attention.h"
+#include "smem.cuh"
 
 namespace fastmae {
 namespace {
@@ -620,14 +621,9 @@ size_t bwd_smem(int N, int D) {
 
 template <typename Kernel>
 void launch(Kernel kernel, unsigned grid, size_t smem, const AttnArgs& a) {
-  if (smem > 48 * 1024) {
-    // above 48 KB a block needs the opt-in, up to the card's own limit (227 KB on sm_90, 163 KB on
-    // sm_80, 99 KB on sm_86 / sm_89 / sm_120: D = 128 at N > 176 is above the last)
-    const int optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-    TORCH_CHECK(smem <= static_cast<size_t>(optin), "attention (CUDA): N = ", a.N, " needs ", smem,
-                " bytes of shared memory a block; this card allows ", optin, " (use backend 'triton' or 'sdpa')");
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
+  // (D = 128 at N > 176 is above the 99 KB of sm_86 / sm_89 / sm_120)
+  fastmae::cuda::opt_in_dynamic_smem(kernel, smem, "attention (CUDA): N = " + std::to_string(a.N),
+                                     "'triton' or 'sdpa'");
   kernel<<<grid, kWarps * 32, smem, at::cuda::getCurrentCUDAStream()>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

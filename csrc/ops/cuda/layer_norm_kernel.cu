@@ -14,7 +14,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "../layer_norm.h"
+#include "smem.cuh"
 #include "layer_norm_kernel_vec.cuh"
 
 namespace fastmae {
@@ -209,12 +212,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_fwd_cu
   }
   if (w.defined()) FASTMAE_CHECK_SAME_DEVICE(x, w);
   if (b.defined()) FASTMAE_CHECK_SAME_DEVICE(x, b);
-  TORCH_CHECK(D > 0 && D <= (1 << 20), "add_layer_norm_fwd: unsupported D");
+  layer_norm::check_fwd_dtypes(x, residual_, weight_, bias_, out_dtype, residual_dtype);
+  TORCH_CHECK(D <= layer_norm::kCudaMaxD, "add_layer_norm_fwd: D = ", D, " is above the CUDA kernels' ",
+              layer_norm::kCudaMaxD, " (32-bit column offsets)");
   auto f32 = x.options().dtype(at::kFloat);
   at::Tensor y = empty_output({rows, D}, x.options().dtype(out_dtype));
   at::Tensor s = has_res ? empty_output({rows, D}, x.options().dtype(residual_dtype)) : at::empty({0}, x.options());
   at::Tensor mean = empty_output({rows}, f32), rstd = empty_output({rows}, f32);
   if (rows == 0) return {y, s, mean, rstd};
+  if (D == 0) {  // empty rows: mean and rstd are 0 / 0, as the CPU twin computes them; nothing to launch
+    mean.fill_(std::numeric_limits<float>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {y, s, mean, rstd};
+  }
 
   FwdArgs a;
   a.x = x.const_data_ptr(); a.res = has_res ? res.const_data_ptr() : nullptr;
@@ -261,12 +271,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cu
   FASTMAE_CHECK_SAME_DEVICE(s, rstd);
   TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows, "add_layer_norm_bwd: mean and rstd must be (rows,)");
   if (w.defined()) FASTMAE_CHECK_SAME_DEVICE(s, w);
+  layer_norm::check_bwd_dtypes(dy, ds_, s, weight_, x_dtype, residual_dtype);
+  TORCH_CHECK(2 * D <= layer_norm::kCudaMaxD, "add_layer_norm_bwd: D = ", D, " is above the CUDA kernels' ",
+              layer_norm::kCudaMaxD / 2, " (32-bit offsets into the 2 x D partial rows)");
   at::Tensor dx = empty_output({rows, D}, s.options().dtype(x_dtype));
   at::Tensor dres = sep_res ? empty_output({rows, D}, s.options().dtype(*residual_dtype)) : at::empty({0}, s.options());
   const int P = layer_norm::num_partials(rows, kRowsPerPartial);
   at::Tensor part = at::empty({std::max(P, 1), 2, D}, s.options().dtype(at::kFloat));
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (rows > 0) {
+  if (rows > 0 && D > 0) {
     BwdArgs a;
     a.dy = dy.const_data_ptr(); a.ds = has_ds ? ds.const_data_ptr() : nullptr; a.s = s.const_data_ptr();
     a.mean = mean.const_data_ptr<float>(); a.rstd = rstd.const_data_ptr<float>();
@@ -277,14 +290,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cu
     a.dyt = dtype_code(dy.scalar_type()); a.dst = has_ds ? dtype_code(ds.scalar_type()) : kF32;
     a.st = dtype_code(s.scalar_type()); a.wt = w.defined() ? dtype_code(w.scalar_type()) : kF32;
     a.dxt = dtype_code(x_dtype); a.drt = sep_res ? dtype_code(*residual_dtype) : kF32;
-    const size_t shm = static_cast<size_t>(kWarps) * 2 * D * sizeof(float);
-    // a block's dW / dB partials in shared memory: above 48 KB with the opt-in, up to the card's limit
-    const int optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-    TORCH_CHECK(shm <= static_cast<size_t>(std::max(optin, 48 * 1024)), "add_layer_norm_bwd: D = ", D, " needs ",
-                shm, " bytes of shared memory a block; this card allows ", optin, " (use backend 'triton' or 'torch')");
+    const size_t shm = static_cast<size_t>(kWarps) * 2 * D * sizeof(float);  // a block's dW / dB partials
     auto launch = [&](auto kernel) {
-      if (shm > 48 * 1024)
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shm)));
+      fastmae::cuda::opt_in_dynamic_smem(kernel, shm, "add_layer_norm_bwd: D = " + std::to_string(D),
+                                         "'triton' or 'torch'");
       kernel<<<P, kWarps * 32, shm, stream>>>(a);
     };
     if (can_vectorise(D, {&dy, &ds, &s, &w, &dx, &dres})) launch(ln_bwd_kernel<8>);
@@ -296,10 +305,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cu
   at::Tensor dw = at::empty({0}, s.options()), db = at::empty({0}, s.options());
   if (w.defined() || has_b) {
     at::Tensor red = empty_output({2 * D}, s.options().dtype(at::kFloat));
-    const int C = static_cast<int>(2 * D);
-    column_sum_kernel<<<(C + 31) / 32, 256, 0, stream>>>(part.const_data_ptr<float>(), red.mutable_data_ptr<float>(),
-                                                         std::max(P, 1), C);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t C = 2 * D;
+    if (C > 0) {  // an empty grid is not a launch CUDA accepts
+      column_sum_kernel<<<static_cast<unsigned>((C + 31) / 32), 256, 0, stream>>>(
+          part.const_data_ptr<float>(), red.mutable_data_ptr<float>(), std::max(P, 1), static_cast<int>(C));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
     // copies (copy=true): dw and db must not alias each other (nor red)
     if (w.defined()) dw = red.narrow(0, 0, D).to(w.scalar_type(), /*non_blocking=*/false, /*copy=*/true);
     if (has_b) db = red.narrow(0, D, D).to(bias_->scalar_type(), /*non_blocking=*/false, /*copy=*/true);

@@ -157,6 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoder_input_cuda(const at::Tens
 at::Tensor masked_tokens_backward_cuda(const at::Tensor& grad, const at::Tensor& ids_restore, int64_t num_prefix,
                                        at::ScalarType dtype) {
   FASTMAE_CHECK_DIM(grad, 3);
+  FASTMAE_CHECK_FLOAT_DTYPE(dtype);
   const int64_t len_keep = grad.size(1) - num_prefix;
   return unshuffle::unshuffle_rows_cuda(grad, ids_restore, len_keep, 0, num_prefix, std::nullopt, std::nullopt, dtype);
 }

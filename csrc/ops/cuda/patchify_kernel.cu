@@ -167,10 +167,6 @@ int64_t num_blocks(int64_t chunks) {
   return std::max<int64_t>(1, std::min<int64_t>(ceil_div(chunks, kThreads), sms * 32));
 }
 
-at::ScalarType out_type(const at::Tensor& t, std::optional<at::ScalarType> out_dtype) {
-  return out_dtype.has_value() ? *out_dtype : t.scalar_type();
-}
-
 at::Tensor patchify_cuda(const at::Tensor& imgs, int64_t patch_size, std::optional<at::ScalarType> out_dtype) {
   FASTMAE_CHECK_DIM(imgs, 4);
   FASTMAE_CHECK(patch_size > 0 && imgs.size(2) % patch_size == 0 && imgs.size(3) % patch_size == 0,

@@ -5,9 +5,10 @@
 // (the cls row, a kept token, or the fill: mask token or zero), the position embedding is added
 // in float for fp16/bf16 and rounded once (torch's add), loads and stores are 16-byte vectors
 // when rows allow it. Every output element is written once.
-// Backward: block (sample n, slab of kCols columns of D), 256 threads: each owns G adjacent
-// columns of the slab (G = 16 bytes of the wider of the two dtypes, or 1 when rows or strides
-// do not allow vectors) and one of 4 G row groups; each walks its rows of grad (16-byte loads),
+// Backward: block (slab of kCols columns of D; samples blockIdx.y, + gridDim.y, ...), 256
+// threads: each owns G adjacent columns of the slab (G = 16 bytes of the wider of the two
+// dtypes, or 1 when rows or strides do not allow vectors) and one of 4 G row groups; each
+// walks its rows of grad (16-byte loads),
 // stores kept rows to grad_x[1 + j] (16-byte stores; a permutation: no atomics) and sums the
 // removed rows in float; the row groups' sums are added in a fixed order in shared memory into
 // a per-sample partial (N, D), summed over the batch by a second kernel in a fixed order:
@@ -169,17 +170,16 @@ __device__ __forceinline__ void store_cols(T* __restrict__ p, const U (&v)[G]) {
   }
 }
 
-// Block (kCols / G, 4 G) threads: threadIdx.x owns columns [d, d + G) of the slab, threadIdx.y
-// is the row group.
+// One sample n of backward_kernel: the kept rows to gx, the removed rows' sum (this thread's
+// row group, then the block's groups in a fixed order) to partial[n]. A barrier between the
+// groups' writes to sums and their sum; the caller's next one separates the samples.
 template <typename scalar_t, typename out_t, typename acc_t, typename idx_t, int G>
-__global__ void backward_kernel(const scalar_t* __restrict__ g, const idx_t* __restrict__ ids, out_t* __restrict__ gx,
-                                acc_t* __restrict__ partial, int64_t L, int64_t D, int64_t len_keep, int64_t sgn,
-                                int64_t sgt, int64_t sin, int64_t sil) {
+__device__ __forceinline__ void backward_sample(const scalar_t* __restrict__ g, const idx_t* __restrict__ ids,
+                                                out_t* __restrict__ gx, acc_t* __restrict__ partial,
+                                                acc_t (*sums)[kCols], int64_t n, int64_t d, int grp, int64_t L,
+                                                int64_t D, int64_t len_keep, int64_t sgn, int64_t sgt, int64_t sin,
+                                                int64_t sil) {
   constexpr int kGroups = kRowGroups * G;
-  __shared__ acc_t sums[kGroups][kCols];
-  const int64_t n = blockIdx.x;
-  const int64_t d = blockIdx.y * int64_t(kCols) + threadIdx.x * G;  // G columns a thread
-  const int grp = threadIdx.y;
   acc_t acc[G];
 #pragma unroll
   for (int e = 0; e < G; ++e) acc[e] = 0;
@@ -216,6 +216,24 @@ __global__ void backward_kernel(const scalar_t* __restrict__ g, const idx_t* __r
   }
 }
 
+// Block (kCols / G, 4 G) threads: threadIdx.x owns columns [d, d + G) of the slab blockIdx.x,
+// threadIdx.y is the row group; the block walks samples blockIdx.y, + gridDim.y, ... (the grid's
+// y extent is at most 65535: batches above it take several samples a block).
+template <typename scalar_t, typename out_t, typename acc_t, typename idx_t, int G>
+__global__ void backward_kernel(const scalar_t* __restrict__ g, const idx_t* __restrict__ ids, out_t* __restrict__ gx,
+                                acc_t* __restrict__ partial, int64_t N, int64_t L, int64_t D, int64_t len_keep,
+                                int64_t sgn, int64_t sgt, int64_t sin, int64_t sil) {
+  constexpr int kGroups = kRowGroups * G;
+  __shared__ acc_t sums[kGroups][kCols];
+  const int64_t d = blockIdx.x * int64_t(kCols) + threadIdx.x * G;  // G columns a thread
+  const int grp = threadIdx.y;
+  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {  // the same count for every thread of the block
+    backward_sample<scalar_t, out_t, acc_t, idx_t, G>(g, ids, gx, partial, sums, n, d, grp, L, D, len_keep, sgn, sgt,
+                                                      sin, sil);
+    __syncthreads();  // sums is the next sample's
+  }
+}
+
 template <typename acc_t>
 __global__ void batch_sum_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ out, int64_t N, int64_t D) {
   const int64_t d = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
@@ -238,6 +256,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_unshuffle_backward_cuda(const at::Ten
                                                                    const at::Tensor& ids_restore, int64_t len_keep,
                                                                    at::ScalarType x_dtype) {
   FASTMAE_CHECK_DIM(grad_in, 3);
+  FASTMAE_CHECK_FLOAT_DTYPE(x_dtype);
   FASTMAE_CHECK(ids_restore.size(1) == grad_in.size(1) - 1, "grad must be (N, 1 + L, D)");
   FASTMAE_CHECK_SAME_DEVICE(grad_in, ids_restore);
   const c10::cuda::CUDAGuard guard(grad_in.device());
@@ -252,7 +271,8 @@ std::tuple<at::Tensor, at::Tensor> decoder_unshuffle_backward_cuda(const at::Ten
     return {gx, gm};
   }
   auto stream = at::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(ceil_div(D, kCols)));
+  FASTMAE_CHECK(ceil_div(D, kCols) <= INT32_MAX, "grad's last dim D = ", D, " is above the kernel's grid");
+  const dim3 grid(static_cast<unsigned>(ceil_div(D, kCols)), static_cast<unsigned>(std::min<int64_t>(N, 65535)));
   bool dispatched;
   FASTMAE_DISPATCH_CAST_PAIR(grad.scalar_type(), x_dtype, dispatched, "fastmae_ext::decoder_unshuffle_backward", [&] {
     using acc_t = at::opmath_type<in_t>;
@@ -267,11 +287,11 @@ std::tuple<at::Tensor, at::Tensor> decoder_unshuffle_backward_cuda(const at::Ten
       using idx_t = std::remove_const_t<std::remove_pointer_t<decltype(ids)>>;
       if (vec) {
         backward_kernel<in_t, out_t, acc_t, idx_t, G><<<grid, dim3(kCols / G, kRowGroups * G), 0, stream>>>(
-            gp, ids, gxp, pp, L, D, len_keep, grad.stride(0), grad.stride(1), ids_restore.stride(0),
+            gp, ids, gxp, pp, N, L, D, len_keep, grad.stride(0), grad.stride(1), ids_restore.stride(0),
             ids_restore.stride(1));
       } else {
         backward_kernel<in_t, out_t, acc_t, idx_t, 1><<<grid, dim3(kCols, kRowGroups), 0, stream>>>(
-            gp, ids, gxp, pp, L, D, len_keep, grad.stride(0), grad.stride(1), ids_restore.stride(0),
+            gp, ids, gxp, pp, N, L, D, len_keep, grad.stride(0), grad.stride(1), ids_restore.stride(0),
             ids_restore.stride(1));
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
