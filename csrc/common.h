@@ -59,15 +59,23 @@
 #define FASTMAE_CHECK_FLOAT(t) FASTMAE_CHECK(at::isFloatingType((t).scalar_type()), #t " must be floating point")
 #define FASTMAE_CHECK_SAME_DEVICE(a, b) \
   FASTMAE_CHECK((a).device() == (b).device(), #a " and " #b " must be on one device")
-// A dtype argument (out_dtype, x_dtype, ...): the same check, and message, on every device.
+// A dtype argument (out_dtype, x_dtype, ...): one of the float dtypes FASTMAE_DISPATCH_FLOAT
+// takes (not float8 / float4, which isFloatingType also names), the same check and message on
+// every device.
+namespace fastmae {
+inline bool is_kernel_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+}  // namespace fastmae
 #define FASTMAE_CHECK_FLOAT_DTYPE(dt) \
-  FASTMAE_CHECK(at::isFloatingType(dt), #dt " must be a floating dtype, got ", (dt))
+  FASTMAE_CHECK(::fastmae::is_kernel_float(dt), #dt " must be float32, float64, float16 or bfloat16, got ", (dt))
 
 namespace fastmae {
-// An optional out_dtype argument: the dtype it names (a floating one), else t's.
+// An optional out_dtype argument: the dtype it names (checked as above), else t's.
 inline at::ScalarType out_type(const at::Tensor& t, std::optional<at::ScalarType> out_dtype) {
   if (!out_dtype.has_value()) return t.scalar_type();
-  FASTMAE_CHECK(at::isFloatingType(*out_dtype), "out_dtype must be a floating dtype, got ", *out_dtype);
+  FASTMAE_CHECK(is_kernel_float(*out_dtype), "out_dtype must be float32, float64, float16 or bfloat16, got ",
+                *out_dtype);
   return *out_dtype;
 }
 }  // namespace fastmae

@@ -381,6 +381,13 @@ def test_raw_ops_edges_alike_on_both_devices(device):
         bwd(dy, None, s, mean, rstd, w, b, torch.int32, None)
     with pytest.raises(RuntimeError, match="add_layer_norm_bwd: residual_dtype must be float32, float16 or bfloat16"):
         bwd(dy, None, s, mean, rstd, w, b, f32, torch.int16)
+    with pytest.raises(RuntimeError, match="add_layer_norm_bwd: bias must be float32, float16 or bfloat16"):
+        bwd(dy, None, s, mean, rstd, w, b.to(torch.int32), f32, None)
+    # a zero gradient is +0 in every lane, vector body and tail alike (dx = (...) * rstd + 0)
+    x, r, w, b = _inputs(3, 8 * 5 + 3, device=device)
+    y, s, mean, rstd = fwd(x, r, -w.abs(), b, EPS, f32, f32)
+    dx = bwd(torch.zeros_like(y), None, s, mean, rstd, -w.abs(), b, f32, None)[0]
+    assert bool((dx.view(torch.int32) == 0).all()), "a -0 in dx"
 
     # a row of 2^20 + 8 elements: the forward against the oracle (the CUDA backward stops far
     # below, where a block's dW / dB partials fill its shared memory: its own clear error)
@@ -534,8 +541,11 @@ def test_cpu_bf16_rows_round_in_registers_as_torch(cpu_isa):
         x[k], r[k] = a, c
     x, r = x.view(rows, D), r.to(bf16).view(rows, D)
     w, b = torch.randn(D), torch.randn(D)
-    _, s = ops.add_layer_norm(x, r, w, b, EPS, backend="ext")
-    assert s.dtype == bf16
-    _same_bits(s, ref.add_layer_norm(x, r, w, b, EPS)[1])
+    w.view(torch.int32)[torch.randint(0, D, (3,))] = 0x7FFFFFFF  # NaN weights whose payload rounds up into the sign
+    y, s = ops.add_layer_norm(x, r, w, b, EPS, backend="ext")
+    assert s.dtype == bf16 and y.dtype == bf16
+    y_ref, s_ref = ref.add_layer_norm(x, r, w, b, EPS)
+    _same_bits(s, s_ref)
+    assert torch.equal(torch.isnan(y), torch.isnan(y_ref))  # y's NaNs stay NaN (rounding them naively gives -0)
     rounded = (x.float() + r.float()) != (x.float() + r.float()).to(bf16).float()
     assert rounded.float().mean() > 0.5  # most sums are rounded: the test exercises the rounding

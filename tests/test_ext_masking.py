@@ -268,11 +268,12 @@ def test_cuda_inputs_on_two_devices_are_an_error():
         E_.random_masking(x, noise.cpu(), 4)
 
 
-# The raw backward op's dtype argument: a non-float one is the same clear error on both devices.
+# The raw backward op's dtype argument: one the kernels do not compute (integers, bool, float8)
+# is the same clear error on both devices.
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_raw_backward_takes_a_float_dtype_only(device):
     ids = torch.argsort(torch.rand(2, 8, device=device), dim=1)
     g = torch.randn(2, 3, 4, device=device)  # cls + 2 kept tokens
-    for dt in (torch.int32, torch.int64, torch.bool):
-        with pytest.raises(RuntimeError, match="dtype must be a floating dtype, got"):
+    for dt in (torch.int32, torch.int64, torch.bool, torch.float8_e5m2):
+        with pytest.raises(RuntimeError, match="dtype must be float32, float64, float16 or bfloat16, got"):
             torch.ops.fastmae_ext.masked_tokens_backward(g, ids, 1, dt)

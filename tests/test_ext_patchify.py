@@ -134,16 +134,16 @@ def test_cuda_matches_reference(N, C, H, W, p, dtype, device="cuda"):
                        ref.unpatchify(x, p, (h, w)).float())
 
 
-# The raw ops' out_dtype: a non-float one is the same clear error on both devices (the CUDA
-# kernels cast to it before).
+# The raw ops' out_dtype: one the kernels do not compute (integers, bool, float8) is the same
+# clear error on both devices (the CUDA kernels cast to it before).
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_raw_ops_take_a_float_out_dtype_only(device):
     imgs = torch.randn(1, 3, 8, 8, device=device)
     x = torch.randn(1, 4, 48, device=device)
-    for dt in (torch.int32, torch.uint8, torch.bool):
-        with pytest.raises(RuntimeError, match="out_dtype must be a floating dtype, got"):
+    for dt in (torch.int32, torch.uint8, torch.bool, torch.float8_e4m3fn):
+        with pytest.raises(RuntimeError, match="out_dtype must be float32, float64, float16 or bfloat16, got"):
             torch.ops.fastmae_ext.patchify(imgs, 4, dt)
-        with pytest.raises(RuntimeError, match="out_dtype must be a floating dtype, got"):
+        with pytest.raises(RuntimeError, match="out_dtype must be float32, float64, float16 or bfloat16, got"):
             torch.ops.fastmae_ext.unpatchify(x, 4, 2, 2, dt)
 
 

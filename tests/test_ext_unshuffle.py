@@ -229,12 +229,12 @@ def test_backward_above_the_grids_y_extent(device, N, L, D):
     assert_mask_token_grad(got[1], g, ids, L, ratio)
 
 
-# The raw op's dtype argument: a non-float one is the same clear error on both devices (the
-# CUDA kernel cast to it before).
+# The raw op's dtype argument: one the kernels do not compute (integers, bool, float8) is the
+# same clear error on both devices (the CUDA kernel cast to it before).
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_raw_op_takes_a_float_x_dtype_only(device):
     ids = torch.argsort(torch.rand(2, 8, device=device), dim=1)
     g = torch.randn(2, 9, 4, device=device)
-    for dt in (torch.int32, torch.int64, torch.bool):
-        with pytest.raises(RuntimeError, match="x_dtype must be a floating dtype, got"):
+    for dt in (torch.int32, torch.int64, torch.bool, torch.float8_e5m2):
+        with pytest.raises(RuntimeError, match="x_dtype must be float32, float64, float16 or bfloat16, got"):
             torch.ops.fastmae_ext.decoder_unshuffle_backward(g, ids, 2, dt)

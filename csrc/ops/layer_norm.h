@@ -39,13 +39,14 @@ inline void check_fwd_dtypes(const at::Tensor& x, const std::optional<at::Tensor
 }
 
 inline void check_bwd_dtypes(const at::Tensor& dy, const std::optional<at::Tensor>& ds, const at::Tensor& s,
-                             const std::optional<at::Tensor>& weight, at::ScalarType x_dtype,
-                             std::optional<at::ScalarType> residual_dtype) {
+                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                             at::ScalarType x_dtype, std::optional<at::ScalarType> residual_dtype) {
   constexpr const char* op = "add_layer_norm_bwd";
   check_dtype(dy.scalar_type(), op, "dy");
   check_dtype(ds, op, "ds");
   check_dtype(s.scalar_type(), op, "s");
   check_dtype(weight, op, "weight");
+  check_dtype(bias, op, "bias");  // db is returned in its dtype
   check_dtype(x_dtype, op, "x_dtype");
   if (residual_dtype.has_value()) check_dtype(*residual_dtype, op, "residual_dtype");
 }

@@ -45,7 +45,7 @@ constexpr int kVecLanes = 8;
 constexpr int kSumLanes = 32;  // four vectors
 using bf16 = c10::BFloat16;
 
-FASTMAE_ALWAYS_INLINE f32x8 vsplat(float f) { return f32x8{} + f; }
+FASTMAE_ALWAYS_INLINE f32x8 vsplat(float f) { return f32x8{f, f, f, f, f, f, f, f}; }  // -0 stays -0
 
 FASTMAE_ALWAYS_INLINE f32x8 vload(const float* p) {
   f32x8 v;

@@ -187,9 +187,8 @@ FASTMAE_ALWAYS_INLINE void bwd_dx(const float* s, const float* dy, const float* 
   int64_t i = 0;
   for (; i + kVecLanes <= n; i += kVecLanes) {
     const f32x8 xh = (vload(s + i) - m) * r;
-    f32x8 v = (vload(dy + i) * vload(w + i) - xh * k1 - k2) * r;
-    if (kDs) v += vload(ds + i);
-    vstore(dx + i, v);
+    const f32x8 d = kDs ? vload(ds + i) : f32x8{};  // + 0 without ds, as the scalar tail (and CUDA): -0 -> +0
+    vstore(dx + i, (vload(dy + i) * vload(w + i) - xh * k1 - k2) * r + d);
   }
   for (; i < n; ++i) dx[i] = layer_norm::backward_elem(dy[i], s[i], mu, rs, w[i], c1, c2, kDs ? ds[i] : 0.0f);
 }
@@ -467,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cp
   const bool has_ds = ds_.has_value() && ds_->defined();
   const at::Tensor ds = has_ds ? ds_->contiguous() : at::Tensor();
   if (has_ds) TORCH_CHECK(ds.sizes() == s.sizes(), "add_layer_norm_bwd: ds must match s");
-  layer_norm::check_bwd_dtypes(dy, ds_, s, weight, x_dtype, residual_dtype);
+  layer_norm::check_bwd_dtypes(dy, ds_, s, weight, bias, x_dtype, residual_dtype);
   const bool has_w = weight.has_value() && weight->defined(), has_b = bias.has_value() && bias->defined();
   const bool sep_res = residual_dtype.has_value() && *residual_dtype != x_dtype;
   const int64_t rows = s.size(0), D = s.size(1);

@@ -271,7 +271,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_layer_norm_bwd_cu
   FASTMAE_CHECK_SAME_DEVICE(s, rstd);
   TORCH_CHECK(mean.numel() == rows && rstd.numel() == rows, "add_layer_norm_bwd: mean and rstd must be (rows,)");
   if (w.defined()) FASTMAE_CHECK_SAME_DEVICE(s, w);
-  layer_norm::check_bwd_dtypes(dy, ds_, s, weight_, x_dtype, residual_dtype);
+  layer_norm::check_bwd_dtypes(dy, ds_, s, weight_, bias_, x_dtype, residual_dtype);
   TORCH_CHECK(2 * D <= layer_norm::kCudaMaxD, "add_layer_norm_bwd: D = ", D, " is above the CUDA kernels' ",
               layer_norm::kCudaMaxD / 2, " (32-bit offsets into the 2 x D partial rows)");
   at::Tensor dx = empty_output({rows, D}, s.options().dtype(x_dtype));
