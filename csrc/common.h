@@ -62,20 +62,18 @@
 // A dtype argument (out_dtype, x_dtype, ...): one of the float dtypes FASTMAE_DISPATCH_FLOAT
 // takes (not float8 / float4, which isFloatingType also names), the same check and message on
 // every device.
-namespace fastmae {
-inline bool is_kernel_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-}  // namespace fastmae
-#define FASTMAE_CHECK_FLOAT_DTYPE(dt) \
-  FASTMAE_CHECK(::fastmae::is_kernel_float(dt), #dt " must be float32, float64, float16 or bfloat16, got ", (dt))
+#define FASTMAE_CHECK_FLOAT_DTYPE(dt) ::fastmae::check_float_dtype((dt), #dt)
 
 namespace fastmae {
+inline void check_float_dtype(at::ScalarType t, const char* name) {
+  FASTMAE_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, name,
+                " must be float32, float64, float16 or bfloat16, got ", t);
+}
+
 // An optional out_dtype argument: the dtype it names (checked as above), else t's.
 inline at::ScalarType out_type(const at::Tensor& t, std::optional<at::ScalarType> out_dtype) {
   if (!out_dtype.has_value()) return t.scalar_type();
-  FASTMAE_CHECK(is_kernel_float(*out_dtype), "out_dtype must be float32, float64, float16 or bfloat16, got ",
-                *out_dtype);
+  check_float_dtype(*out_dtype, "out_dtype");
   return *out_dtype;
 }
 }  // namespace fastmae

@@ -80,10 +80,7 @@ FASTMAE_ALWAYS_INLINE float sload(const bf16* p) { return static_cast<float>(*p)
 FASTMAE_ALWAYS_INLINE float sstore(bf16* p, float v) {
   const uint16_t h = f32_to_bf16_rne(v);
   std::memcpy(p, &h, sizeof h);
-  const uint32_t w = static_cast<uint32_t>(h) << 16;
-  float r;
-  std::memcpy(&r, &w, sizeof r);
-  return r;
+  return sload(p);
 }
 
 // 32 running sums; total() combines them in a fixed tree.

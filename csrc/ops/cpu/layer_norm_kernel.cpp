@@ -338,8 +338,8 @@ FASTMAE_ALWAYS_INLINE const float* as_f32(const char* row, at::ScalarType t, flo
 // each). (Converting bf16 in registers instead, as the forward does, loads and widens s and dy
 // twice: measured slower here.)
 template <bool kDs, bool kAcc>
-FASTMAE_ALWAYS_INLINE void bwd_row(const BwdArgs& a, int64_t r, float* dwp, float* dbp, float* buf0,
-                                         float* buf1, float* buf2, float* buf3) {
+FASTMAE_ALWAYS_INLINE void bwd_row(const BwdArgs& a, int64_t r, float* dwp, float* dbp, float* buf0, float* buf1,
+                                   float* buf2, float* buf3) {
   const int64_t D = a.D;
   const float* sf = as_f32(a.s + r * D * a.se, a.st, buf0, D);
   const float* dyf = as_f32(a.dy + r * D * a.dye, a.dyt, buf1, D);

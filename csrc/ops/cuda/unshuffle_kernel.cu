@@ -8,11 +8,10 @@
 // Backward: block (slab of kCols columns of D; samples blockIdx.y, + gridDim.y, ...), 256
 // threads: each owns G adjacent columns of the slab (G = 16 bytes of the wider of the two
 // dtypes, or 1 when rows or strides do not allow vectors) and one of 4 G row groups; each
-// walks its rows of grad (16-byte loads),
-// stores kept rows to grad_x[1 + j] (16-byte stores; a permutation: no atomics) and sums the
-// removed rows in float; the row groups' sums are added in a fixed order in shared memory into
-// a per-sample partial (N, D), summed over the batch by a second kernel in a fixed order:
-// deterministic.
+// walks its rows of grad (16-byte loads), stores kept rows to grad_x[1 + j] (16-byte stores; a
+// permutation: no atomics) and sums the removed rows in float; the row groups' sums are added
+// in a fixed order in shared memory into a per-sample partial (N, D), summed over the batch by
+// a second kernel in a fixed order: deterministic.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -123,6 +122,7 @@ namespace {
 
 constexpr int kRowGroups = 4;  // row groups of the scalar kernel (4 G for G columns a thread)
 constexpr int kCols = 64;      // columns a block
+constexpr int64_t kMaxGridY = 65535;  // CUDA's limit on a grid's y extent
 
 // G elements from p into v: 16-byte vectors when G > 1 (p 16-byte aligned, G a multiple of the
 // vector width), else one scalar.
@@ -272,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor> decoder_unshuffle_backward_cuda(const at::Ten
   }
   auto stream = at::cuda::getCurrentCUDAStream();
   FASTMAE_CHECK(ceil_div(D, kCols) <= INT32_MAX, "grad's last dim D = ", D, " is above the kernel's grid");
-  const dim3 grid(static_cast<unsigned>(ceil_div(D, kCols)), static_cast<unsigned>(std::min<int64_t>(N, 65535)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(D, kCols)), static_cast<unsigned>(std::min(N, kMaxGridY)));
   bool dispatched;
   FASTMAE_DISPATCH_CAST_PAIR(grad.scalar_type(), x_dtype, dispatched, "fastmae_ext::decoder_unshuffle_backward", [&] {
     using acc_t = at::opmath_type<in_t>;
