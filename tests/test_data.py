@@ -105,7 +105,8 @@ def test_embedded_images_are_colour_photographs():
 
 def test_class_folders_read_as_imagefolder(tmp_path):
     jpg = _jpeg_bytes(_photo((40, 30)))
-    tree = {"b_cls": ["z.jpg", "a.JPEG", "m.png"], "a_cls": ["x.jpeg"], "c_cls": ["sub/q.jpg", "n.txt"]}
+    # ".jpg" (no stem): ImageFolder tests the name's end, not its suffix
+    tree = {"b_cls": ["z.jpg", "a.JPEG", "m.png", ".jpg"], "a_cls": ["x.jpeg"], "c_cls": ["sub/q.jpg", "n.txt"]}
     for cls, files in tree.items():
         for f in files:
             _write(tmp_path / cls / f, jpg)
@@ -113,7 +114,17 @@ def test_class_folders_read_as_imagefolder(tmp_path):
     official = datasets.ImageFolder(str(tmp_path))
     assert ds.classes == official.classes
     assert ds.samples == [(p, y) for p, y in official.samples]
-    assert len(ds) == 5
+    assert len(ds) == 6
+
+
+def test_class_folder_without_images_is_refused_as_by_imagefolder(tmp_path):
+    _write(tmp_path / "a_cls" / "x.jpg", _jpeg_bytes(_photo((40, 30))))
+    _write(tmp_path / "b_cls" / "notes.txt", b"no image here")
+    (tmp_path / "c_cls").mkdir()
+    with pytest.raises(FileNotFoundError):
+        datasets.ImageFolder(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="class folder.*b_cls, c_cls"):
+        data.PretrainDataset(tmp_path, 16)
 
 
 def test_flat_folder_and_path_list(tmp_path):
@@ -130,7 +141,9 @@ def test_flat_folder_and_path_list(tmp_path):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"input_size": 0}, "input_size"), ({"on_error": "ignore"}, "on_error"), ({"scale": (0.5, 0.2)}, "scale"),
-    ({"ratio": (0, 1)}, "ratio"), ({"hflip": 1.5}, "hflip"),
+    ({"ratio": (0, 1)}, "ratio"), ({"hflip": 1.5}, "hflip"), ({"scale": (0.2, math.inf)}, "scale"),
+    ({"scale": (math.nan, 1.0)}, "scale"), ({"ratio": (0.75, math.inf)}, "ratio"),
+    ({"ratio": (0.75, math.nan)}, "ratio"), ({"scale": (0.2,)}, "scale"), ({"ratio": ("3/4", 1)}, "ratio"),
 ])  # fmt: skip
 def test_bad_arguments(tmp_path, kwargs, match):
     _write(tmp_path / "a.jpg", _jpeg_bytes(_photo((40, 30))))
@@ -497,6 +510,32 @@ def test_corrupt_file_raises_when_asked(tmp_path):
     del paths
 
 
+def test_an_error_drawing_the_crop_is_raised_not_skipped(tmp_path, monkeypatch):
+    """Only the file's own errors (reading, decoding) skip it: an error from the crop's drawing
+    (here a finite scale whose area overflows, as torchvision's get_params overflows) is raised
+    as itself, for every file, instead of each file being reported unreadable in turn."""
+    import fastmae.data.dataset as dataset_mod
+
+    for k in range(3):
+        _write(tmp_path / f"{k}.jpg", _jpeg_bytes(_photo((60, 40), k)))
+    ds = data.PretrainDataset(tmp_path, 16, scale=(0.2, 1e308))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipping unreadable image"
+        with pytest.raises(OverflowError):
+            for _ in range(20):  # each draw overflows with probability ~1 - 1e-300
+                ds[0]
+        seen = []
+
+        def failing(*args):
+            seen.append(args[:2])
+            raise ZeroDivisionError("drawn wrong")
+
+        monkeypatch.setattr(dataset_mod, "crop_params", failing)
+        with pytest.raises(ZeroDivisionError, match="drawn wrong"):
+            data.PretrainDataset(tmp_path, 16)[1]
+    assert ds.num_skipped == 0 and seen == [(40, 60)]
+
+
 def test_all_corrupt_is_an_error(tmp_path):
     _write(tmp_path / "bad.jpg", b"\xff\xd8 nothing")
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no readable image"):
@@ -509,14 +548,36 @@ def test_loader_batches_and_epochs_reach_persistent_workers(tmp_path):
     ds = data.PretrainDataset(tmp_path, 24, seed=3)
     loader = data.make_loader(ds, 4, shuffle=False, num_workers=2, drop_last=False)
     assert loader.persistent_workers
-    for epoch in (0, 1):
-        ds.set_epoch(epoch)
+    for epoch in (0, 1, 2):
+        if epoch == 2:  # what the official loop calls: it sets the dataset's epoch too
+            loader.sampler.set_epoch(epoch)
+            assert ds.epoch == 2
+        else:
+            ds.set_epoch(epoch)
         batches = list(loader)
         imgs = torch.cat([b[0] for b in batches])
         assert imgs.dtype == torch.uint8 and imgs.shape == (6, 3, 24, 24)
         assert batches[0][1].dtype == torch.int64
         want = torch.stack([data.PretrainDataset(paths, 24, seed=3).load(i, epoch) for i in range(6)])
         assert torch.equal(imgs, want), f"epoch {epoch}: workers drew another augmentation"
+
+
+def test_loader_over_a_subset_draws_each_epoch(tmp_path):
+    """A dataset wrapping a PretrainDataset (Subset) gets no (epoch, index) pairs: its workers
+    are not persistent by default, so each epoch's copy carries the epoch set on the dataset."""
+    paths = [_write(tmp_path / f"{k}.jpg", _jpeg_bytes(_photo((100, 80), k))) for k in range(5)]
+    ds = data.PretrainDataset(tmp_path, 24, seed=1)
+    keep = [4, 0, 2]
+    loader = data.make_loader(torch.utils.data.Subset(ds, keep), 3, shuffle=False, num_workers=2, drop_last=False)
+    assert not loader.persistent_workers
+    got = []
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        (imgs, _), = list(loader)
+        want = torch.stack([data.PretrainDataset(paths, 24, seed=1).load(i, epoch) for i in keep])
+        assert torch.equal(imgs, want), f"epoch {epoch}: workers drew another augmentation"
+        got.append(imgs)
+    assert not torch.equal(got[0], got[1])
 
 
 def test_loader_defaults_and_errors(tmp_path):

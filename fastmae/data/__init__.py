@@ -5,8 +5,12 @@ Normalize on the CPU, then ships float32 batches. Here each worker reads the JPE
 draws the crop first, decodes only the crop (``fastmae._jpeg``, libjpeg-turbo's crop/skip API, at a
 DCT-reduced scale when the crop allows it; torchvision's decoder when that extension is not
 built), resizes in uint8, and batches stay uint8 up
-to the device, where one kernel normalises them. The crops have the official distribution
-and the pixels equal the official tensors up to interpolation rounding.
+to the device, where one kernel normalises them. The crops have the official distribution.
+A crop decoded at full scale equals the official tensor up to interpolation rounding; a crop
+of at least twice the output size on each side is decoded at a DCT-reduced scale ``s`` with
+its edges moved to that scale's grid (at most ``s/2`` source pixels each), which departs
+further from the official pixels (:mod:`fastmae.data.decode`, step 1; ``crop_aware = False``
+on the dataset decodes every image whole).
 
 In your own loop::
 

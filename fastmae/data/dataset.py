@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import pathlib
 import warnings
@@ -55,7 +57,8 @@ def embedded_images() -> list[pathlib.Path]:
 
 
 def _is_image(path: pathlib.Path) -> bool:
-    return path.suffix.lower() in IMG_EXTENSIONS
+    # ImageFolder's test (has_file_allowed_extension): the name's end, so a file named ".jpg" counts
+    return path.name.lower().endswith(IMG_EXTENSIONS)
 
 
 def _scan(root) -> tuple[list[tuple[str, int]], list[str]]:
@@ -67,16 +70,28 @@ def _scan(root) -> tuple[list[tuple[str, int]], list[str]]:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     samples: list[tuple[str, int]] = []
     if classes:
+        empty = []
         for label, name in enumerate(classes):
+            n = len(samples)
             for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
                 for f in sorted(files):
                     p = pathlib.Path(dirpath) / f
                     if _is_image(p):
                         samples.append((str(p), label))
+            if len(samples) == n:
+                empty.append(name)
+        if empty:  # as ImageFolder (allow_empty=False): a class without images would shift no label, but
+            # a drop-in reads the tree the official code reads, or says why not
+            raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) in the class folder(s) "
+                                    f"{', '.join(empty)} under {str(root)!r} (ImageFolder refuses them too)")
     else:
         samples = [(str(p), 0) for p in sorted(root.iterdir()) if p.is_file() and _is_image(p)]
         classes = [""] if samples else []
     return samples, classes
+
+
+class _DrawError(Exception):
+    """An error raised while drawing an item's crop (its cause), told apart from the decoder's."""
 
 
 class PretrainDataset(torch.utils.data.Dataset):
@@ -116,10 +131,10 @@ class PretrainDataset(torch.utils.data.Dataset):
             raise ValueError(f"input_size must be a positive int, got {input_size!r}")
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
-        if not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
-            raise ValueError(f"scale must be (min, max) with 0 < min <= max, got {scale!r}")
-        if not (len(ratio) == 2 and 0 < ratio[0] <= ratio[1]):
-            raise ValueError(f"ratio must be (min, max) with 0 < min <= max, got {ratio!r}")
+        for name, r in (("scale", scale), ("ratio", ratio)):
+            if not (len(r) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in r)
+                    and 0 < r[0] <= r[1] and math.isfinite(r[1])):
+                raise ValueError(f"{name} must be (min, max) of finite numbers with 0 < min <= max, got {r!r}")
         if not 0.0 <= hflip <= 1.0:
             raise ValueError(f"hflip must be a probability in [0, 1], got {hflip!r}")
         if isinstance(root, (str, os.PathLike)):
@@ -160,10 +175,15 @@ class PretrainDataset(torch.utils.data.Dataset):
         rng = sample_rng(self.seed, self.epoch if epoch is None else epoch, index)
         with open(path, "rb") as f:
             data = f.read()
-        return decode_crop(data, self.input_size,
-                           lambda h, w: crop_params(h, w, self.scale, self.ratio, rng),
-                           lambda: rng.random() < self.hflip, crop_aware=self.crop_aware,
-                           decoder=self.jpeg_decoder)  # fmt: skip
+
+        def crop(h, w):
+            try:
+                return crop_params(h, w, self.scale, self.ratio, rng)
+            except Exception as e:  # not the file's fault: must not be skipped as an unreadable image
+                raise _DrawError(e) from e
+
+        return decode_crop(data, self.input_size, crop, lambda: rng.random() < self.hflip,
+                           crop_aware=self.crop_aware, decoder=self.jpeg_decoder)  # fmt: skip
 
     def __getitem__(self, index):
         """``(uint8 image, label)`` of sample ``index`` for the current epoch; ``index`` may also be
@@ -179,6 +199,8 @@ class PretrainDataset(torch.utils.data.Dataset):
             j = (index + k) % n
             try:
                 return self.load(j, epoch), self.samples[j][1]
+            except _DrawError as e:  # drawing the crop failed: the error itself, not a skipped file
+                raise e.__cause__ from None
             except Exception as e:  # a corrupt or unreadable file: any decoder error
                 path = self.samples[j][0]
                 if self.on_error == "raise":

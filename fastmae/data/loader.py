@@ -38,14 +38,18 @@ def make_loader(dataset, batch_size: int, *, sampler=None, shuffle: bool | None 
     ``shuffle`` defaults to True without a ``sampler`` (pass a ``DistributedSampler`` under
     DDP, and call its and the dataset's ``set_epoch`` each epoch). ``num_workers`` defaults to
     ``min(10, CPUs)`` (the official default is 10); ``persistent_workers`` to ``num_workers >
-    0``; ``prefetch_factor`` to 4 batches per worker when there are workers. ``pin_memory``
+    0`` for a :class:`~fastmae.data.PretrainDataset`, False for any other dataset (a ``Subset``
+    of one included: persistent workers would keep its first epoch's augmentation);
+    ``prefetch_factor`` to 4 batches per worker when there are workers. ``pin_memory``
     only applies when CUDA is available (pinned host memory makes the copy asynchronous).
     ``generator`` seeds the shuffling (a ``torch.Generator``).
 
     The dataset's epoch (``dataset.set_epoch``) reaches every worker, persistent ones too:
     the sampler's indices are sent as ``(epoch, index)`` pairs read from ``dataset.epoch``
-    when each epoch's iterator starts (``loader.sampler.set_epoch`` is forwarded to a
-    ``DistributedSampler``'s). Call ``dataset.set_epoch(e)`` before ``for ... in loader``.
+    when each epoch's iterator starts. ``loader.sampler.set_epoch(e)`` (what the official loop
+    calls under DDP) sets the dataset's epoch too and is forwarded to a ``DistributedSampler``'s.
+    Call one of them (``dataset.set_epoch(e)`` or ``loader.sampler.set_epoch(e)``) before
+    ``for ... in loader``: without it every epoch draws epoch 0's crops and flips.
     """
     from .dataset import PretrainDataset
 
@@ -59,14 +63,18 @@ def make_loader(dataset, batch_size: int, *, sampler=None, shuffle: bool | None 
         num_workers = _default_workers()
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    epochs_sent = isinstance(dataset, PretrainDataset)
     if persistent_workers is None:
-        persistent_workers = num_workers > 0
+        # persistent workers keep the dataset they were given: only a PretrainDataset's epoch reaches
+        # them (sent with each index, below); any other dataset (a Subset or ConcatDataset of one
+        # included) is copied to fresh workers each epoch, so that its set_epoch is seen
+        persistent_workers = num_workers > 0 and epochs_sent
     if num_workers == 0:
         persistent_workers = False
         prefetch_factor = None
     elif prefetch_factor is None:
         prefetch_factor = 4
-    if isinstance(dataset, PretrainDataset):
+    if epochs_sent:
         if sampler is None:
             sampler = (torch.utils.data.RandomSampler(dataset, generator=generator) if shuffle
                        else torch.utils.data.SequentialSampler(dataset))  # fmt: skip
@@ -89,7 +97,8 @@ def make_loader(dataset, batch_size: int, *, sampler=None, shuffle: bool | None 
 class EpochIndexSampler(torch.utils.data.Sampler):
     """Yields ``(dataset.epoch, index)`` for each index of ``sampler``, the epoch read when the
     iteration starts, so that workers holding an old copy of the dataset (persistent workers)
-    draw the current epoch's augmentation. ``set_epoch`` is forwarded to ``sampler``."""
+    draw the current epoch's augmentation. ``set_epoch`` sets the dataset's epoch and is
+    forwarded to ``sampler``."""
 
     def __init__(self, sampler, dataset):
         self.sampler = sampler
@@ -103,6 +112,7 @@ class EpochIndexSampler(torch.utils.data.Sampler):
         return len(self.sampler)
 
     def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
