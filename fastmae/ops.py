@@ -114,10 +114,18 @@ def _backend(op: str, backend, device: torch.device, attention: bool = False) ->
                    auto_cpu=("ext",) if op in EXT_CPU_AUTO else ())
 
 
+def _auto(backend) -> bool:
+    """Whether ``backend`` (an op's argument) leaves the choice to fastmae: ``"auto"``, or None with
+    a process default of auto, or of sdpa / xformers (which the other ops read as auto)."""
+    if backend is not None:
+        return backend == "auto"
+    return get_backend() in ("auto", "sdpa", "xformers")
+
+
 def _attention_backend(op: str, backend, device: torch.device, head_dim: int) -> str:
     b = _backend(op, backend, device, attention=True)
     if b == "triton" and head_dim > TRITON_ATTENTION_MAX_HEAD_DIM:
-        if (get_backend() if backend is None else backend) == "auto":
+        if _auto(backend):
             return "sdpa"
         raise ValueError(f"head dim D={head_dim} (the last dim of q, k, v) is above the Triton attention "
                          f"kernels' limit of {TRITON_ATTENTION_MAX_HEAD_DIM}; use backend='sdpa' or 'auto'")
@@ -177,9 +185,21 @@ def decoder_unshuffle(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: to
 
 def mae_loss(imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor, patch_size: int,
              norm_pix_loss: bool = False, *, backend: str | None = None) -> torch.Tensor:
-    """MSE on removed patches, optionally against per-patch normalised pixels (float32 scalar)."""
+    """MSE on removed patches, optionally against per-patch normalised pixels (float32 scalar).
+
+    The kernels differentiate ``pred`` only: the target ``patchify(imgs)`` and ``mask`` are
+    constants to them, as in MAE's training. When ``imgs`` or ``mask`` requires grad (and grad
+    mode is on), ``backend="auto"`` takes the reference, which differentiates all three as the
+    official ``forward_loss`` does; a named kernel backend is a ValueError naming the input.
+    """
     ref.check_mae_loss(imgs, pred, mask, patch_size)
     b = _backend("mae_loss", backend, imgs.device)
+    if b != "torch" and torch.is_grad_enabled() and (imgs.requires_grad or mask.requires_grad):
+        if not _auto(backend):
+            name = "imgs" if imgs.requires_grad else "mask"
+            raise ValueError(f"backend={b!r} mae_loss gives {name} no gradient (its kernels differentiate pred "
+                             f"only), but {name} requires grad; use backend='torch' or 'auto' (the reference)")
+        b = "torch"
     if b == "torch":
         return ref.mae_loss(imgs, pred, mask, patch_size, norm_pix_loss)
     return _impl("mae_loss", b)(imgs, pred, mask, patch_size, norm_pix_loss)
@@ -249,7 +269,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: str | None = None
     ref.check_bias_gelu(x, bias)
     b = _backend("bias_gelu", backend, x.device)
     if b != "torch" and torch.float64 in (x.dtype, bias.dtype):
-        if (get_backend() if backend is None else backend) == "auto":
+        if _auto(backend):
             b = "torch"
         else:
             raise TypeError(f"backend={b!r} bias_gelu computes in float32: x and bias must be float32, float16 or "
@@ -262,7 +282,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: str | None = None
 def _layer_norm_backend(op: str, backend, device: torch.device, D: int) -> str:
     b = _backend(op, backend, device)
     if b == "triton" and D > TRITON_LAYER_NORM_MAX_DIM:
-        if (get_backend() if backend is None else backend) == "auto":
+        if _auto(backend):
             return "torch"
         raise ValueError(f"x's last dim D={D} is above the Triton LayerNorm kernels' limit of "
                          f"{TRITON_LAYER_NORM_MAX_DIM}; use backend='torch' or 'auto'")

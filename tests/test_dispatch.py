@@ -214,3 +214,47 @@ def test_ops_on_ext_compile_fullgraph_before_their_module_is_imported():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("default", ["sdpa", "xformers"])
+def test_attention_only_default_is_auto_for_the_fallbacks(default):
+    """A process default of sdpa / xformers means auto for the other ops, their fallbacks too:
+    float64 bias + GELU takes the reference there, as on auto (it raised as if 'ext' were named)."""
+    x, b = torch.randn(3, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    fastmae.set_backend(default)
+    assert torch.equal(ops.bias_gelu(x, b), ref.bias_gelu(x, b))
+    assert ops._auto(None) and not ops._auto("ext") and ops._auto("auto")
+
+
+def _loss_inputs():
+    imgs = torch.randn(2, 3, 8, 8)
+    pred = torch.randn(2, 4, 48)
+    mask = torch.zeros(2, 4)
+    mask[:, torch.randperm(4)[:3]] = 1.0
+    return imgs, pred, mask
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("which", ["imgs", "mask"])
+def test_mae_loss_differentiates_imgs_and_mask_as_the_official_loss(norm, which):
+    """The kernels differentiate pred only; when imgs or mask requires grad, auto takes the
+    reference (the official forward_loss's gradients) and a named kernel backend says so."""
+    from fastmae import ext
+
+    imgs, pred, mask = _loss_inputs()
+    leaves = {"imgs": imgs, "mask": mask}
+    leaves[which].requires_grad_(True)
+    want = torch.autograd.grad(ref.mae_loss(imgs, pred, mask, 4, norm), leaves[which])[0]
+    assert want.abs().sum() > 0
+    # auto picks a kernel for this op on CPU when the extension is built (EXT_CPU_AUTO)
+    got = torch.autograd.grad(ops.mae_loss(imgs, pred, mask, 4, norm, backend="auto"), leaves[which])[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if ext.problem() is None:
+        with pytest.raises(ValueError, match=f"{which} no gradient"):
+            ops.mae_loss(imgs, pred, mask, 4, norm, backend="ext")
+        with torch.no_grad():  # nothing to differentiate: the kernel runs
+            ops.mae_loss(imgs, pred, mask, 4, norm, backend="ext")
+        leaves[which].requires_grad_(False)
+        pred.requires_grad_(True)
+        g = torch.autograd.grad(ops.mae_loss(imgs, pred, mask, 4, norm, backend="ext"), pred)[0]
+        torch.testing.assert_close(g, torch.autograd.grad(ref.mae_loss(imgs, pred, mask, 4, norm), pred)[0])
