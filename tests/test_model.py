@@ -164,7 +164,7 @@ def _official_forward(m, imgs, mask_ratio, noise):
 
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
-@pytest.mark.parametrize("backend", ["torch", None])
+@pytest.mark.parametrize("backend", ["torch", None, "sdpa"])  # sdpa: attention only, the data ops on the default
 def test_forward_matches_official_code(norm_pix_loss, backend):
     m = tiny(norm_pix_loss=norm_pix_loss, backend=backend)
     imgs = torch.randn(3, 3, 16, 16)
@@ -176,6 +176,21 @@ def test_forward_matches_official_code(norm_pix_loss, backend):
     torch.testing.assert_close(pred, want_pred, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
     assert pred.shape == (3, 16, 48) and mask.shape == (3, 16)
+
+
+def test_attention_only_backends_leave_the_data_ops_to_the_default():
+    """backend="xformers" names attention's backend only: the data ops run (they were refused:
+    "is for attention only"), and attention asks for xformers itself (CUDA only)."""
+    from fastmae.backend import BackendUnavailableError
+
+    m = tiny(backend="xformers")
+    imgs = torch.randn(2, 3, 16, 16)
+    assert torch.equal(m.unpatchify(m.patchify(imgs)), imgs)
+    noise = torch.rand(2, 16)
+    xm, mask, _ = m.random_masking(torch.randn(2, 16, 32), 0.75, noise)
+    assert xm.shape == (2, 4, 32) and torch.equal(mask.sum(1), torch.full((2,), 12.0))
+    with pytest.raises(BackendUnavailableError, match="xformers"):
+        m(imgs, 0.75, noise)
 
 
 def test_patchify_methods_and_noise_reproducibility():

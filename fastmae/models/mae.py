@@ -220,6 +220,11 @@ class MaskedAutoencoderViT(nn.Module):
             if isinstance(m, Attention):
                 m.backend = _attn_backend(backend)
 
+    @property
+    def _ops_backend(self) -> str | None:
+        """The backend of the data ops: the attention-only names leave them to the process default."""
+        return None if self.backend in ("sdpa", "xformers") else self.backend
+
     def initialize_weights(self):
         # initialization
         # initialize (and freeze) pos_embed by sin-cos embedding
@@ -256,15 +261,15 @@ class MaskedAutoencoderViT(nn.Module):
     # ------------------------------------------------------------------ data path
     def patchify(self, imgs):
         """imgs: (N, C, H, W) -> x: (N, L, patch_size**2 * C)"""
-        return ops.patchify(imgs, self.patch_embed.patch_size[0], backend=self.backend)
+        return ops.patchify(imgs, self.patch_embed.patch_size[0], backend=self._ops_backend)
 
     def unpatchify(self, x):
         """x: (N, L, patch_size**2 * C) -> imgs: (N, C, H, W)"""
-        return ops.unpatchify(x, self.patch_embed.patch_size[0], self.patch_embed.grid_size, backend=self.backend)
+        return ops.unpatchify(x, self.patch_embed.patch_size[0], self.patch_embed.grid_size, backend=self._ops_backend)
 
     def random_masking(self, x, mask_ratio, noise=None):
         """Per-sample random masking by per-sample shuffling of noise -> (x_masked, mask, ids_restore)."""
-        return ops.random_masking(x, mask_ratio, noise, backend=self.backend)
+        return ops.random_masking(x, mask_ratio, noise, backend=self._ops_backend)
 
     def _check_imgs(self, imgs):
         if not isinstance(imgs, torch.Tensor):
@@ -291,7 +296,7 @@ class MaskedAutoencoderViT(nn.Module):
 
         # add pos embed w/o cls token, mask, append cls token (+ its pos embed): one op
         x, mask, ids_restore = ops.encoder_input(x, self.pos_embed, self.cls_token, mask_ratio, noise,
-                                                 backend=self.backend)
+                                                 backend=self._ops_backend)
 
         # apply Transformer blocks
         x = self._run_blocks(x, self.blocks, self.norm)
@@ -300,7 +305,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     def _forward_encoder_with_mask_tokens(self, x, mask_ratio, noise):
         # the paper's baseline: removed tokens are replaced by a learned token, all L are encoded
-        _, mask, ids_restore = ops.random_masking(x, mask_ratio, noise, backend=self.backend)
+        _, mask, ids_restore = ops.random_masking(x, mask_ratio, noise, backend=self._ops_backend)
         x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token.to(x.dtype), x)
         x = x + self.pos_embed[:, 1:, :]
         cls_token = self.cls_token + self.pos_embed[:, :1, :]
@@ -335,7 +340,8 @@ class MaskedAutoencoderViT(nn.Module):
         if self.mask_tokens_in_encoder:  # already in the original order, all tokens present
             x = x + self.decoder_pos_embed
         else:  # append mask tokens, unshuffle, add pos embed: one op
-            x = ops.decoder_unshuffle(x, ids_restore, self.mask_token, self.decoder_pos_embed, backend=self.backend)
+            x = ops.decoder_unshuffle(x, ids_restore, self.mask_token, self.decoder_pos_embed,
+                                      backend=self._ops_backend)
 
         # apply Transformer blocks
         x = self._run_blocks(x, self.decoder_blocks, self.decoder_norm)
@@ -355,7 +361,7 @@ class MaskedAutoencoderViT(nn.Module):
         mask: [N, L], 0 is keep, 1 is remove,
         """
         return ops.mae_loss(imgs, pred, mask, self.patch_embed.patch_size[0], self.norm_pix_loss,
-                            backend=self.backend)
+                            backend=self._ops_backend)
 
     def forward(self, imgs, mask_ratio=0.75, noise=None):
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
