@@ -175,7 +175,13 @@ def encoder_input(x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Ten
 
 def decoder_unshuffle(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
                       pos_embed: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
-    """Decoder tokens (N, 1+len_keep, D) -> (N, 1+L, D): mask tokens in, original order, (+ pos_embed)."""
+    """Decoder tokens (N, 1+len_keep, D) -> (N, 1+L, D): mask tokens in, original order, (+ pos_embed).
+
+    ``ids_restore`` is random_masking's (a permutation of ``range(L)`` per sample). Its values are
+    checked on CPU (a ValueError out of ``[0, L)``); on CUDA they are not (the check would wait
+    for the device): the kernels give a value out of ``[0, len_keep)`` the mask token, without
+    reading out of bounds, where torch's gather would stop the process with a device assert.
+    """
     ref.check_decoder_unshuffle(x, ids_restore, mask_token, pos_embed)
     b = _backend("decoder_unshuffle", backend, x.device)
     if b == "torch":

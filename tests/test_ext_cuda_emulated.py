@@ -114,6 +114,10 @@ def test_unshuffle_backward_takes_a_float_x_dtype_only():
     TU.test_raw_op_takes_a_float_x_dtype_only(CPU)
 
 
+def test_unshuffle_takes_ids_out_of_range_as_removed():
+    TU.test_raw_ops_take_ids_out_of_range_as_removed(CPU)
+
+
 # Random shapes, dtypes and layouts (fresh every run): the kernels' choice between their 16-byte
 # and scalar paths, ragged tails and strided inputs, against the reference, exactly.
 DT = [f32, f16, bf16, f64]

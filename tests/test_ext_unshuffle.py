@@ -202,6 +202,42 @@ def test_empty(device, N, D):
     assert_same(grads[1], ref_grads[1])
 
 
+def out_of_range(ids, len_keep, L):
+    """``ids`` with its removed positions (values >= len_keep) set to values out of [0, L):
+    negative (-1 read the cls row), far below (an out-of-bounds read), L and beyond."""
+    bad = ids.clone()
+    n, l = (ids >= len_keep).nonzero(as_tuple=True)
+    pick = torch.tensor([-1, -(10**6), L, L + 5, 2**40, -(2**40)], device=ids.device).to(ids.dtype)
+    bad[n, l] = pick[torch.randint(0, len(pick), (len(n),), device=ids.device)]
+    bad[n[:2], l[:2]] = pick[:2]  # both negatives, always
+    return bad
+
+
+# The raw ops do not check ids_restore's values (fastmae.ops does, on CPU): a value out of
+# [0, len_keep) is the mask token, forward and backward, and never an access out of bounds.
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_raw_ops_take_ids_out_of_range_as_removed(device):
+    N, L, D, ratio = 3, 16, 8, 0.75
+    x, ids, mt, pos = make(N, L, D, ratio, device=device)
+    len_keep = x.shape[1] - 1
+    bad = out_of_range(ids, len_keep, L)
+    assert_same(torch.ops.fastmae_ext.decoder_unshuffle(x, bad, mt, pos), ref.decoder_unshuffle(x, ids, mt, pos))
+    g = torch.randn(N, 1 + L, D, device=device)
+    gx, gm = torch.ops.fastmae_ext.decoder_unshuffle_backward(g, bad, len_keep, f32)
+    want_gx, want_gm = torch.ops.fastmae_ext.decoder_unshuffle_backward(g, ids, len_keep, f32)
+    assert_same(gx, want_gx)
+    assert_same(gm, want_gm)
+
+
+def test_ops_refuse_ids_out_of_range_on_cpu():
+    N, L, D = 2, 16, 8
+    x, ids, mt, pos = make(N, L, D, 0.75)
+    bad = out_of_range(ids, x.shape[1] - 1, L)
+    for backend in ("torch", "ext"):
+        with pytest.raises(ValueError, match=r"ids_restore must hold token positions in \[0, L=16\)"):
+            ops.decoder_unshuffle(x, bad, mt, pos, backend=backend)
+
+
 @pytest.mark.gpu
 def test_cuda_inputs_on_two_devices_are_an_error():
     # the dispatcher takes the CUDA kernel when any input is on the GPU: it must not read the others' memory

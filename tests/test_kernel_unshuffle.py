@@ -152,6 +152,24 @@ def test_backward_loops_over_rows_and_channel_blocks(kernel_device, monkeypatch)
 
 
 # ------------------------------------------------------------------- registration, compile
+def test_ids_out_of_range_take_the_mask_token(kernel_device):
+    """The kernels do not check ids_restore's values (fastmae.ops does, on CPU): a value out of
+    [0, len_keep) is the mask token, forward and backward, never an access out of bounds."""
+    N, L, D, ratio = 2, 16, 8, 0.75
+    x, ids, mt, pos = make(N, L, D, ratio, kernel_device)
+    len_keep = x.shape[1] - 1
+    bad = ids.clone()
+    n, l = (ids >= len_keep).nonzero(as_tuple=True)
+    pick = torch.tensor([-1, -(10**6), L, L + 5, 2**40], device=kernel_device)
+    bad[n, l] = pick[torch.arange(len(n), device=kernel_device) % len(pick)]
+    assert_same(unshuffle.decoder_unshuffle(x, bad, mt, pos), reference.decoder_unshuffle(x, ids, mt, pos))
+    g = torch.randn(N, 1 + L, D, device=kernel_device, dtype=torch.float64)
+    gx, gm = torch.ops.fastmae.decoder_unshuffle_backward(g, bad, len_keep, torch.float64)
+    want_gx, want_gm = torch.ops.fastmae.decoder_unshuffle_backward(g, ids, len_keep, torch.float64)
+    assert_same(gx, want_gx)
+    assert_same(gm, want_gm)
+
+
 def test_opcheck(kernel_device):
     N, L, D = 2, 49, 40
     x, ids, mt, pos = make(N, L, D, 0.75, kernel_device)

@@ -17,14 +17,18 @@
 namespace fastmae {
 namespace unshuffle {
 
+// Whether ids_restore's j names a kept row: 0 <= j < len_keep. Anything else is the fill, so a
+// j out of range (fastmae.ops checks CPU tensors' values; a CUDA check would sync) never reads
+// or writes out of bounds.
+FASTMAE_HD bool is_kept(int64_t j, int64_t len_keep) { return j >= 0 && j < len_keep; }
+
 // Source row of output row t (in src), or -1 for the fill; j = ids_restore[n, t - num_cls].
+// The backward: the kept row j of x takes the gradient of output row num_cls + l, for
+// ids_restore[n, l] = j; the other rows' gradients go to the fill's.
 FASTMAE_HD int64_t source_row(int64_t t, int64_t num_cls, int64_t src_off, int64_t j, int64_t len_keep) {
   if (t < num_cls) return t;
-  return j < len_keep ? src_off + j : -1;
+  return is_kept(j, len_keep) ? src_off + j : -1;
 }
-
-// The kept row j of x takes the gradient of output row num_cls + l, for ids_restore[n, l] = j.
-FASTMAE_HD bool is_kept(int64_t j, int64_t len_keep) { return j < len_keep; }
 
 // (N, num_cls + L, D) in out_dtype; src/fill/pos are converted to out_dtype first (a widening
 // for the forward; for the backward a cast that commutes with the gather).

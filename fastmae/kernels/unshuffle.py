@@ -84,7 +84,8 @@ def _unshuffle_kernel(
 
     # j: rank of token t - CLS in the shuffle; kept tokens sit at src row SRC_OFF + j
     j = tl.load(ids_restore_ptr + n * stride_in + (t - CLS) * stride_il, mask=is_tok, other=0)
-    take = is_cls | (is_tok & (j < len_keep))
+    # kept: 0 <= j < len_keep; anything else is the fill (a j out of range never reads out of bounds)
+    take = is_cls | (is_tok & (j >= 0) & (j < len_keep))
     src_row = tl.where(is_cls, 0, SRC_OFF + j)
     take2 = take[:, None] & d_ok[None, :]
     v = tl.load(src_ptr + n * stride_sn + src_row[:, None] * stride_st + d[None, :] * stride_sd, mask=take2, other=0.0)
@@ -131,8 +132,8 @@ def _unshuffle_bwd_kernel(
         row_ok = t < 1 + L
         is_tok = row_ok & (t >= 1)
         j = tl.load(ids_restore_ptr + n * stride_in + (t - 1) * stride_il, mask=is_tok, other=0)
-        kept = is_tok & (j < len_keep)
-        removed = is_tok & (j >= len_keep)
+        kept = is_tok & (j >= 0) & (j < len_keep)  # as the forward: anything else was the fill
+        removed = is_tok & ~kept
 
         g = tl.load(g_ptr + n * stride_gn + t[:, None] * stride_gt + d[None, :] * stride_gd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         # scatter: g row 0 -> x row 0 (cls), g row 1 + l -> x row 1 + j for kept tokens
