@@ -270,6 +270,34 @@ def test_instance_scope_two_models_of_one_class(_fresh_seed):
     assert "forward_encoder" not in vars(later)
 
 
+def test_a_forks_own_forward_is_kept(_fresh_seed):
+    """Only the official forward is replaced (by one taking noise=): a subclass whose forward
+    returns more keeps it, and the methods it calls are still patched."""
+
+    class Fork(official_mae.MaskedAutoencoderViT):
+        def forward(self, imgs, mask_ratio=0.75):
+            latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
+            pred = self.forward_decoder(latent, ids_restore)
+            loss = self.forward_loss(imgs, pred, mask)
+            return loss, pred, mask, latent.pow(2).mean()
+
+    fork = official_mae.tiny()
+    assert "forward" in vars(apply_fastmae(copy.deepcopy(fork)))  # the official forward: replaced
+    fork.__class__ = Fork
+    fast = apply_fastmae(copy.deepcopy(fork))
+    assert "forward" not in vars(fast) and "forward_encoder" in vars(fast)
+    imgs = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(_fresh_seed)
+    want = fork(imgs, 0.75)
+    torch.manual_seed(_fresh_seed)
+    with _spy() as calls:
+        got = fast(imgs, 0.75)
+    assert len(got) == 4 and calls["encoder_input"] == 1 and calls["mae_loss"] == 1
+    assert torch.equal(got[2], want[2])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_patch_twice_is_idempotent_and_removable(_fresh_seed):
     stock = official_mae.tiny()
     fast = apply_fastmae(copy.deepcopy(stock))
@@ -713,6 +741,24 @@ def test_hf_older_layout_self_attention_and_forward_loss():
         got = _hf_run(fast, imgs, noise)
     _compare(got, low, ref64)
     assert calls["mae_loss"] == 1 and calls["encoder_input"] == 1
+
+
+@pytest.mark.parametrize("where", ["dropout_module", "sdpa_attribute"])
+def test_hf_older_layouts_attention_dropout_is_refused(where):
+    """transformers 4.4x keeps attention dropout as an nn.Dropout at .dropout (eager) or as
+    attention_probs_dropout_prob (SDPA), not dropout_prob: p > 0 there is refused too (it was
+    read as 0, and the patched attention trained without the model's dropout)."""
+    m = _old_hf(_hf_tiny())
+    att = next(x for x in m.modules() if isinstance(x, _OldSelfAttention))
+    del att.dropout_prob
+    if where == "dropout_module":
+        att.dropout = nn.Dropout(0.1)
+    else:
+        att.attention_probs_dropout_prob = 0.1
+    with pytest.raises(ValueError, match="attention dropout p=0.1"):
+        apply_fastmae(m)
+    assert not any("forward" in vars(x) for x in m.modules())  # refused: left as it was
+    apply_fastmae(m, attention=False)
 
 
 def test_official_timm_attention_variants(_fresh_seed):
