@@ -154,6 +154,7 @@ def random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | Non
                    backend: str | None = None):
     """Per-sample random masking -> ``(x_masked, mask, ids_restore)`` (the official semantics)."""
     ref.check_random_masking(x, mask_ratio, noise)
+    mask_ratio = ref.mask_ratio_value(mask_ratio)  # a NumPy scalar or 0-dim tensor -> float, for the kernels
     b = _backend("random_masking", backend, x.device)
     if b == "torch":
         return ref.random_masking(x, mask_ratio, noise)
@@ -167,6 +168,7 @@ def encoder_input(x: torch.Tensor, pos_embed: torch.Tensor, cls_token: torch.Ten
     Returns ``(tokens (N, 1+len_keep, D), mask, ids_restore)``.
     """
     ref.check_encoder_input(x, pos_embed, cls_token, mask_ratio, noise)
+    mask_ratio = ref.mask_ratio_value(mask_ratio)
     b = _backend("encoder_input", backend, x.device)
     if b == "torch":
         return ref.encoder_input(x, pos_embed, cls_token, mask_ratio, noise)

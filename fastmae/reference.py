@@ -18,6 +18,7 @@ Conventions shared by all ops:
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -62,14 +63,26 @@ def _check_patch_size(patch_size) -> None:
         raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
 
 
+def mask_ratio_value(mask_ratio) -> float:
+    """``mask_ratio`` as a Python float: a real number (a Python or NumPy scalar) or a 0-dim
+    floating-point tensor, as the official code takes them; else a TypeError naming it."""
+    if isinstance(mask_ratio, torch.Tensor):
+        if mask_ratio.dim() == 0 and mask_ratio.is_floating_point():
+            return float(mask_ratio)
+    elif isinstance(mask_ratio, numbers.Real) and not isinstance(mask_ratio, (bool, np.bool_)):
+        return float(mask_ratio)
+    raise TypeError(f"mask_ratio must be a float (or a 0-dim float tensor), got {type(mask_ratio).__name__}"
+                    + (f" of shape {tuple(mask_ratio.shape)} and dtype {mask_ratio.dtype}"
+                       if isinstance(mask_ratio, torch.Tensor) else ""))
+
+
 def num_kept(L: int, mask_ratio: float) -> int:
     """Number of visible tokens, ``int(L * (1 - mask_ratio))`` as in the official code.
 
     Raises ``ValueError`` naming ``mask_ratio`` when it is outside [0, 1) or leaves
     no visible token.
     """
-    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
-        raise TypeError(f"mask_ratio must be a float, got {type(mask_ratio).__name__}")
+    mask_ratio = mask_ratio_value(mask_ratio)
     if not (0.0 <= mask_ratio < 1.0) or math.isnan(mask_ratio):
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     len_keep = int(L * (1 - mask_ratio))

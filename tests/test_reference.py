@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastmae import ops
 from fastmae import reference as ref
 
 
@@ -118,6 +119,27 @@ def test_random_masking_without_noise_is_seeded():
 def test_mask_ratio_out_of_range(bad):
     with pytest.raises(ValueError, match="mask_ratio"):
         ref.random_masking(torch.randn(1, 16, 4), bad)
+
+
+@pytest.mark.parametrize("ratio", [np.float32(0.75), np.float64(0.75), torch.tensor(0.75), torch.tensor(0.75).double(),
+                                   3 / 4])
+def test_mask_ratio_as_the_official_code_takes_it(ratio):
+    """NumPy scalars and 0-dim float tensors are mask ratios too (the official int(L * (1 - r))
+    takes them): every path masks as with the Python float; other types are a TypeError naming it."""
+    x, noise = torch.randn(2, 16, 4), torch.rand(2, 16)
+    want = ref.random_masking(x, 0.75, noise)
+    for got in (ref.random_masking(x, ratio, noise), ops.random_masking(x, ratio, noise),
+                ops.random_masking(x, ratio, noise, backend="torch")):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert ref.num_kept(16, ratio) == 4
+
+
+@pytest.mark.parametrize("bad", ["0.75", True, torch.tensor([0.75]), torch.tensor(1), np.array([0.75]), None])
+def test_mask_ratio_of_another_type(bad):
+    with pytest.raises(TypeError, match="mask_ratio must be a float"):
+        ref.random_masking(torch.randn(1, 16, 4), bad)
+    with pytest.raises(TypeError, match="mask_ratio must be a float"):
+        ops.random_masking(torch.randn(1, 16, 4), bad)
 
 
 def test_noise_wrong_shape():
