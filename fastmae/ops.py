@@ -180,9 +180,11 @@ def decoder_unshuffle(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: to
     """Decoder tokens (N, 1+len_keep, D) -> (N, 1+L, D): mask tokens in, original order, (+ pos_embed).
 
     ``ids_restore`` is random_masking's (a permutation of ``range(L)`` per sample). Its values are
-    checked on CPU (a ValueError out of ``[0, L)``); on CUDA they are not (the check would wait
-    for the device): the kernels give a value out of ``[0, len_keep)`` the mask token, without
-    reading out of bounds, where torch's gather would stop the process with a device assert.
+    not checked here (that would read them on the host every step): where a kernel reads them,
+    a value out of ``[0, L)`` is an error on CPU tensors (the C++ twin's ValueError naming
+    ids_restore; the reference's is torch.gather's) and, on CUDA, where a kernel cannot raise,
+    the mask token (never an access out of bounds; torch's gather would stop the process with
+    a device assert).
     """
     ref.check_decoder_unshuffle(x, ids_restore, mask_token, pos_embed)
     b = _backend("decoder_unshuffle", backend, x.device)

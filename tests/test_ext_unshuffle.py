@@ -213,9 +213,10 @@ def out_of_range(ids, len_keep, L):
     return bad
 
 
-# The raw ops do not check ids_restore's values (fastmae.ops does, on CPU): a value out of
-# [0, len_keep) is the mask token, forward and backward, and never an access out of bounds.
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+# ids_restore's values out of [0, L): the CUDA kernels, which cannot raise, take them as the
+# mask token, forward and backward, and never access out of bounds (run on CPU tensors through
+# the emulation: test_ext_cuda_emulated.py); the CPU twin refuses them.
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_raw_ops_take_ids_out_of_range_as_removed(device):
     N, L, D, ratio = 3, 16, 8, 0.75
     x, ids, mt, pos = make(N, L, D, ratio, device=device)
@@ -229,13 +230,24 @@ def test_raw_ops_take_ids_out_of_range_as_removed(device):
     assert_same(gm, want_gm)
 
 
-def test_ops_refuse_ids_out_of_range_on_cpu():
+def test_cpu_refuses_ids_out_of_range():
+    """The C++ twin checks each value it reads (forward and backward; fastmae.ops does not read
+    them on the host): a ValueError naming ids_restore; the reference raises torch.gather's."""
     N, L, D = 2, 16, 8
     x, ids, mt, pos = make(N, L, D, 0.75)
-    bad = out_of_range(ids, x.shape[1] - 1, L)
-    for backend in ("torch", "ext"):
-        with pytest.raises(ValueError, match=r"ids_restore must hold token positions in \[0, L=16\)"):
-            ops.decoder_unshuffle(x, bad, mt, pos, backend=backend)
+    len_keep = x.shape[1] - 1
+    g = torch.randn(N, 1 + L, D)
+    for k in range(4):  # one bad value anywhere: a kept position, a removed one, the first, the last
+        bad = ids.clone()
+        n, l = int(torch.randint(0, N, ())), [int(torch.randint(0, L, ())), 0, L - 1, int(torch.randint(0, L, ()))][k]
+        bad[n, l] = [-1, L, -(10**6), 2**40][k]
+        msg = rf"ids_restore must hold token positions in \[0, L=16\) .*got {int(bad[n, l])}"
+        with pytest.raises(ValueError, match=msg):
+            ops.decoder_unshuffle(x, bad, mt, pos, backend="ext")
+        with pytest.raises(ValueError, match=msg):
+            torch.ops.fastmae_ext.decoder_unshuffle_backward(g, bad, len_keep, f32)
+        with pytest.raises(RuntimeError, match="out of bounds"):
+            ops.decoder_unshuffle(x, bad, mt, pos, backend="torch")
 
 
 @pytest.mark.gpu

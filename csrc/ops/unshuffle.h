@@ -18,8 +18,8 @@ namespace fastmae {
 namespace unshuffle {
 
 // Whether ids_restore's j names a kept row: 0 <= j < len_keep. Anything else is the fill, so a
-// j out of range (fastmae.ops checks CPU tensors' values; a CUDA check would sync) never reads
-// or writes out of bounds.
+// j out of range never reads or writes out of bounds on CUDA, where a kernel cannot raise (the
+// CPU twin refuses it: check_id in cpu/unshuffle_kernel.cpp).
 FASTMAE_HD bool is_kept(int64_t j, int64_t len_keep) { return j >= 0 && j < len_keep; }
 
 // Source row of output row t (in src), or -1 for the fill; j = ids_restore[n, t - num_cls].

@@ -20,6 +20,13 @@ namespace fastmae {
 namespace unshuffle {
 namespace {
 
+// ids_restore's values are token positions: [0, L) (read here anyway, so checked for free; the
+// CUDA kernels, which cannot raise, take any other value as the fill: unshuffle.h).
+void check_id(int64_t j, int64_t L) {
+  TORCH_CHECK_VALUE(j >= 0 && j < L, "ids_restore must hold token positions in [0, L=", L,
+                    ") (random_masking's ids_restore), got ", j);
+}
+
 template <typename scalar_t, typename idx_t>
 void rows_kernel(const at::Tensor& src, const at::Tensor& ids, int64_t len_keep, int64_t num_cls, int64_t src_off,
                  const scalar_t* fill, const scalar_t* pos, at::Tensor& out) {
@@ -34,6 +41,7 @@ void rows_kernel(const at::Tensor& src, const at::Tensor& ids, int64_t len_keep,
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / T, t = row % T;
       const int64_t j = t < num_cls || t - num_cls >= L ? 0 : static_cast<int64_t>(ip[n * sin + (t - num_cls) * sil]);
+      check_id(j, L);
       const int64_t s = source_row(t, num_cls, src_off, j, len_keep);
       const scalar_t* in = s >= 0 ? sp + n * ssn + s * sst : fill;
       scalar_t* dst = o + row * D;
@@ -110,6 +118,7 @@ void backward_kernel(const at::Tensor& g, const at::Tensor& ids, int64_t len_kee
         for (int64_t d = 0; d < D; ++d) gxn[d] = c10::convert<scalar_t>(gn[d]);  // the cls row
         for (int64_t l = 0; l < L; ++l) {
           const int64_t j = ip[n * sin + l * sil];
+          check_id(j, L);
           const auto* row = gn + (1 + l) * sgt;
           if (is_kept(j, len_keep)) {
             scalar_t* dst = gxn + (1 + j) * D;
