@@ -13,6 +13,7 @@ import pytest
 import torch
 from _pretrain_helpers import make_images, state_of, tiny_flags
 
+import fastmae.data
 from fastmae.pretrain import DEMO, get_args_parser, main, parse_args, train
 from fastmae.pretrain import engine as engine_mod
 from fastmae.pretrain.lr_sched import absolute_lr, adjust_learning_rate, lr_at
@@ -81,6 +82,39 @@ def test_configuration_errors(images, tmp_path, capsys, flags, message):
     argv = tiny_flags(images, str(tmp_path / "o")) + flags
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mask_ratio", "0"], "--mask_ratio must be in (0, 1)"),  # nothing masked: the loss would be 0/0
+    (["--mask_ratio", "1e-18"], "--mask_ratio 1e-18 on the 16 patches"),  # in (0, 1), yet keeps all 16
+    (["--mask_ratio", "0.95"], "--mask_ratio 0.95 on the 16 patches"),  # int(16 * 0.05) = 0 visible
+    (["--input_size", "30"], "--input_size 30 is not a multiple of the patch size 8"),
+    (["--input_size", "4"], "--input_size 4 is not a multiple of the patch size 8"),
+])
+def test_geometry_errors_are_clear_and_up_front(images, tmp_path, capsys, monkeypatch, flags, message):
+    def no_data(*a, **k):
+        raise AssertionError("the flags should have been refused before the data is read")
+
+    monkeypatch.setattr(fastmae.data, "find_train_root", no_data)
+    out = tmp_path / "o"
+    assert main(tiny_flags(images, str(out)) + flags) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_check_geometry_matches_the_official_len_keep():
+    rng = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    for r in torch.rand(40, generator=rng, dtype=torch.float64).tolist() + [0.9, 0.9375, 0.0625, 0.05]:
+        len_keep = int(16 * (1 - r))  # official random_masking; 16 patches of 8 px at 32 px
+        if 1 <= len_keep < 16:
+            assert engine_mod.check_geometry("mae_vit_tiny_patch8", 32, r) == 16, r
+        else:
+            with pytest.raises(engine_mod.PretrainError, match="--mask_ratio"):
+                engine_mod.check_geometry("mae_vit_tiny_patch8", 32, r)
+    assert engine_mod.check_geometry("mae_vit_base_patch16", 224, 0.75) == 196
+    assert engine_mod.check_geometry("mae_vit_huge_patch14", 224, 0.75) == 256
+    with pytest.raises(engine_mod.PretrainError, match="--input_size 32 is not a multiple of the patch size 14"):
+        engine_mod.check_geometry("mae_vit_huge_patch14", 32, 0.75)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a CUDA device")
@@ -315,6 +349,19 @@ def test_synthetic_run(tmp_path):
     assert res.exit_code == 0 and res.global_step == 6
     rows = [json.loads(line) for line in open(os.path.join(out, "log_steps.txt"))]
     assert len(rows) == 6 and all(r["images_per_s"] > 0 and r["step_ms"] > 0 for r in rows)
+
+
+def test_demo_with_synthetic_data(tmp_path, capsys):
+    """``--demo --synthetic``: trains, writes its checkpoints and says why there is no reconstruction
+    (random noise has nothing to show) instead of failing on the synthetic dataset."""
+    out = tmp_path / "o"
+    assert main(["--demo", "--synthetic", "--synthetic_size", "16", "--input_size", "32", "--batch_size", "4",
+                 "--epochs", "1", "--warmup_epochs", "0", "--num_workers", "0", "--output_dir", str(out),
+                 "--log_dir", str(out), "--device", "cpu", "--no_progress", "--no_plot"]) == 0
+    msg = capsys.readouterr().out
+    assert "reconstruction skipped: --synthetic" in msg
+    assert (out / "checkpoint-last.pth").is_file() and not (out / "reconstruction.png").exists()
+    assert [json.loads(line)["epoch"] for line in open(out / "log.txt")] == [0]
 
 
 # ----------------------------------------------------------------------------- on a GPU

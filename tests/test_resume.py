@@ -11,6 +11,7 @@ for a fixed thread count.
 import argparse
 import json
 import os
+import pathlib
 import signal
 import stat
 import time
@@ -20,6 +21,7 @@ import torch
 from _pretrain_helpers import assert_same_params, make_images, run_cli, state_of, tiny_flags
 
 from fastmae.pretrain import checkpoint as ck
+from fastmae.pretrain import engine as engine_mod
 from fastmae.pretrain import main, parse_args, train
 
 
@@ -126,6 +128,113 @@ def test_mid_epoch_checkpoint_with_other_batches_is_an_error(images, tmp_path, c
     assert rc == 2
     err = capsys.readouterr().err
     assert "mid-epoch" in err and "batch_size 2 -> 4" in err
+
+
+class _Killed(BaseException):
+    """A kill at one instant of the run (not an Exception: nothing in the run may catch it)."""
+
+
+@pytest.mark.parametrize("kill_at", ["log_row", "checkpoint"])
+def test_kill_at_the_end_of_an_epoch_keeps_every_log_row_once(images, tmp_path, monkeypatch, kill_at):
+    """Killed while the end of epoch 1 is written (at its log.txt row, or at its checkpoint-last.pth
+    right after the row), then resumed from checkpoint-last.pth: log.txt is the uninterrupted run's."""
+    common = dict(epochs=3, warmup_epochs=1, no_plot=True)
+    ref_out, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    train(parse_args(tiny_flags(images, ref_out, **common)))
+    armed = {"on": True}
+    append, save = engine_mod._append_jsonl, ck.atomic_save
+
+    def append_or_die(path, row):
+        if armed["on"] and kill_at == "log_row" and path.endswith("log.txt") and row["epoch"] == 1:
+            raise _Killed
+        append(path, row)
+
+    def save_or_die(obj, path):
+        if (armed["on"] and kill_at == "checkpoint" and path.endswith("checkpoint-last.pth")
+                and (obj["fastmae"]["next_epoch"], obj["fastmae"]["next_step"]) == (2, 0)):
+            assert [r["epoch"] for r in _rows(os.path.join(out, "log.txt"))] == [0, 1]  # the row came first
+            raise _Killed
+        save(obj, path)
+
+    monkeypatch.setattr(engine_mod, "_append_jsonl", append_or_die)
+    monkeypatch.setattr(ck, "atomic_save", save_or_die)
+    with pytest.raises(_Killed):
+        train(parse_args(tiny_flags(images, out, **common)))
+    armed["on"] = False
+    last = os.path.join(out, "checkpoint-last.pth")
+    assert state_of(last)["fastmae"]["next_epoch"] == 1  # the kill came before epoch 1's checkpoint
+    res = train(parse_args(tiny_flags(images, out, resume=last, **common)))
+    assert res.exit_code == 0 and res.next_epoch == 3
+    rows = _rows(os.path.join(out, "log.txt"))
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows == _rows(os.path.join(ref_out, "log.txt"))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_scaler_state_loads_officially_and_resumes(images, tmp_path, precision):
+    """The 'scaler' entry loads into an enabled GradScaler (what the official util/misc.py load_model
+    does) for every precision; fp16's real scaler state is saved and restored exactly."""
+    common = dict(batch_size=2, epochs=2, warmup_epochs=1, precision=precision, log_every=3, no_plot=True)
+    ref_out, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    ref = train(parse_args(tiny_flags(images, ref_out, **common)))
+    train(parse_args(tiny_flags(images, out, max_steps=5, **common)))
+    last = os.path.join(out, "checkpoint-last.pth")
+    mid = state_of(last)
+    res = train(parse_args(tiny_flags(images, out, resume=last, **common)))
+    assert res.global_step == ref.global_step == 16
+    assert_same_params(ref.model.state_dict(), res.model.state_dict())
+    a, b = _final(ref_out), _final(out)
+    for state in (mid["scaler"], a["scaler"], b["scaler"]):
+        torch.amp.GradScaler("cpu", enabled=True).load_state_dict(state)  # raised on the old {}
+    assert b["scaler"] == a["scaler"]
+    if precision == "fp16":  # 5 then 16 steps without an overflow: the real scaler's count, carried over
+        assert (mid["scaler"]["_growth_tracker"], b["scaler"]["_growth_tracker"]) == (5, 16)
+    else:
+        assert b["scaler"] == torch.amp.GradScaler("cpu", enabled=True).state_dict()
+
+
+def test_start_past_the_end_is_an_error(images, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert main(tiny_flags(images, out, epochs=2, warmup_epochs=0, start_epoch=3)) == 2
+    assert "--start_epoch 3 is past --epochs 2" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "checkpoint-last.pth"))
+    # a complete 2-epoch run resumed with --epochs 1
+    train(parse_args(tiny_flags(images, out, epochs=2, warmup_epochs=0, no_plot=True)))
+    last = os.path.join(out, "checkpoint-last.pth")
+    before = open(last, "rb").read()
+    assert main(tiny_flags(images, out, epochs=1, warmup_epochs=0, resume=last)) == 2
+    assert "has 2 epochs done, more than --epochs 1" in capsys.readouterr().err
+    assert [r["epoch"] for r in _rows(os.path.join(out, "log.txt"))] == [0, 1]  # the logs are left alone
+    assert open(last, "rb").read() == before
+    # a mid-epoch checkpoint (epoch 1, step 2 of 4) resumed with --epochs lowered to exclude epoch 1
+    mid = str(tmp_path / "mid")
+    train(parse_args(tiny_flags(images, mid, epochs=3, warmup_epochs=0, max_steps=6, no_plot=True)))
+    last = os.path.join(mid, "checkpoint-last.pth")
+    assert (state_of(last)["fastmae"]["next_epoch"], state_of(last)["fastmae"]["next_step"]) == (1, 2)
+    steps_before = _rows(os.path.join(mid, "log_steps.txt"))
+    for epochs in (1, 2):
+        rc = main(tiny_flags(images, mid, epochs=epochs, warmup_epochs=0, resume=last))
+        err = capsys.readouterr().err
+        assert (rc == 2) == (epochs == 1), err
+        if epochs == 1:
+            assert "continues epoch 1 at step 2/4, but --epochs 1" in err
+            assert _rows(os.path.join(mid, "log_steps.txt")) == steps_before
+
+
+def test_checkpoint_with_pathlib_args_resumes(images, good_ckpt, tmp_path, capsys):
+    """The official submitit_pretrain.py sets args.output_dir / log_dir to pathlib paths."""
+    ours = state_of(good_ckpt)
+    paths = dict(output_dir=pathlib.Path("/checkpoint/u/123"), log_dir=pathlib.PurePosixPath("/checkpoint/u/log"),
+                 job_dir=pathlib.PureWindowsPath(r"C:\jobs\7"))
+    official = {"model": ours["model"], "optimizer": ours["optimizer"], "epoch": 0, "scaler": {},
+                "args": argparse.Namespace(model="mae_vit_tiny_patch8", batch_size=4, distributed=True, **paths)}
+    path = str(tmp_path / "submitit.pth")
+    torch.save(official, path)
+    assert vars(ck.load_checkpoint(path)["args"]) == vars(official["args"])
+    out = str(tmp_path / "o")
+    assert main(tiny_flags(images, out, epochs=2, warmup_epochs=0, resume=path, no_plot=True)) == 0
+    assert "official checkpoint" in capsys.readouterr().out
+    assert [r["epoch"] for r in _rows(os.path.join(out, "log.txt"))] == [1]
 
 
 # ----------------------------------------------------------------------------- official checkpoints

@@ -4,7 +4,8 @@ Layout (the official one, ``util/misc.py`` ``save_model``, plus one key of fastm
 
     {'model': state_dict of the unwrapped model (official keys),
      'optimizer': optimizer.state_dict(), 'epoch': last completed epoch,
-     'scaler': GradScaler.state_dict() ({} when no scaler is used), 'args': argparse.Namespace,
+     'scaler': GradScaler.state_dict() (when no scaler is used: a fresh enabled one's, which the
+               official load_model can load), 'args': argparse.Namespace,
      'fastmae': {'format': 1, 'next_epoch', 'next_step' (data iteration within that epoch),
                  'global_step', 'steps_per_epoch', 'world_size', 'batch_size', 'accum_iter',
                  'data_seed', 'dataset_len', 'sampler': {...},
@@ -21,9 +22,10 @@ Writes (:func:`atomic_save`): a temp file in the same folder, flushed and fsynce
 instant, sees either the old file or the new one, never half of one.
 
 Loads (:func:`load_checkpoint`) use ``torch.load(weights_only=True)``, which unpickles only
-tensors and plain containers, with one class allowed besides: ``argparse.Namespace``, the
+tensors and plain containers, with a few classes allowed besides: ``argparse.Namespace``, the
 type of the official ``'args'`` entry (its attributes are plain values; fastmae writes only
-plain values into it). A file that needs any other class is refused with a clear error
+plain values into it), and the ``pathlib`` paths the official ``submitit_pretrain.py`` puts
+into it (``output_dir``, ``log_dir``). A file that needs any other class is refused with a clear error
 rather than unpickled with arbitrary code execution. :func:`check_model_state` and
 :func:`check_optimizer_state` compare keys and shapes *before* anything is loaded, so a
 mismatched checkpoint is an error, never a partial load.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import random
 import secrets
 
@@ -53,6 +56,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+# the classes besides tensors and plain containers that load_checkpoint unpickles (see the module docstring)
+SAFE_GLOBALS = [argparse.Namespace, pathlib.Path, pathlib.PurePath, pathlib.PosixPath, pathlib.WindowsPath,
+                pathlib.PurePosixPath, pathlib.PureWindowsPath]
 
 
 class CheckpointError(ValueError):
@@ -116,7 +122,7 @@ def load_checkpoint(path: str) -> dict:
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path!r} is empty (0 bytes): a truncated or unfinished write")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
         lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
@@ -124,9 +130,10 @@ def load_checkpoint(path: str) -> dict:
         first = (detail or lines or [type(e).__name__])[-1][:300]
         if "Unsupported global" in str(e):
             raise CheckpointError(
-                f"checkpoint {path!r} holds objects other than tensors, plain containers and argparse.Namespace, "
-                f"and fastmae refuses to unpickle them (torch.load(weights_only=True)): {first}. If you trust the "
-                "file, load it yourself with weights_only=False and re-save its 'model'/'optimizer' entries") from e
+                f"checkpoint {path!r} holds objects other than tensors, plain containers, argparse.Namespace and "
+                f"pathlib paths, and fastmae refuses to unpickle them (torch.load(weights_only=True)): {first}. If "
+                "you trust the file, load it yourself with weights_only=False and re-save its 'model'/'optimizer' "
+                "entries") from e
         raise CheckpointError(f"cannot read checkpoint {path!r}: the file is truncated or corrupt "
                               f"({type(e).__name__}: {first})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt:

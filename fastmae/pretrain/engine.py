@@ -18,8 +18,9 @@ steps, at the end of each epoch, before every checkpoint): one all-reduce of the
 accumulators (under DDP) and one transfer. A non-finite loss is therefore detected at the
 first log point or checkpoint after the step that produced it (at most ``--log_every``
 steps later); the run then stops with exit status 1 and writes nothing, so the last
-checkpoint on disk is the last good one. Before every checkpoint the parameters are also
-checked for finiteness on the device (a step can turn them non-finite with a finite loss).
+checkpoint on disk is the last good one. At the end of each epoch and before every checkpoint
+the parameters are also checked for finiteness on the device (a step can turn them non-finite
+with a finite loss). An epoch's row goes into ``log.txt`` before its checkpoints are written.
 
 Images/s at a log point come from the wall clock between two log points, each of which
 ends with that one transfer (hence a completed device queue): an average over the
@@ -79,14 +80,38 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- building blocks
-def build_model(name: str, input_size: int, norm_pix_loss: bool, backend: str | None) -> nn.Module:
-    """An MAE of fastmae's model zoo by its official name (``--model``)."""
+def _model_factory(name: str):
     from ..models import mae
 
     if name not in MODEL_NAMES or not hasattr(mae, name):
         known = [n for n in MODEL_NAMES if hasattr(mae, n)]
         raise PretrainError(f"unknown --model {name!r}; choose from {', '.join(known)}")
-    return getattr(mae, name)(img_size=input_size, norm_pix_loss=norm_pix_loss, backend=backend)
+    return getattr(mae, name)
+
+
+def check_geometry(name: str, input_size: int, mask_ratio: float) -> int:
+    """Raise :class:`PretrainError` unless ``--input_size`` is a multiple of ``--model``'s patch size and
+    ``--mask_ratio`` leaves at least one visible and one masked patch of the ``L`` patches (official
+    ``len_keep = int(L * (1 - mask_ratio))``); returns ``L``. Reads the patch size off a model built
+    on the meta device (no memory, no random numbers drawn)."""
+    with torch.device("meta"):
+        patch = _model_factory(name)().patch_embed.patch_size[0]
+    if input_size % patch:
+        near = [n for n in (input_size // patch * patch, (input_size // patch + 1) * patch) if n]
+        raise PretrainError(f"--input_size {input_size} is not a multiple of the patch size {patch} of --model "
+                            f"{name}: use e.g. {' or '.join(map(str, near))}")
+    L = (input_size // patch) ** 2
+    len_keep = int(L * (1 - mask_ratio))
+    if not 1 <= len_keep < L:
+        raise PretrainError(f"--mask_ratio {mask_ratio} on the {L} patches of --input_size {input_size} (patch "
+                            f"{patch}) keeps {len_keep} visible (int(L * (1 - mask_ratio))): at least one patch "
+                            "must stay visible and at least one be masked (the loss is over the masked ones)")
+    return L
+
+
+def build_model(name: str, input_size: int, norm_pix_loss: bool, backend: str | None) -> nn.Module:
+    """An MAE of fastmae's model zoo by its official name (``--model``)."""
+    return _model_factory(name)(img_size=input_size, norm_pix_loss=norm_pix_loss, backend=backend)
 
 
 def param_groups_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -239,8 +264,9 @@ def _resolve_device(args) -> torch.device:
 def _check_args(args) -> None:
     if args.precision is not None and args.precision not in PRECISIONS:
         raise PretrainError(f"--precision must be one of {PRECISIONS}")
-    if not 0.0 <= args.mask_ratio < 1.0:
-        raise PretrainError(f"--mask_ratio must be in [0, 1), got {args.mask_ratio}")
+    if not 0.0 < args.mask_ratio < 1.0:
+        raise PretrainError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    check_geometry(args.model, args.input_size, args.mask_ratio)
     if args.backend is not None:
         from ..backend import check_name
 
@@ -346,6 +372,9 @@ def _train(run: _Run, tmpdir: str) -> TrainResult:  # noqa: C901 - one loop, rea
         optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused or None)
         flags = {"fused": fused or None}
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    # what a checkpoint holds when no scaler is used: a fresh enabled one's state, which the official
+    # util/misc.py load_model hands to its (always enabled) GradScaler; an empty dict would fail there
+    default_scaler_state = torch.amp.GradScaler("cpu", enabled=True).state_dict()
 
     # ---------------------------------------------------------------- output and resume
     if run.main and run.out:
@@ -394,8 +423,11 @@ def _train(run: _Run, tmpdir: str) -> TrainResult:  # noqa: C901 - one loop, rea
         else:
             run.say(f"loaded the model of {args.resume} (no optimizer state in it): training from epoch "
                     f"{start_epoch} with a fresh optimizer")
+        _check_start(args, start_epoch, start_step, steps_per_epoch, resumed=has_opt)
         if run.main:
             _truncate_logs(run, global_step, start_epoch)
+    else:
+        _check_start(args, start_epoch, start_step, steps_per_epoch, resumed=False)
 
     if info.distributed:
         ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
@@ -510,14 +542,23 @@ def _train(run: _Run, tmpdir: str) -> TrainResult:  # noqa: C901 - one loop, rea
                       f"{ips_s} img/s", flush=True)
         return loss
 
-    def save(name: str, next_epoch: int, next_step: int) -> str | None:
-        """Checkpoint ``name`` once the epoch's losses and the parameters are known finite; else why not."""
+    def check_finite() -> tuple[float, str | None]:
+        """(the epoch's loss sum, why it or the parameters are not finite, else None): one transfer."""
         finite = torch.stack([torch.isfinite(p).all() for p in model_without_ddp.parameters()]).all()
         es, ok = reduce_(epoch_sum, finite.to(acc_dtype))
         if not math.isfinite(es):
-            return f"the loss is {es} (not finite)"
+            return es, f"the loss is {es} (not finite)"
         if ok != 1.0:
-            return "the parameters are not finite (a step overflowed with a finite loss)"
+            return es, "the parameters are not finite (a step overflowed with a finite loss)"
+        return es, None
+
+    def save(name: str, next_epoch: int, next_step: int, checked: bool = False) -> str | None:
+        """Checkpoint ``name`` once the epoch's losses and the parameters are known finite (``checked``: the
+        caller has just made sure with :func:`check_finite`); else why not."""
+        if not checked:
+            why = check_finite()[1]
+            if why:
+                return why
         rng = all_gather_objects(info, ckpt_mod.capture_rng(device))
         meters_all = all_gather_objects(info, {"epoch_loss_sum": epoch_sum.detach().cpu(),
                                                "window_loss_sum": window_sum.detach().cpu()})
@@ -526,7 +567,7 @@ def _train(run: _Run, tmpdir: str) -> TrainResult:  # noqa: C901 - one loop, rea
                 "model": model_without_ddp.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "epoch": next_epoch - 1,
-                "scaler": scaler.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else default_scaler_state,
                 "args": ckpt_mod.plain_args(args),
                 "fastmae": {
                     "format": ckpt_mod.FORMAT_VERSION, "next_epoch": next_epoch, "next_step": next_step,
@@ -637,21 +678,19 @@ def _train(run: _Run, tmpdir: str) -> TrainResult:  # noqa: C901 - one loop, rea
         if not math.isfinite(loss_v):
             return stop_non_finite(f"the loss is {loss_v} (not finite) in the log window", epoch)
         pos = (epoch + 1, 0)
-        (es,) = reduce_(epoch_sum)
+        # The epoch's row goes into log.txt before its checkpoints: killed in between, the run resumes from
+        # the previous checkpoint, whose next_epoch makes _truncate_logs drop the row (never a lost row)
+        es, why = check_finite()
+        if why:
+            return stop_non_finite(why + ", checked before writing the epoch's log row and checkpoints", epoch)
         n = host["epoch_n"]
-        if run.out:
-            if epoch % args.save_every_epochs == 0 or epoch + 1 == args.epochs:
-                why = save(f"checkpoint-{epoch}.pth", epoch + 1, 0)
-                if why:
-                    return stop_non_finite(why + f", checked before writing checkpoint-{epoch}.pth", epoch)
-            why = save("checkpoint-last.pth", epoch + 1, 0)
-            if why:
-                return stop_non_finite(why + ", checked before writing checkpoint-last.pth", epoch)
-        elif not math.isfinite(es):
-            return stop_non_finite(f"the loss is {es} (not finite)", epoch)
         if run.main and epoch_log:
             _append_jsonl(epoch_log, {"train_lr": host["epoch_lr_sum"] / n if n else None,
                                       "train_loss": es / n if n else None, "epoch": epoch})
+        if run.out:
+            if epoch % args.save_every_epochs == 0 or epoch + 1 == args.epochs:
+                save(f"checkpoint-{epoch}.pth", epoch + 1, 0, checked=True)
+            save("checkpoint-last.pth", epoch + 1, 0, checked=True)
         if status == "max_steps":
             break
     if bar is not None:
@@ -663,7 +702,10 @@ def _train(run: _Run, tmpdir: str) -> TrainResult:  # noqa: C901 - one loop, rea
         png = os.path.join(run.out, "loss.png")
         why = write_loss_plot(_read_jsonl(steps_log), png, title=f"fastmae pretrain: {args.model}")
         run.say(f"loss curve: {png}" if why is None else why)
-    if run.main and run.out and args.demo:
+    if run.main and run.out and args.demo and args.synthetic:
+        run.say("reconstruction skipped: --synthetic trains on random noise (for measuring the step), and a "
+                "reconstruction of noise shows nothing; drop --synthetic for the demo's figure")
+    elif run.main and run.out and args.demo:
         from ..visualize import save_reconstruction
 
         png = os.path.join(run.out, "reconstruction.png")
@@ -688,6 +730,23 @@ def _check_resume_fits(fm: dict, args, info: DistInfo, dataset_len: int, steps_p
         raise CheckpointError(f"--resume {args.resume}: a mid-epoch checkpoint (epoch {fm['next_epoch']}, step "
                               f"{fm['next_step']}) continues only with the same data order, but " + ", ".join(diffs)
                               + ". Resume from an epoch checkpoint (checkpoint-<epoch>.pth) instead")
+
+
+def _check_start(args, start_epoch: int, start_step: int, steps_per_epoch: int, resumed: bool) -> None:
+    """The run starts at (``start_epoch``, ``start_step``), from ``--start_epoch`` or (``resumed``) from the
+    checkpoint: an error unless that is within ``--epochs`` (``start_epoch == --epochs`` at an epoch boundary is
+    a complete run: nothing to do)."""
+    if start_epoch < args.epochs or (start_epoch == args.epochs and start_step == 0):
+        return
+    if not resumed:
+        raise PretrainError(f"--start_epoch {start_epoch} is past --epochs {args.epochs}: nothing would run; "
+                            "lower --start_epoch or raise --epochs")
+    if start_step:
+        raise PretrainError(f"--resume {args.resume} continues epoch {start_epoch} at step {start_step}/"
+                            f"{steps_per_epoch}, but --epochs {args.epochs} ends the run before that epoch: raise "
+                            f"--epochs to at least {start_epoch + 1}, or resume from an epoch checkpoint")
+    raise PretrainError(f"--resume {args.resume} has {start_epoch} epochs done, more than --epochs {args.epochs}: "
+                        f"raise --epochs above {start_epoch} to train on")
 
 
 def _truncate_logs(run: _Run, global_step: int, next_epoch: int) -> None:
