@@ -237,6 +237,27 @@ def test_checkpoint_with_pathlib_args_resumes(images, good_ckpt, tmp_path, capsy
     assert [r["epoch"] for r in _rows(os.path.join(out, "log.txt"))] == [1]
 
 
+def test_resume_of_a_capturable_optimizer_state_without_cuda_graph(images, tmp_path):
+    """A --cuda_graph run's checkpoint holds capturable=True (and step on the GPU): resumed without
+    --cuda_graph, this run's flags apply (a CPU AdamW with capturable=True refuses to step) and the
+    run continues exactly as from the same checkpoint saved without the flag."""
+    common = dict(batch_size=2, epochs=2, warmup_epochs=1, no_plot=True)
+    src = str(tmp_path / "src")
+    train(parse_args(tiny_flags(images, src, max_steps=8, **common)))
+    graphed = state_of(os.path.join(src, "checkpoint-0.pth"))
+    for g in graphed["optimizer"]["param_groups"]:
+        g.update(capturable=True, fused=True)
+    path = str(tmp_path / "graphed.pth")
+    torch.save(graphed, path)
+    a = train(parse_args(tiny_flags(images, str(tmp_path / "a"), resume=os.path.join(src, "checkpoint-0.pth"),
+                                    **common)))
+    b = train(parse_args(tiny_flags(images, str(tmp_path / "b"), resume=path, **common)))
+    assert a.exit_code == b.exit_code == 0 and a.global_step == b.global_step == 16
+    saved = state_of(str(tmp_path / "b" / "checkpoint-last.pth"))["optimizer"]["param_groups"]
+    assert all(g["capturable"] is False and not g["fused"] for g in saved)
+    assert_same_params(a.model.state_dict(), b.model.state_dict())
+
+
 # ----------------------------------------------------------------------------- official checkpoints
 def test_official_checkpoint_resumes_at_the_next_epoch(images, tmp_path, capsys):
     src = str(tmp_path / "src")

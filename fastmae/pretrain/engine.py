@@ -170,14 +170,16 @@ def _demo_photos(folder: str, input_size: int) -> list[str]:
 
 def _fix_optimizer_flags(optimizer: torch.optim.Optimizer, flags: dict) -> None:
     """After ``load_state_dict``: this run's implementation flags (fused, foreach, capturable), not
-    the saved ones, and ``step`` on the parameter's device where fused/capturable need it there."""
+    the saved ones, and ``step`` where this run's AdamW keeps it: on the parameter's device for
+    fused / capturable, else on the CPU (load_state_dict placed it by the saved flags: a
+    --cuda_graph checkpoint's on the GPU, which a plain AdamW would read back every step)."""
     for g in optimizer.param_groups:
         g.update(flags)
-        if g.get("fused") or g.get("capturable"):
-            for p in g["params"]:
-                st = optimizer.state.get(p)
-                if st and torch.is_tensor(st.get("step")):
-                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+        on_device = bool(g.get("fused") or g.get("capturable"))
+        for p in g["params"]:
+            st = optimizer.state.get(p)
+            if st and torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(device=p.device if on_device else "cpu", dtype=torch.float32)
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -370,7 +372,7 @@ def _train(run: _Run, tmpdir: str) -> TrainResult:  # noqa: C901 - one loop, rea
     else:
         fused = device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=fused or None)
-        flags = {"fused": fused or None}
+        flags = {"fused": fused or None, "capturable": False}  # a --cuda_graph checkpoint's True is not this run's
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     # what a checkpoint holds when no scaler is used: a fresh enabled one's state, which the official
     # util/misc.py load_model hands to its (always enabled) GradScaler; an empty dict would fail there
