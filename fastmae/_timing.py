@@ -375,14 +375,45 @@ def card_name(device) -> str:
     return f"cpu: {_cpu_model()} ({os.cpu_count()} threads)"
 
 
+def strict_json(obj):
+    """``obj`` with every non-finite float as a string (``"nan"``, ``"inf"``, ``"-inf"``): strict
+    JSON has no NaN or Infinity, and other tools' parsers refuse them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def cli_device(name: str | None, prog: str):
+    """The ``--device`` of a command: ``torch.device(name)`` (default cuda when there is one), or
+    None after printing why not to stderr (a name torch does not know, cuda without a device, a
+    device type other than cpu and cuda): the command then exits with status 2."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        print(f"{prog}: --device {name!r} is not a device name (use cuda, cuda:N or cpu): "
+              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{prog}: --device cuda but no CUDA device is available", file=sys.stderr)
+        return None
+    if device.type not in ("cpu", "cuda"):
+        print(f"{prog}: --device {name!r}: runs on cpu or cuda", file=sys.stderr)
+        return None
+    return device
+
+
 def write_json(path: str, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename: a process
-    killed mid-write leaves the previous version, never a truncated file."""
+    """Write ``obj`` as strict JSON (:func:`strict_json`) to ``path`` through a temporary file and a
+    rename: a process killed mid-write leaves the previous version, never a truncated file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
+            json.dump(strict_json(obj), f, indent=1, allow_nan=False)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import io
 import math
 import os
 import sys
@@ -476,14 +477,18 @@ _CSV_ENV = ["card", "torch", "triton", "cuda", "git_commit", "date", "command"]
 
 
 def write_csv(record: dict, path: str) -> None:
+    """The record's rows as CSV, written atomically (a failure or a kill mid-write keeps the previous file)."""
+    from .pretrain.checkpoint import atomic_write
+
     c = record["config"]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(_CSV_COLUMNS + ["dtype", "compile", "steps", "warmup", "matmul_tflops"] + _CSV_ENV)
-        for r in record["results"]:
-            w.writerow([r[k] for k in _CSV_COLUMNS]
-                       + [c["dtype"], c["compile"], c["steps"], c["warmup"], record["ceilings"]["matmul"]["tflops"]]
-                       + [record["env"].get(k) for k in _CSV_ENV])
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(_CSV_COLUMNS + ["dtype", "compile", "steps", "warmup", "matmul_tflops"] + _CSV_ENV)
+    for r in record["results"]:
+        w.writerow([r[k] for k in _CSV_COLUMNS]
+                   + [c["dtype"], c["compile"], c["steps"], c["warmup"], record["ceilings"]["matmul"]["tflops"]]
+                   + [record["env"].get(k) for k in _CSV_ENV])
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
 
 
 def write_plot(record: dict, path: str) -> str | None:
@@ -521,7 +526,9 @@ def write_plot(record: dict, path: str) -> str | None:
     env = record["env"]
     fig.suptitle(f"fastmae bench, {env['card']}, {record['config']['dtype']}, {env['date']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    from .pretrain.checkpoint import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     return None
 
 
@@ -560,9 +567,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, command: str | None = None) -> int:
     """Run ``fastmae bench`` with parsed ``args``; returns the exit status."""
     t_start = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("fastmae bench: --device cuda but no CUDA device is available", file=sys.stderr)
+    device = _timing.cli_device(args.device, "fastmae bench")
+    if device is None:
         return 2
     gpu = device.type == "cuda"
     notes: list[str] = []

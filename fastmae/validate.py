@@ -93,6 +93,7 @@ class Check:
     tol: float
     passed: bool
     detail: str = ""
+    cuda_context_lost_here: bool = False  # this case's failure left the CUDA context unusable
 
 
 class _Skip(Exception):
@@ -145,6 +146,8 @@ def _two_x(out, ref64, lowp, dtype) -> tuple[float, float, bool, str]:
         return float("inf"), 0.0, False, f"dtype {out.dtype} != reference {want_dtype}"
     err = _maxabs(out, ref64)
     tol = two_x_tolerance(ref64, lowp, dtype)
+    if not math.isfinite(tol):  # PyTorch's own low-precision result is not finite: 2x of it bounds nothing
+        return err, tol, False, "no oracle: PyTorch's own result in this dtype is not finite"
     return err, tol, err <= tol, ""
 
 
@@ -506,6 +509,17 @@ _CASES = {
 
 
 # ---------------------------------------------------------------------------- driver
+def _runs_here(op: str, backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` can run on ``device`` and implements ``op``: then a BackendUnavailableError
+    or ImportError from it (a kernel module that fails to import) is a failure, not a skip."""
+    from . import ops as ops_mod
+    from .backend import _problem
+
+    implemented = backend in ("torch", "sdpa") or backend in ops_mod._IMPLS.get(op, {}) or (
+        backend == "xformers" and op in _ATTENTION_OPS)
+    return implemented and _problem(backend, device) is None
+
+
 def validate(device, ops_=None, backends=None, dtypes=None, batch: int = 32, progress=None,
              quick: bool = False, time_budget: float | None = None, on_case=None) -> list[Check]:
     """Run the checks; returns every :class:`Check` (skips and errors included).
@@ -554,7 +568,12 @@ def validate(device, ops_=None, backends=None, dtypes=None, batch: int = 32, pro
                         for quantity, oracle, (err, tol, ok, detail) in _CASES[op](b, dt, s, device):
                             checks.append(Check(op, b, _name(dt), shape, quantity, oracle, err, tol, ok, detail))
                     except _Skip as e:
-                        skipped = str(e)
+                        if _runs_here(op, b, device):  # it can run here and has the op: its module is broken
+                            checks.append(Check(op, b, _name(dt), shape, "run", "error", float("inf"), 0.0, False,
+                                                f"unavailable although backend {b!r} runs on {device.type} "
+                                                f"and implements {op}: {e}"))
+                        else:
+                            skipped = str(e)
                     except Exception as e:  # a crashing kernel is a failure, not the end of the run
                         msg = str(e).splitlines()[0][:300] if str(e) else ""
                         detail = f"{type(e).__name__}: {msg}"
@@ -563,7 +582,7 @@ def validate(device, ops_=None, backends=None, dtypes=None, batch: int = 32, pro
                             lost = (f"{op} {b} {_name(dt)} {shape}", gone)
                             detail += f"; then the CUDA context was lost ({gone}): later cases not run"
                         checks.append(Check(op, b, _name(dt), shape, "run", "error", float("inf"), 0.0, False,
-                                            detail))
+                                            detail, cuda_context_lost_here=gone is not None))
                     if progress is not None:
                         progress.finish_task()
                     if on_case is not None:
@@ -625,6 +644,11 @@ def render(checks: list[Check]) -> tuple[str, bool]:
     return "\n".join(lines), not bad
 
 
+def n_checked(checks: list[Check]) -> int:
+    """The checks that compared something (skips and cases not run aside)."""
+    return sum(c.oracle not in ("skip", "not run") for c in checks)
+
+
 def _jsonable(d: dict) -> dict:
     """Infinite errors as strings: strict JSON has no Infinity."""
     return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
@@ -653,9 +677,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, command: str | None = None) -> int:
     """Run ``fastmae validate`` with parsed ``args``; returns the exit status."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("fastmae validate: --device cuda but no CUDA device is available", file=sys.stderr)
+    device = _timing.cli_device(args.device, "fastmae validate")
+    if device is None:
         return 2
     sel_ops = [o.strip() for o in args.ops.split(",")] if args.ops else list(OPS)
     unknown = [o for o in sel_ops if o not in OPS]
@@ -692,8 +715,11 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
 
     def save(checks: list[Check], complete: bool) -> None:
         # rewritten after every case: a run killed at its time limit keeps what it checked
+        lost_at = next((c for c in checks if c.cuda_context_lost_here), None)
         record = {"kind": "validate", "schema": 1, "env": env, "seed": seed,
-                  "passed": all(c.passed for c in checks), "complete": complete,
+                  "passed": all(c.passed for c in checks) and n_checked(checks) > 0, "complete": complete,
+                  "cuda_context_lost": None if lost_at is None else (
+                      f"{lost_at.op} {lost_at.backend} {lost_at.dtype} {lost_at.shape}: {lost_at.detail}"),
                   "config": {"ops": sel_ops, "backends": sel_b, "dtypes": args.dtypes, "batch": args.batch,
                              "quick": args.quick},
                   "checks": [_jsonable(asdict(c)) for c in checks]}
@@ -715,7 +741,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
                            [[c.op, c.backend, c.dtype, c.shape, c.quantity, c.oracle, _fmt(c.err), _fmt(c.tol),
                              "pass" if c.passed else "FAIL"] for c in checks]))
     n_fail = sum(not c.passed for c in checks)
-    n_run = sum(c.oracle not in ("skip", "not run") for c in checks)
+    n_run = n_checked(checks)
     late = [c for c in checks if c.oracle == "not run"]
     print(f"\n{n_run} checks, {n_fail} failed, {sum(c.oracle == 'skip' for c in checks)} op/backend pairs skipped "
           f"({time.perf_counter() - t0:.1f} s)")
@@ -724,4 +750,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
     save(checks, complete=True)
     for path in paths:
         print(f"wrote {path}")
+    if ok and not n_run:
+        print("fastmae validate: nothing was checked (every case skipped or not run): not a pass", file=sys.stderr)
+        return 1
     return 0 if ok else 1

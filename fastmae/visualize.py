@@ -277,12 +277,15 @@ def _load_checkpoint(path: str):
     if not os.path.isfile(path):
         raise VisualizeError(f"CHECKPOINT: no file at {path!r}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        from .pretrain.checkpoint import SAFE_GLOBALS  # argparse.Namespace and the pathlib paths of official args
+
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise VisualizeError(f"CHECKPOINT {path!r} cannot be read as a torch checkpoint (truncated, corrupt, or "
-                             f"holding objects other than tensors and argparse.Namespace): {first}") from e
+                             f"holding objects other than tensors, argparse.Namespace and pathlib paths): "
+                             f"{first}") from e
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict):
         return ckpt["model"], ckpt.get("args")
     if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
@@ -333,10 +336,18 @@ def run(args, command: str | None = None) -> int:
     """``fastmae visualize``: returns the exit status (0 written, 2 bad input)."""
     import sys
 
+    from ._timing import cli_device
+
+    if cli_device(args.device, "fastmae visualize") is None:
+        return 2
     try:
         out = write_from_checkpoint(args)
     except (VisualizeError, FileNotFoundError, TypeError, ValueError) as e:
         print(f"fastmae visualize: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # matplotlib / Pillow: optional, needed only here
+        print(f"fastmae visualize: error: {e}; install matplotlib and Pillow (pip install matplotlib pillow)",
+              file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

@@ -101,6 +101,21 @@ def test_two_x_tolerance_is_twice_pytorch_error_plus_rounding():
     assert two_x_tolerance(ref64, [lowp, worse], torch.bfloat16) > tol
 
 
+def test_two_x_oracle_without_a_finite_pytorch_error_fails():
+    """PyTorch's own low-precision result overflowing (inf / NaN) makes 2x its error infinite: a
+    bound nothing can exceed, so the check fails as 'no oracle' instead of passing anything."""
+    from fastmae.validate import _two_x
+
+    ref64 = torch.randn(16, 8, dtype=torch.float64)
+    good = ref64.to(torch.float16)
+    assert _two_x(good, ref64, good, torch.float16)[2]
+    broken = good.clone()
+    broken[3, 4] = float("nan")
+    for lowp in (broken, torch.where(torch.arange(8) == 2, float("inf"), good).to(torch.float16)):
+        err, tol, ok, detail = _two_x(good, ref64, lowp, torch.float16)
+        assert not ok and tol == float("inf") and "no oracle" in detail
+
+
 def test_exact_oracle():
     x = torch.randn(5, 7)
     assert _exact(x.clone(), x)[2]
@@ -160,6 +175,36 @@ def test_write_json_is_atomic(tmp_path):
     with pytest.raises(TypeError):
         _timing.write_json(path, {"a": 2, "b": object()})  # fails mid-write
     assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path / "r") == ["rec.json"]
+
+
+def test_write_json_is_strict_json(tmp_path):
+    """Non-finite floats (a NaN loss, an infinite error) are strings: strict parsers refuse NaN / Infinity."""
+    path = str(tmp_path / "rec.json")
+    _timing.write_json(path, {"loss": float("nan"), "rows": [{"err": float("inf")}, (float("-inf"), 1.5)], "n": 2})
+
+    def refuse(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    rec = json.loads(open(path).read(), parse_constant=refuse)
+    assert rec == {"loss": "nan", "rows": [{"err": "inf"}, ["-inf", 1.5]], "n": 2}
+
+
+def test_bench_csv_is_written_atomically(tmp_path):
+    from fastmae.bench import write_csv
+
+    path = tmp_path / "bench.csv"
+    good = {"config": dict(dtype="bf16", compile=False, steps=3, warmup=1), "ceilings": {"matmul": {"tflops": 1.0}},
+            "env": {}, "results": [dict.fromkeys(["model", "batch_size", "mask_ratio", "backend", "mode", "encoder",
+                                                  "status", "reason", "images_per_s", "ms_per_step", "peak_mem_gib",
+                                                  "peak_reserved_gib", "gflop_per_image", "tflops", "mfu",
+                                                  "first_step_s", "loss"], 1)] * 2}
+    write_csv(good, str(path))
+    before = path.read_text()
+    assert len(before.splitlines()) == 3
+    broken = dict(good, results=[good["results"][0], {"model": "x"}])  # the second row fails mid-write
+    with pytest.raises(KeyError):
+        write_csv(broken, str(path))
+    assert path.read_text() == before and os.listdir(tmp_path) == ["bench.csv"]
 
 
 def test_progress_bar():

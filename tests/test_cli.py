@@ -327,13 +327,38 @@ def test_validate_fails_on_inaccurate_attention(monkeypatch, capsys):
 
 
 def test_validate_skips_an_unavailable_backend(monkeypatch, capsys):
-    def missing(*args, **kwargs):
-        raise BackendUnavailableError("fastmae.kernels.loss is not there")
+    from fastmae import ext
 
-    _fake_triton(monkeypatch, {"mae_loss": missing})
-    assert main(["validate", "--quick", "--quiet", "--ops", "mae_loss", "--backends", "torch,triton"]) == 0
+    monkeypatch.setattr(ext, "problem", lambda: "fastmae._C is not built (simulated)")
+    assert main(["validate", "--quick", "--quiet", "--ops", "mae_loss", "--backends", "torch,ext"]) == 0
     out = capsys.readouterr().out
-    assert "skip" in out and "fastmae.kernels.loss is not there" in out
+    assert "skip" in out and "fastmae._C is not built (simulated)" in out
+
+
+def test_validate_fails_a_backend_that_runs_here_but_does_not_import(monkeypatch, capsys, tmp_path):
+    """A kernel module that fails to import (an API an older triton lacks, say) while its backend
+    runs here is a failure, not a skip: the backend is there, the op is broken."""
+    def broken(*args, **kwargs):
+        raise BackendUnavailableError("backend='triton' for mae_loss: cannot import fastmae.kernels.loss "
+                                      "(AttributeError: module 'triton.language' has no attribute 'nope')")
+
+    _fake_triton(monkeypatch, {"mae_loss": broken})
+    path = tmp_path / "v.json"
+    assert main(["validate", "--quick", "--quiet", "--ops", "mae_loss", "--backends", "torch,triton",
+                 "--json", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "unavailable although backend 'triton' runs on cpu and implements mae_loss" in out
+    rec = json.load(open(path))
+    assert rec["passed"] is False and rec["cuda_context_lost"] is None
+    assert not any(c["oracle"] == "skip" for c in rec["checks"])
+
+
+def test_validate_that_checks_nothing_is_not_a_pass(tmp_path, capsys):
+    path = tmp_path / "v.json"
+    assert main(["validate", "--quiet", "--ops", "patchify", "--time-budget", "0", "--json", str(path)]) == 1
+    assert "nothing was checked" in capsys.readouterr().err
+    rec = json.load(open(path))
+    assert rec["passed"] is False and rec["checks"] and all(c["oracle"] == "not run" for c in rec["checks"])
 
 
 def test_validate_rejects_unknown_names(capsys):

@@ -165,4 +165,31 @@ def test_validate_marks_the_cases_after_a_lost_context_not_run(monkeypatch):
                   ("ext", "fp32", "error", False), ("ext", "fp16", "not run", True)], by
     assert ran == ["torch", "torch", "triton", "triton", "ext"]
     assert "then the CUDA context was lost" in checks[4].detail
+    assert [c.cuda_context_lost_here for c in checks] == [False] * 4 + [True, False]
     assert checks[5].detail.startswith(f"CUDA context lost after {op} ext fp32 ") and STICKY in checks[5].detail
+
+
+def test_validate_record_names_the_case_that_lost_the_context(monkeypatch, tmp_path):
+    import json
+
+    from fastmae.cli import main
+
+    lost = {"now": None}
+
+    def case(b, dt, s, device):
+        if b == "ext":
+            lost["now"] = STICKY
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        yield "out", "exact", (0.0, 0.0, True, "")
+
+    path = tmp_path / "v.json"
+    with monkeypatch.context() as mp:  # undone before the suite's own context check after the test
+        mp.setattr(_timing, "cuda_context_lost", lambda device=None: lost["now"])
+        mp.setitem(V._CASES, "patchify", case)
+        assert main(["validate", "--quick", "--quiet", "--device", "cpu", "--ops", "patchify,unpatchify",
+                     "--backends", "torch,ext", "--json", str(path)]) == 1
+    rec = json.load(open(path))
+    assert rec["cuda_context_lost"].startswith("patchify ext fp32 ") and STICKY in rec["cuda_context_lost"]
+    marked = [c for c in rec["checks"] if c["cuda_context_lost_here"]]
+    assert len(marked) == 1 and (marked[0]["op"], marked[0]["backend"]) == ("patchify", "ext")
+    assert {c["oracle"] for c in rec["checks"] if c["op"] == "unpatchify"} == {"not run"}

@@ -227,6 +227,29 @@ def test_cli_errors(files, case, msg, capsys):
     assert not (files["dir"] / "never.png").exists()
 
 
+def test_cli_reads_checkpoints_with_pathlib_args(files, capsys):
+    """The official submitit_pretrain.py puts pathlib paths into args: such a checkpoint loads."""
+    import pathlib
+
+    ck = torch.load(files["ck"], weights_only=False)
+    ck["args"].output_dir, ck["args"].log_dir = pathlib.Path("/checkpoint/u/1"), pathlib.PurePosixPath("/log")
+    path = files["dir"] / "submitit.pth"
+    torch.save(ck, path)
+    out = files["dir"] / "fig.png"
+    assert cli.main(["visualize", str(path), files["img"], "--out", str(out)]) == 0 and out.is_file()
+
+
+@pytest.mark.parametrize("command", [["validate"], ["bench"], ["visualize", "a.pth", "b.jpg"]])
+@pytest.mark.parametrize("device, msg", [("gpu", "is not a device name"), ("cuda", "no CUDA device"),
+                                         ("meta", "runs on cpu or cuda")])
+def test_cli_device_errors(command, device, msg, capsys):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    assert cli.main([*command, "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fastmae {command[0]}: --device") and msg in err
+
+
 def test_cli_argument_errors(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["visualize", "only-one-arg"])
