@@ -474,6 +474,33 @@ def test_eager_path_is_the_registered_op(with_res):
         assert (a is None and c is None) or torch.equal(a, c)
 
 
+@pytest.mark.parametrize("mode,shape,used", [
+    *((m, sh, u) for m in ("eager", "aot_eager") for sh in ((6, 40), (2, 3, 40)) for u in ("y", "s", "both")),
+    ("inductor", (2, 3, 40), "y"),  # one case: slow to compile
+])  # fmt: skip
+def test_gradients_of_x_and_residual_accumulate_apart(mode, shape, used):
+    """x and residual of one dtype get one gradient: it must reach their .grad as separate
+    storage, or accumulating a second micro-batch (in place) adds into both. The wrapper
+    reshaped outside the op (one view each of one tensor; 3-D inputs eagerly, every shape under
+    torch.compile): each .grad came out 3x the step's gradient after two steps, not 2x."""
+    from fastmae.ext import layer_norm as E
+
+    f = (lambda x, r: E.add_layer_norm(x, r, None, None, EPS)) if mode == "eager" else torch.compile(
+        lambda x, r: E.add_layer_norm(x, r, None, None, EPS), backend=mode, fullgraph=True)
+    x, r = torch.randn(*shape, requires_grad=True), torch.randn(*shape, requires_grad=True)
+    gy, gs = torch.randn(*shape), torch.randn(*shape)
+
+    def loss(y, s):
+        return {"y": (y * gy).sum(), "s": (s * gs).sum(), "both": (y * gy).sum() + (s * gs).sum()}[used]
+
+    for _ in range(2):
+        loss(*f(x, r)).backward()
+    want = torch.autograd.grad(loss(*ref.add_layer_norm(x, r, None, None, EPS)), x)[0]
+    assert x.grad.untyped_storage().data_ptr() != r.grad.untyped_storage().data_ptr()
+    torch.testing.assert_close(x.grad, 2 * want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r.grad, 2 * want, rtol=1e-5, atol=1e-5)
+
+
 def _conversion_edges(dt, n):
     """n fp32 values at the edges of rounding to dt: exact ties between neighbours of dt (both
     parities of the last bit), dt's subnormals and ties among them, the overflow threshold,

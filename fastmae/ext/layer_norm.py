@@ -20,9 +20,12 @@ The ops are ``torch.ops.fastmae_ext.add_layer_norm_fwd`` / ``add_layer_norm_bwd`
   128-row block one dW/dB partial (warps accumulate in shared memory, lanes own columns),
   then a fixed-order column sum. No atomics: the same bits on every run.
 
-Eagerly, :func:`add_layer_norm` runs the ops through :class:`_AddLayerNorm` (an
-``autograd.Function`` with the registered formula, below the autograd key: no generated
-Python autograd kernel per call); under torch.compile, the registered ops themselves.
+When an input needs a gradient, :func:`add_layer_norm` runs the ops through
+:class:`_AddLayerNorm` (an ``autograd.Function`` with the registered formula; eagerly below
+the autograd key: no generated Python autograd kernel per call; under torch.compile, traced
+with the registered op inside). It reshapes x and residual to rows itself, so that their one
+gradient reaches both as one tensor (views of it, one per input, would share storage in
+their ``.grad``).
 
 Saved for the backward: ``s`` (``x`` for ``layer_norm``), ``mean``, ``rstd``, ``weight`` and
 ``bias`` -- never the normalised output. Inputs and outputs are float32, float16 or
@@ -31,6 +34,8 @@ bfloat16 (float64 is the reference's: :func:`fastmae.ops.add_layer_norm` takes i
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -93,37 +98,76 @@ def _backward(ctx, dy, ds, dmean, drstd):
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (rows, D), the ops' layout (a view when the strides allow; D = 0 too)."""
+    return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _shaped(t: torch.Tensor, shape) -> torch.Tensor:
+    """An op's (rows, D) output in the input's ``shape``."""
+    return t if t.shape == shape else t.view(shape)
+
+
 class _AddLayerNorm(torch.autograd.Function):
     """The eager path of :func:`add_layer_norm`: the registered autograd formula (``_setup``,
     ``_backward``) with the ops called below the autograd dispatch key, which skips the
     generated Python autograd kernel of ``register_autograd`` (tens of microseconds a call,
-    forward and backward). Under torch.compile the registered op is traced instead."""
+    forward and backward). Under torch.compile dynamo traces this Function, with the
+    registered op inside.
+
+    It takes x and residual in their own shape (..., D) and reshapes them to the op's rows
+    inside, so that when x and residual get one gradient (same dtype) it is one tensor
+    returned for both: reshaped outside, each input's view would be a separate tensor on one
+    storage, and accumulating into ``.grad`` (a second micro-batch, in place) would add into
+    both."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, out_dtype, residual_dtype):
-        inputs = (x, residual, weight, bias, eps, out_dtype, residual_dtype)
-        with torch._C._AutoDispatchBelowAutograd():
-            out = _ops.add_layer_norm_fwd(*inputs)
-        _setup(ctx, inputs, out)
-        return out
+        shape = x.shape
+        rows = (_rows(x), None if residual is None else _rows(residual))
+        inputs = (*rows, weight, bias, eps, out_dtype, residual_dtype)
+        if torch.compiler.is_compiling():  # traced: the registered op (dynamo has no below-autograd mode)
+            y, s, mean, rstd = _ops.add_layer_norm_fwd(*inputs)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                y, s, mean, rstd = _ops.add_layer_norm_fwd(*inputs)
+        _setup(ctx, inputs, (y, s, mean, rstd))
+        ctx.shape = shape
+        return _shaped(y, shape), (s if residual is None else _shaped(s, shape)), mean, rstd
 
     @staticmethod
     def backward(ctx, dy, ds, dmean, drstd):
-        if torch.is_grad_enabled():  # create_graph: as the registered op does
-            return _backward(ctx, dy, ds, dmean, drstd)
-        with torch._C._AutoDispatchBelowAutograd():
-            return _backward(ctx, dy, ds, dmean, drstd)
+        dy = None if dy is None else _rows(dy)
+        ds = None if ds is None or ds.numel() == 0 else _rows(ds)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # create_graph: as the registered op does
+            dx, dres, *rest = _backward(ctx, dy, ds, dmean, drstd)
+        else:
+            with torch._C._AutoDispatchBelowAutograd():
+                dx, dres, *rest = _backward(ctx, dy, ds, dmean, drstd)
+        gx = None if dx is None else _shaped(dx, ctx.shape)
+        if dres is not dx:
+            gres = None if dres is None else _shaped(dres, ctx.shape)
+        elif torch.compiler.is_compiling():  # inductor returns two outputs on one buffer as two views of it
+            gres = gx.clone()
+        else:
+            gres = gx  # one tensor for both: autograd copies it before accumulating into a second leaf
+        return (gx, gres, *rest)
 
 
-def _fwd(*args):
-    """``add_layer_norm_fwd`` with autograd: the registered op when compiling, else the
-    :class:`_AddLayerNorm` fast path (straight to the kernel when no input needs a gradient)."""
+def _fwd(x, residual, *args):
+    """``(y, s, mean, rstd)`` of x, residual (..., D), y and s in x's shape, with autograd: the
+    :class:`_AddLayerNorm` fast path when an input needs a gradient, else straight to the
+    kernel; when compiling, the registered op on the rows."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, *args[:2])):
+        return _AddLayerNorm.apply(x, residual, *args)
+    shape = x.shape
+    rows = (_rows(x), None if residual is None else _rows(residual), *args)
     if torch.compiler.is_compiling():
-        return _ops.add_layer_norm_fwd(*args)
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(*args[:4]):
-        return _AddLayerNorm.apply(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return _ops.add_layer_norm_fwd(*args)
+        y, s, mean, rstd = _ops.add_layer_norm_fwd(*rows)
+    else:
+        with torch._C._AutoDispatchBelowAutograd():
+            y, s, mean, rstd = _ops.add_layer_norm_fwd(*rows)
+    return _shaped(y, shape), (s if residual is None else _shaped(s, shape)), mean, rstd
 
 
 _OK = frozenset(DTYPES)
@@ -148,17 +192,11 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
             if dt is not None and dt not in DTYPES:
                 raise TypeError(f"backend='ext' LayerNorm: {name} must be float32, float16 or bfloat16, got {dt}")
     sync_poison()
-    shape, D = x.shape, x.shape[-1]
     out_dtype = out_dtype or x.dtype
     if residual is None:
         s = x.to(residual_dtype or x.dtype)
-        y = _fwd(s.reshape(-1, D), None, weight, bias, float(eps), out_dtype, s.dtype)[0]
-        return y.view(shape), s
-    rd = residual_dtype or residual.dtype
-    if x.dim() == 2:  # (rows, D) already: no reshapes
-        return _fwd(x, residual, weight, bias, float(eps), out_dtype, rd)[:2]
-    y, s, _, _ = _fwd(x.reshape(-1, D), residual.reshape(-1, D), weight, bias, float(eps), out_dtype, rd)
-    return y.view(shape), s.view(shape)
+        return _fwd(s, None, weight, bias, float(eps), out_dtype, s.dtype)[0], s
+    return _fwd(x, residual, weight, bias, float(eps), out_dtype, residual_dtype or residual.dtype)[:2]
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-6,
