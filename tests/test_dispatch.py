@@ -258,3 +258,15 @@ def test_mae_loss_differentiates_imgs_and_mask_as_the_official_loss(norm, which)
         pred.requires_grad_(True)
         g = torch.autograd.grad(ops.mae_loss(imgs, pred, mask, 4, norm, backend="ext"), pred)[0]
         torch.testing.assert_close(g, torch.autograd.grad(ref.mae_loss(imgs, pred, mask, 4, norm), pred)[0])
+
+
+def test_triton_ops_on_cpu_tensors_outside_the_interpreter_are_the_reference():
+    """Outside the interpreter the Triton ops' CPU kernels are the reference (fastmae._library's
+    register_cpu_fallback), forward and backward: the backward fallbacks used torch.autograd.grad,
+    which records nothing inside an op's kernel (below the autograd key), and raised."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    script = os.path.join(os.path.dirname(__file__), "_triton_cpu_fallbacks.py")
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("ok ") == 12, out.stdout

@@ -636,10 +636,9 @@ def _attention_qkvpacked_cpu(qkv, scale=None):
 
 
 def _attention_backward_cpu(dout, q, k, v, out, lse, scale=None):
-    with torch.enable_grad():
-        qkv = torch.stack((q, k, v), dim=2).detach().requires_grad_(True)
-        o = reference.attention_qkvpacked(qkv, scale)
-        (dqkv,) = torch.autograd.grad(o, qkv, dout)
+    # torch.func.vjp: an op's kernel runs below the autograd key, where autograd records nothing
+    qkv = torch.stack((q, k, v), dim=2)
+    (dqkv,) = torch.func.vjp(lambda t: reference.attention_qkvpacked(t, scale), qkv)[1](dout)
     return dqkv
 
 
