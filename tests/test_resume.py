@@ -357,6 +357,52 @@ def test_mismatched_model_is_never_partially_loaded(good_ckpt):
 
 
 # ----------------------------------------------------------------------------- atomic writes
+def test_resume_from_a_url_fetches_into_the_hub_cache(images, good_ckpt, tmp_path, capsys, monkeypatch):
+    """--resume URL as the official load_model: fetched into torch.hub's cache, the file name's
+    hash prefix checked; then read as a file is (the same safe loader)."""
+    import hashlib
+    import shutil
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    digest = hashlib.sha256(open(good_ckpt, "rb").read()).hexdigest()
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(good_ckpt, served / f"mae-{digest[:8]}.pth")
+    shutil.copy(good_ckpt, served / "mae-0badc0de.pth")  # a name whose hash prefix is not the file's
+    url = (served / f"mae-{digest[:8]}.pth").as_uri()
+    out = str(tmp_path / "o")
+    assert main(tiny_flags(images, out, epochs=2, warmup_epochs=0, resume=url, no_plot=True)) == 0
+    assert (tmp_path / "hub" / "checkpoints" / f"mae-{digest[:8]}.pth").is_file()
+    assert [r["epoch"] for r in _rows(os.path.join(out, "log.txt"))] == [1]
+    for bad, msg in (((served / "mae-0badc0de.pth").as_uri(), "cannot download it"),
+                     ((served / "missing.pth").as_uri(), "cannot download it")):
+        capsys.readouterr()
+        assert main(tiny_flags(images, str(tmp_path / "x"), epochs=2, resume=bad, no_plot=True)) == 2
+        assert msg in capsys.readouterr().err
+    assert not (tmp_path / "hub" / "checkpoints" / "mae-0badc0de.pth").exists()
+
+
+def test_stale_temp_files_of_a_killed_writer_are_removed(images, tmp_path, capsys):
+    """A run killed inside atomic_save leaves its temp file (a whole checkpoint's size): the next
+    run in that folder removes those of writers no longer alive, and leaves a live writer's."""
+    import subprocess
+
+    out = tmp_path / "o"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = out / f".checkpoint-last.pth.{dead.pid}.0123abcd.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    live = out / f".checkpoint-0.pth.{os.getpid()}.89abcdef.tmp"
+    live.write_bytes(b"being written")
+    other = out / "notes.tmp"
+    other.write_bytes(b"not ours")
+    assert main(tiny_flags(images, str(out), epochs=1, warmup_epochs=0, no_plot=True)) == 0
+    assert not stale.exists() and live.exists() and other.exists()
+    assert f"removed 1 temporary file(s) of a run killed while writing a checkpoint: {stale.name}" in (
+        capsys.readouterr().out)
+
+
 def test_atomic_save_keeps_the_old_file_when_a_write_fails(tmp_path):
     path = str(tmp_path / "c.pth")
     ck.atomic_save({"model": {"w": torch.ones(3)}}, path)

@@ -80,7 +80,8 @@ def get_args_parser(demo: bool = False, add_help: bool = True,
                    help="cuda or cpu (default: cuda when there is a CUDA device, else cpu; under torchrun each "
                         "process takes cuda:LOCAL_RANK)")
     p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--resume", default="", help="resume from checkpoint (fastmae's or an official one)")
+    p.add_argument("--resume", default="", help="resume from checkpoint (fastmae's or an official one; a path, or "
+                                                "an https:// URL fetched into torch.hub's cache, as officially)")
     p.add_argument("--start_epoch", default=0, type=_non_negative, metavar="N", help="start epoch")
     p.add_argument("--num_workers", default=10, type=_non_negative)
     p.add_argument("--pin_mem", action="store_true",

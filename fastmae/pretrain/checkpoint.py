@@ -37,6 +37,7 @@ import argparse
 import os
 import pathlib
 import random
+import re
 import secrets
 
 import numpy as np
@@ -48,6 +49,7 @@ __all__ = [
     "atomic_save",
     "atomic_write",
     "load_checkpoint",
+    "remove_stale_temp_files",
     "check_model_state",
     "check_optimizer_state",
     "capture_rng",
@@ -92,6 +94,40 @@ def temp_file(path: str) -> tuple[int, str]:
     raise FileExistsError(f"cannot create a temporary file beside {path}")
 
 
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_stale_temp_files(folder: str) -> list[str]:
+    """Remove the temp files :func:`temp_file` left in ``folder`` when their writer was killed
+    mid-write (a full checkpoint's size each): those of a process no longer running on this
+    machine. Returns their names. Files of a live process are left alone."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return removed
+    for name in names:
+        m = _TEMP_NAME.match(name)
+        if m is None or _alive(int(m["pid"])):
+            continue
+        try:
+            os.unlink(os.path.join(folder, name))
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def atomic_write(path: str, write, mode: str = "wb") -> None:
     """``write(f)`` into a temp file beside ``path``, flush, fsync, ``os.replace`` onto ``path``, fsync the folder."""
     fd, tmp = temp_file(path)
@@ -115,8 +151,38 @@ def atomic_save(obj, path: str) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def is_url(path: str) -> bool:
+    return isinstance(path, str) and path.startswith(("https://", "http://", "file://"))
+
+
+def fetch(url: str) -> str:
+    """The local copy of checkpoint ``url``, as the official ``load_model`` gets one
+    (``torch.hub.load_state_dict_from_url(..., check_hash=True)``): downloaded once into torch.hub's
+    cache (``<torch.hub.get_dir()>/checkpoints``, atomically), with the file name's hash prefix
+    (``name-<sha256 prefix>.pth``) checked when it has one. It is then read as any file is."""
+    import urllib.error
+    import urllib.parse
+
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not name:
+        raise CheckpointError(f"--resume {url!r}: the URL names no file")
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    dst = os.path.join(folder, name)
+    if not os.path.isfile(dst):
+        m = torch.hub.HASH_REGEX.search(name)
+        try:
+            torch.hub.download_url_to_file(url, dst, hash_prefix=m.group(1) if m else None, progress=False)
+        except (urllib.error.URLError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"--resume {url!r}: cannot download it ({type(e).__name__}: {e})") from e
+    return dst
+
+
 def load_checkpoint(path: str) -> dict:
-    """Read a checkpoint safely (see the module docstring); clear errors for missing, corrupt or foreign files."""
+    """Read a checkpoint safely (see the module docstring); clear errors for missing, corrupt or foreign files.
+    A URL (``https://``, ``http://``, ``file://``) is first fetched into torch.hub's cache (:func:`fetch`)."""
+    if is_url(path):
+        path = fetch(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume: no checkpoint file at {path!r}")
     if os.path.getsize(path) == 0:

@@ -381,6 +381,10 @@ def _train(run: _Run, tmpdir: str) -> TrainResult:  # noqa: C901 - one loop, rea
     # ---------------------------------------------------------------- output and resume
     if run.main and run.out:
         os.makedirs(run.out, exist_ok=True)
+        stale = ckpt_mod.remove_stale_temp_files(run.out)
+        if stale:
+            run.say(f"removed {len(stale)} temporary file(s) of a run killed while writing a checkpoint: "
+                    f"{', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}")
     if run.main and run.log_dir:
         os.makedirs(run.log_dir, exist_ok=True)
     start_epoch, start_step, global_step = args.start_epoch, 0, 0
@@ -399,7 +403,7 @@ def _train(run: _Run, tmpdir: str) -> TrainResult:  # noqa: C901 - one loop, rea
             _check_resume_fits(fm, args, info, len(dataset), steps_per_epoch)
         # everything checked: now load (nothing partial)
         model_without_ddp.load_state_dict(ck["model"], strict=True)
-        last_good = os.path.abspath(args.resume)
+        last_good = args.resume if ckpt_mod.is_url(args.resume) else os.path.abspath(args.resume)
         if has_opt:
             optimizer.load_state_dict(ck["optimizer"])
             _fix_optimizer_flags(optimizer, flags)
