@@ -269,6 +269,30 @@ def test_compile_fullgraph_fused_matches_eager(kernel_device):
             _check(f"compiled grad {name}", pc.grad, pe.grad, pr.grad, torch.float32)
 
 
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_ext_fused_model_compiles_fullgraph_as_eager(compiler):
+    """The model on backend="ext" (fused blocks: the extension's add + LayerNorm and bias + GELU,
+    its attention) under torch.compile(fullgraph=True): the loss and every gradient as eager."""
+    from _ext import require_ext
+
+    require_ext()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    fast = tiny(backend="ext", embed_dim=64, decoder_embed_dim=64)  # head dim 32: the ext attention's
+    imgs, noise = torch.randn(2, 3, 16, 16), torch.rand(2, 16)
+    eager = copy.deepcopy(fast)
+    assert eager.uses_fused_blocks(imgs)
+    le = eager(imgs, 0.75, noise)[0]
+    le.backward()
+    lc = torch.compile(fast, fullgraph=True, backend=compiler)(imgs, 0.75, noise)[0]
+    lc.backward()
+    torch.testing.assert_close(lc, le, rtol=1e-6, atol=1e-6)
+    for (name, pe), pc in zip(eager.named_parameters(), fast.parameters()):
+        assert (pe.grad is None) == (pc.grad is None), name
+        if pe.grad is not None:
+            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ---------------------------------------------------------------------------- memory
 def _saved_bytes(model, imgs, noise):
     """Bytes of the distinct non-parameter storages autograd saves for the backward of a forward."""
