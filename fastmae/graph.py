@@ -56,9 +56,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 
 import torch
+
+from . import _timing
 
 __all__ = ["CUDAGraphStep", "adamw"]
 
@@ -174,9 +177,13 @@ class CUDAGraphStep:
         check = getattr(model, "_check_imgs", None)
         if check is not None:
             check(self.static_imgs)  # channels and image size against the model's
-        # every group reads its own device lr: set_lr updates it in place, no recapture
+        # every group reads its own device lr: set_lr updates it in place, no recapture. One already
+        # there (another CUDAGraphStep's on this optimizer, for another shape) is kept: both graphs
+        # read it, and set_lr on either sets both
         for g in optimizer.param_groups:
-            g["lr"] = torch.tensor(float(g["lr"]), dtype=torch.float32, device=self.device)
+            lr = g["lr"]
+            if not (torch.is_tensor(lr) and lr.device == self.device and lr.dtype == torch.float32 and lr.dim() == 0):
+                g["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=self.device)
         self._lrs = [g["lr"] for g in optimizer.param_groups]
         self.graph = torch.cuda.CUDAGraph()
         self.loss = self._capture(warmup_steps)
@@ -206,8 +213,23 @@ class CUDAGraphStep:
             # grads None: the captured backward allocates them from the graph's pool and
             # every replay overwrites them
             opt.zero_grad(set_to_none=True)
-            with torch.cuda.graph(self.graph):
-                loss = self._forward_backward_step()
+            # the pool is ours, so that a failed capture can be undone in the allocator (see
+            # _timing._end_failed_capture); the step's own error is the one reported
+            pool, body_error = torch.cuda.graph_pool_handle(), None
+            try:
+                with torch.cuda.graph(self.graph, pool=pool):
+                    try:
+                        loss = self._forward_backward_step()
+                    except Exception as e:
+                        body_error = e
+            except Exception as e:
+                _timing._end_failed_capture(pool)
+                cause = body_error or e
+                raise _timing.GraphCaptureError(
+                    f"capturing the training step failed: {_timing._first_line(cause)}") from cause
+            if body_error is not None:
+                raise _timing.GraphCaptureError(
+                    f"capturing the training step failed: {_timing._first_line(body_error)}") from body_error
             # the capture ran nothing; leaving _undone puts back what the warm-up changed
         torch.cuda.synchronize(self.device)
         return loss
@@ -215,10 +237,10 @@ class CUDAGraphStep:
     # ------------------------------------------------------------------ use
     def set_lr(self, lr: float) -> None:
         """Set every param group's learning rate to ``lr`` (times its ``lr_scale``, if any), in place."""
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr < 0:
             raise ValueError(f"lr must be a finite float >= 0, got {lr!r}")
-        for g in self.optimizer.param_groups:
-            g["lr"].fill_(float(lr) * float(g.get("lr_scale", 1.0)))
+        for g, t in zip(self.optimizer.param_groups, self._lrs):  # the tensors the graph reads
+            t.fill_(float(lr) * float(g.get("lr_scale", 1.0)))
 
     def step(self, imgs: torch.Tensor) -> torch.Tensor:
         """One training step on ``imgs``; returns the loss as the graph's static device tensor."""

@@ -188,6 +188,54 @@ def test_graph_step_leaves_the_model_as_it_was_and_checks_its_input():
 
 
 @pytest.mark.gpu
+def test_two_graph_steps_on_one_optimizer():
+    """One per shape, as the docs say: the second keeps the first's lr tensors (it replaced them, and
+    the first refused to step), and set_lr on either sets the rate both graphs read."""
+    model = _model("auto")
+    opt = adamw(model.parameters(), lr=1e-3)
+    big, small = CUDAGraphStep(model, opt, SHAPE), CUDAGraphStep(model, opt, (2, *SHAPE[1:]))
+    assert all(a is b for a, b in zip(big._lrs, small._lrs))
+    big(torch.randn(SHAPE, device="cuda"))
+    small.set_lr(2e-3)
+    assert all(float(g["lr"]) == 2e-3 for g in opt.param_groups)
+    small(torch.randn(2, *SHAPE[1:], device="cuda"))
+    big(torch.randn(SHAPE, device="cuda"))
+    assert all(float(s["step"]) == 3 for s in opt.state.values())
+
+
+@pytest.mark.gpu
+def test_a_failed_capture_is_the_steps_own_error_and_leaves_cuda_usable():
+    """A host sync inside the captured step invalidates the capture: the error names the step's
+    own failure, and the caching allocator is left working (a later capture succeeds)."""
+    from fastmae._timing import GraphCaptureError
+
+    model = _model("auto")
+    forward = model.forward
+
+    def syncing(*a, **k):
+        loss, pred, mask = forward(*a, **k)
+        return loss + 0 * float(loss), pred, mask  # a host read: not allowed while capturing
+
+    model.forward = syncing
+    with pytest.raises(GraphCaptureError, match="capturing the training step failed"):
+        CUDAGraphStep(model, adamw(model.parameters(), lr=1e-3), SHAPE)
+    del model.forward
+    torch.cuda.empty_cache()
+    step = CUDAGraphStep(model, adamw(model.parameters(), lr=1e-3), SHAPE)
+    assert torch.isfinite(step(torch.randn(SHAPE, device="cuda")))
+
+
+@pytest.mark.gpu
+def test_graph_step_replays_draw_new_masks():
+    """The masking noise comes from the CUDA generator, which the graph advances at each replay."""
+    model = _model("auto")
+    step = CUDAGraphStep(model, adamw(model.parameters(), lr=0.0), SHAPE)
+    imgs = torch.randn(SHAPE, device="cuda")
+    losses = [step(imgs).clone() for _ in range(3)]  # lr 0: the same model, so only the masks differ
+    assert len({float(x) for x in losses}) == 3
+
+
+@pytest.mark.gpu
 def test_graph_step_refuses_what_it_cannot_capture():
     model = _model("auto")
     with pytest.raises(ValueError, match="capturable"):

@@ -617,7 +617,8 @@ def _train(run: _Run, tmpdir: str) -> TrainResult:  # noqa: C901 - one loop, rea
         rng = torch.get_rng_state()
         it = iter(loader)  # the loader draws its base seed from torch's RNG: keep that out of the model's stream
         torch.set_rng_state(rng)
-        optimizer.zero_grad(set_to_none=True)
+        if graph_step is None:  # a captured step's gradients live in its graph's pool: left as they are
+            optimizer.zero_grad(set_to_none=True)
         stopped_mid_epoch = False
         sync_debug_mode(True)
         for data_iter_step in range(s0, steps_per_epoch):
