@@ -99,7 +99,15 @@ def _bench(r: dict) -> list[str]:
     return out
 
 
-_KINDS = {"validate": _validate, "ops": _ops, "bench": _bench}
+def _pretrain_vs_bench(r: dict) -> list[str]:
+    """fastmae.pretrain.measure's comparison (issue 11: the pretrain step within 3% of bench's)."""
+    verdict = "within" if r["within_target"] else "NOT within"
+    return [f"pretrain vs bench ({r['model']}, batch {r['batch_size']}, {r['backend']}, {r['mode']}): "
+            f"{r['pretrain_ms_per_step']:.3f} vs {r['bench_ms_per_step']:.3f} ms/step, "
+            f"{100 * r['overhead']:+.2f}% ({verdict} {100 * r['target']:.0f}%)"]
+
+
+_KINDS = {"validate": _validate, "ops": _ops, "bench": _bench, "pretrain_vs_bench": _pretrain_vs_bench}
 
 
 def summarize(records_dir: str) -> str:

@@ -1,26 +1,33 @@
 #!/usr/bin/env bash
 # scripts/gpu_check.sh OUT_DIR -- everything fastmae needs a GPU for, in one time-boxed run.
 #
-# Made for a short GPU lease (15 minutes, no internet; torch and triton preinstalled): it
-# runs fastmae from this checkout (PYTHONPATH; nothing is installed unless
-# GPU_CHECK_INSTALL=1), in this order (most wanted first), each step under `timeout`, the
-# whole within ~9.5 minutes (GPU_CHECK_BUDGET_S; steps the budget leaves out are listed, and
-# a second call with GPU_CHECK_STEPS=... runs them):
-#   bench            `fastmae bench`, ViT-B/L/H, stock and Triton, eager and graphed
-#   bench_compiled   the same under torch.compile, ViT-B/16
-#   build_ext        the extension fastmae._C (backend "ext") for this card
+# Made for a short GPU lease (15 minutes in all, start-up included, no internet; torch and
+# triton preinstalled): it runs fastmae from this checkout (PYTHONPATH; nothing is installed
+# unless GPU_CHECK_INSTALL=1), each step under `timeout`, the whole within ~9.5 minutes
+# (GPU_CHECK_BUDGET_S). One such call is what a lease allows, so by default it runs the steps
+# that fit (most wanted first: correctness, then issue 12's open targets, then the model-level
+# benchmark), each given a share of the budget that leaves the later ones theirs:
+#   build_ext        the extension fastmae._C (backend "ext") for this card (CUDA kernels: checked)
 #   ext_smoke        each of its CUDA kernels once (scripts/ext_sanitize.py), launches synchronised
-#   gpu_tests        pytest -m gpu (the timing-sensitive harness tests apart and alone); with the
-#                    extension loading, FASTMAE_EXT_REQUIRED=1: its tests fail rather than skip
-#   bench_ops        kernel micro-benchmarks (benchmarks/bench_ops.py), every backend but ext
-#   bench_ops_ext    the same for backend ext, beside triton and SDPA (issue 12's targets)
-#   validate         `fastmae validate`, bf16, every backend but ext
-#   validate_ext     the same for backend ext
+#   gpu_tests        pytest -m gpu (the timing-sensitive harness tests apart); with the extension
+#                    loading, FASTMAE_EXT_REQUIRED=1: its tests fail rather than skip
+#   bench_ops_ext    kernel micro-benchmarks (benchmarks/bench_ops.py) of backend ext beside triton
+#                    and SDPA at ViT-B (issue 12's targets; triton's figures come with them)
+#   bench            `fastmae bench`, ViT-B/L/H, stock and Triton, eager and graphed (its time budget
+#                    keeps what it measured: ViT-B first)
+#   validate         `fastmae validate`, bf16, every backend (ext once its smoke test passed)
+# and, only when named in GPU_CHECK_STEPS (a comma list; "all" for every step) on a later lease:
+#   validate_ext     `fastmae validate` of backend ext alone
+#   bench_compiled   `fastmae bench` under torch.compile, ViT-B/16
+#   harness_tests    the CUDA-event and graph timing tests, alone on the GPU
+#   bench_ops        the micro-benchmarks of every backend but ext at ViT-B and ViT-L, long sequences
 #   sanitize_memcheck, sanitize_racecheck   backend ext's kernels under compute-sanitizer
 #                    (scripts/ext_sanitize.py), when the machine has it
 #   kernel_tests     the kernel test files on the GPU, fp32/fp16
 #   bench_step, pretrain_step, pretrain_vs_bench   a `fastmae pretrain` step against bench's
 #   data_transfer    a batch's pinned uint8 copy + normalisation against the official copy
+# Steps that need the extension are skipped (and counted as failures) when it does not build
+# with its CUDA kernels.
 #
 # The extension's CUDA kernels have never run before this script runs them. A kernel that
 # faults leaves a sticky error: every later CUDA call in its process fails. So backend ext
@@ -64,7 +71,8 @@
 # GPU_CHECK_VALIDATE_ARGS (extra `fastmae validate` arguments; default --dtypes bf16),
 # GPU_CHECK_INSTALL=1 to pip-install the checkout first (editable, no deps; not needed:
 # everything runs as `python -m ...` from the checkout), GPU_CHECK_STEPS (a comma list of
-# the steps to run, e.g. `bench_ops,validate` for a rerun; default all).
+# the steps to run, e.g. `bench_compiled,bench_ops` on a later lease; "all" for every step;
+# default the ones listed first above).
 set -u
 
 if [ $# -ne 1 ]; then
@@ -113,13 +121,17 @@ pack() {
 }
 trap 'pack; exit 1' INT TERM
 
-wanted() { [ -z "${GPU_CHECK_STEPS:-}" ] || [[ ",${GPU_CHECK_STEPS}," == *",$1,"* ]]; }
+DEFAULT_STEPS=build_ext,ext_smoke,gpu_tests,bench_ops_ext,bench,validate
+STEPS_ASKED=${GPU_CHECK_STEPS:-$DEFAULT_STEPS}
+STEPS_ASKED=${STEPS_ASKED// /}
+wanted() { [ "$STEPS_ASKED" = all ] || [[ ",${STEPS_ASKED}," == *",$1,"* ]]; }
 
 # step NAME MAX_SECONDS CMD... : run CMD under timeout (MAX_SECONDS, or less when the
 # deadline is nearer), log to WORK/logs/NAME.log, show its tail, record the outcome, pack.
 step() {
     local name=$1 max=$2
     shift 2
+    LAST_RC=1
     if ! wanted "$name"; then
         SUMMARY+=("$name|not asked for (GPU_CHECK_STEPS)|0")
         return
@@ -127,7 +139,7 @@ step() {
     local t
     t=$(left)
     ((t > max)) && t=$max
-    if ((t < 10)); then
+    if ((t < 20)); then  # below what any step needs to start up and do something
         echo "== $name: skipped, no time left"
         SUMMARY+=("$name|skipped (no time left)|0")
         FAILED=1
@@ -138,6 +150,7 @@ step() {
     t0=$(date +%s)
     timeout -k 5 "$t" "$@" >"$WORK/logs/$name.log" 2>&1
     rc=$?
+    LAST_RC=$rc
     if ((rc == 0)); then
         status=ok
     elif ((rc == 124 || rc == 137)); then
@@ -167,7 +180,8 @@ pack
 
 # --------------------------------------------------------------------------- steps
 if [ -n "${GPU_CHECK_INSTALL:-}" ]; then
-    step install 60 "$PY" -m pip install -e . --no-deps --no-build-isolation --no-input
+    # the package only: the extension is build_ext's (setup.py's auto mode would build it here)
+    step install 60 env FASTMAE_BUILD_EXT=0 "$PY" -m pip install -e . --no-deps --no-build-isolation --no-input
 fi
 
 HAVE_PYTEST=0
@@ -176,6 +190,9 @@ HAVE_PYTEST=0
 PYTEST=("$PY" -m pytest -o addopts= -p no:cacheprovider -ra --durations=8 -q)
 PARALLEL=()
 "$PY" -c 'import xdist' 2>/dev/null && PARALLEL=(-n "${GPU_CHECK_WORKERS:-8}")
+# a test that hangs is named and failed, not the end of the step (pytest-timeout, when installed)
+PER_TEST=()
+"$PY" -c 'import pytest_timeout' 2>/dev/null && PER_TEST=(--timeout=60)
 
 # budget NAME RESERVE_FOR_LATER MAX: a step's own time budget (seconds)
 budget() {
@@ -185,66 +202,95 @@ budget() {
     echo $b
 }
 
+# ext_step NAME MAX CMD...: a step of backend ext; skipped (a failure) when the extension does not
+# load with its CUDA kernels, rather than measuring or testing nothing and reporting "ok"
+ext_step() {
+    if ((EXT_REQUIRED)) || ! wanted "$1"; then
+        step "$@"
+    else
+        echo "== $1: skipped, the extension did not build with its CUDA kernels (see build_ext)"
+        SUMMARY+=("$1|skipped (no CUDA extension)|0")
+        FAILED=1
+    fi
+}
+
+# the compiled extension, sm_90 only (TORCH_CUDA_ARCH_LIST above): its CUDA kernels have never run
+# before this call; everything after it covers backend "ext" too
+step build_ext 140 env MAX_JOBS="${MAX_JOBS:-16}" FASTMAE_BUILD_EXT=1 "$PY" setup.py -q build_ext --inplace
+wanted build_ext && "$PY" -c 'import fastmae.ext as e; print("ext:", e.build_info(), e.problem())' \
+    >>"$WORK/logs/build_ext.log" 2>&1
+# the extension loads with its CUDA kernels (built by this call or an earlier one): its tests must
+# then run, not skip; a build without them (no nvcc found) is not a CUDA build
+EXT_REQUIRED=0
+"$PY" -c 'import sys, fastmae.ext as e; sys.exit(e.problem() is not None or not e.has_cuda_kernels())' \
+    2>/dev/null && EXT_REQUIRED=1
+if wanted build_ext && ((!EXT_REQUIRED)); then
+    echo "build_ext: fastmae._C does not load with its CUDA kernels" | tee -a "$WORK/logs/build_ext.log"
+    FAILED=1
+fi
+# every kernel of backend ext once, forward and backward, each launch synchronised: a kernel that
+# faults is named here (the log lists each case as it passes), before the tests meet it
+ext_step ext_smoke 35 env CUDA_LAUNCH_BLOCKING=1 "$PY" scripts/ext_sanitize.py
+SMOKE_RC=$LAST_RC
+
+if ((HAVE_PYTEST)); then
+    # -v: each test named as it ends, so a timeout still says which ran; kept to what leaves the
+    # later default steps their shares
+    # the reserves below leave each later default step its share even when every step runs to its limit
+    T=$(budget 270 150)
+    step gpu_tests "$T" env FASTMAE_EXT_REQUIRED=$EXT_REQUIRED "${PYTEST[@]}" -v "${PARALLEL[@]}" "${PER_TEST[@]}" \
+        -m gpu tests --ignore=tests/test_bench_harness.py --ignore=tests/test_sm90_compile.py
+else
+    wanted gpu_tests && SUMMARY+=("gpu_tests|skipped (pytest not installed)|0") && FAILED=1
+fi
+
+# backend ext first in each case, with triton and SDPA beside it in the same run (its targets: the
+# data path within 1.3x of the memory floor; attention at least as fast as triton and 2x cuDNN)
+B=$(budget 170 110)
+ext_step bench_ops_ext $((B + 20)) "$PY" -m benchmarks.bench_ops --quiet --out "$WORK/ops" --time-budget "$B" \
+    --sections attention,ops,norms,bias_gelu --models vit_b16 --backends ext,triton,sdpa
+
 # The harnesses stop starting new measurements at their budget and keep what they measured.
-B=$(budget 330 190)
+B=$(budget 80 120)
 # shellcheck disable=SC2086  # word-split on purpose
 step bench $((B + 30)) "$PY" -m fastmae bench --quiet --out "$WORK/bench" --time-budget "$B" $BENCH_ARGS
+
+B=$(budget 15 60)
+# bf16 only: the dtype the CPU interpreter cannot check (fp32/fp16 on the GPU: kernel_tests). Backend
+# ext too once its smoke test passed (a kernel that faults would stop the process's later cases)
+VAL_BACKENDS=torch,triton,sdpa,xformers
+((EXT_REQUIRED && SMOKE_RC == 0)) && VAL_BACKENDS+=,ext
+# shellcheck disable=SC2086
+step validate $((B + 15)) "$PY" -m fastmae validate --quiet --out "$WORK/validate" --time-budget "$B" \
+    --backends "$VAL_BACKENDS" $VALIDATE_ARGS
+
+# ---- the steps run only when named (GPU_CHECK_STEPS): each in the time left
+B=$(budget 0 60)
+# shellcheck disable=SC2086
+ext_step validate_ext $((B + 15)) "$PY" -m fastmae validate --quiet --out "$WORK/validate" --time-budget "$B" \
+    --backends ext $VALIDATE_ARGS
 # torch.compile of stock and fastmae: a compile already started runs past the budget, hence the margin
-B=$(budget 300 90)
+B=$(budget 90 200)
 # shellcheck disable=SC2086
 step bench_compiled $((B + 90)) "$PY" -m fastmae bench --quiet --no-plot --out "$WORK/bench" --time-budget "$B" \
     $COMPILE_ARGS
-
-# the compiled extension: its CUDA kernels have never run before this step; everything after
-# it (GPU tests, bench_ops, validate) then covers backend "ext" too
-step build_ext 240 env MAX_JOBS="${MAX_JOBS:-16}" FASTMAE_BUILD_EXT=1 "$PY" setup.py -q build_ext --inplace
-wanted build_ext && "$PY" -c 'import fastmae.ext as e; print("ext:", e.build_info(), e.problem())' \
-    >>"$WORK/logs/build_ext.log" 2>&1
-# the extension loads (built by this call or an earlier one): its tests must then run, not skip
-EXT_REQUIRED=0
-"$PY" -c 'import sys, fastmae.ext as e; sys.exit(e.problem() is not None)' 2>/dev/null && EXT_REQUIRED=1
-# every kernel of backend ext once, forward and backward, each launch synchronised: a kernel that
-# faults is named here (the log lists each case as it passes), before the tests meet it
-step ext_smoke 60 env CUDA_LAUNCH_BLOCKING=1 "$PY" scripts/ext_sanitize.py
-
 if ((HAVE_PYTEST)); then
-    step gpu_tests 120 env FASTMAE_EXT_REQUIRED=$EXT_REQUIRED "${PYTEST[@]}" "${PARALLEL[@]}" -m gpu tests \
-        --ignore=tests/test_bench_harness.py --ignore=tests/test_sm90_compile.py
     # CUDA-event and graph timing checks: alone on the GPU
-    step harness_tests 40 "${PYTEST[@]}" -m gpu tests/test_bench_harness.py
-else
-    SUMMARY+=("gpu_tests|skipped (pytest not installed)|0")
-    FAILED=1
+    step harness_tests 60 "${PYTEST[@]}" "${PER_TEST[@]}" -m gpu tests/test_bench_harness.py
 fi
-
-B=$(budget 170 70)
+B=$(budget 20 150)
 # attention first (the issue-4 shapes against SDPA's kernels), then the data-path ops at ViT-B/L,
 # the block ops (add + LayerNorm, bias + GELU at the ViT-B encoder and decoder shapes), long sequences
 step bench_ops $((B + 20)) "$PY" -m benchmarks.bench_ops --quiet --out "$WORK/ops" --time-budget "$B" \
     --sections attention,ops,norms,bias_gelu,long --models vit_b16,vit_l16 --backends torch,triton,xformers,sdpa
-# backend ext alone, first in each case, with triton and SDPA beside it in the same run (its targets: the
-# data path within 1.3x of the memory floor; attention at least as fast as triton and 2x cuDNN)
-B=$(budget 120 60)
-step bench_ops_ext $((B + 20)) "$PY" -m benchmarks.bench_ops --quiet --out "$WORK/ops" --time-budget "$B" \
-    --sections attention,ops,norms,bias_gelu --models vit_b16 --backends ext,triton,sdpa
-
-B=$(budget 80 40)
-# bf16 only: the dtype the CPU interpreter cannot check (fp32/fp16 on the GPU: kernel_tests below)
-# shellcheck disable=SC2086
-step validate $((B + 20)) "$PY" -m fastmae validate --quiet --out "$WORK/validate" --time-budget "$B" \
-    --backends torch,triton,sdpa,xformers $VALIDATE_ARGS
-B=$(budget 60 30)
-# shellcheck disable=SC2086
-step validate_ext $((B + 20)) "$PY" -m fastmae validate --quiet --out "$WORK/validate" --time-budget "$B" \
-    --backends ext $VALIDATE_ARGS
 
 # backend ext's kernels under compute-sanitizer: reads past a row's end, misaligned vectors and
 # shared-memory races that results do not show (each tensor its own allocation, so memcheck sees its end)
 SANITIZER=$(command -v compute-sanitizer || ls "${CUDA_HOME:-/usr/local/cuda}"/bin/compute-sanitizer 2>/dev/null)
 if [ -n "$SANITIZER" ]; then
     for tool in memcheck racecheck; do
-        step "sanitize_$tool" 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" --error-exitcode 1 \
-            "$PY" scripts/ext_sanitize.py
+        ext_step "sanitize_$tool" 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \
+            --error-exitcode 1 "$PY" scripts/ext_sanitize.py
     done
 else
     for tool in memcheck racecheck; do
@@ -255,12 +301,10 @@ fi
 if ((HAVE_PYTEST)); then
     mapfile -t KERNEL_TESTS < <(ls tests/test_kernel_*.py 2>/dev/null)
     if ((${#KERNEL_TESTS[@]})); then
-        step kernel_tests 120 "${PYTEST[@]}" "${PARALLEL[@]}" -m "not gpu" "${KERNEL_TESTS[@]}"
+        step kernel_tests 150 "${PYTEST[@]}" "${PARALLEL[@]}" "${PER_TEST[@]}" -m "not gpu" "${KERNEL_TESTS[@]}"
     else
-        SUMMARY+=("kernel_tests|skipped (no tests/test_kernel_*.py)|0")
+        wanted kernel_tests && SUMMARY+=("kernel_tests|skipped (no tests/test_kernel_*.py)|0")
     fi
-else
-    SUMMARY+=("kernel_tests|skipped (pytest not installed)|0")
 fi
 
 # fastmae pretrain's step against fastmae bench's bare step, same configuration (issue 11: within 3%)

@@ -164,3 +164,104 @@ def test_summary_and_results_show_the_block_ops_sections():
     md = make_results._render_ops(rec)
     assert "### LayerNorm and add + LayerNorm" in md and "### Bias + GELU" in md and "### Data-path ops" in md
     assert f"{rows[0]['x_floor']:.1f}x" in md and f"{rows[1]['x_floor']:.1f}x" in md
+
+
+def _fake_python(tmp_path, ext_loads: bool, seconds: int) -> Path:
+    """A stand-in for the GPU machine's python: the script's own helpers (-c checks, the packer and
+    the summary) run for real; every step's command sleeps ``seconds`` and succeeds."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+case "$*" in
+    *has_cuda_kernels*) exit {0 if ext_loads else 1} ;;
+    "-c "*|"-m benchmarks.gpu_pack "*|"-m benchmarks.gpu_summary "*) exec {sys.executable} "$@" ;;
+    *) sleep {seconds}; echo "ran: $*"; exit 0 ;;
+esac
+""")
+    fake.chmod(0o755)
+    return fake
+
+
+def _summary_rows(text: str) -> dict[str, str]:
+    rows = {}
+    for line in text.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[0].replace("_", "").isalpha() and parts[0] != "step":
+            rows[parts[0]] = parts[1].rsplit(None, 1)[0].strip()
+    return rows
+
+
+DEFAULT = ["build_ext", "ext_smoke", "gpu_tests", "bench_ops_ext", "bench", "validate"]
+OPTIONAL = ["validate_ext", "bench_compiled", "harness_tests", "bench_ops", "kernel_tests", "bench_step",
+            "pretrain_step", "pretrain_vs_bench", "data_transfer"]
+
+
+@pytest.mark.parametrize("ext_loads", [True, False])
+def test_default_plan_runs_the_wanted_steps_and_names_the_rest(tmp_path, ext_loads):
+    """The default call runs the steps one lease allows, every one of them started; the others are
+    'not asked for' (not failures). Without a CUDA build the extension's steps are skipped as
+    failures instead of measuring nothing and reporting ok."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, PYTHON=str(_fake_python(tmp_path, ext_loads, 1)), GPU_CHECK_WORK=str(work))
+    env.pop("GPU_CHECK_STEPS", None)
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    rows = _summary_rows((out / "summary.txt").read_text())
+    ext_steps = {"ext_smoke", "bench_ops_ext"}
+    for name in DEFAULT:
+        want = "skipped (no CUDA extension)" if name in ext_steps and not ext_loads else "ok"
+        assert rows.get(name) == want, (name, rows)
+    for name in OPTIONAL:
+        assert rows.get(name) == "not asked for (GPU_CHECK_STEPS)", (name, rows)
+    assert r.returncode == (0 if ext_loads else 1), r.stdout[-2000:]
+
+
+def test_default_plan_leaves_each_later_step_its_share(tmp_path):
+    """Every step using its whole allowance (a simulated clock: `timeout` advances it by its limit
+    and fails), the 570 s budget still reaches the last default step with a useful share (the old
+    plan gave bench and its compiled run most of it, and the later steps 20 s or none)."""
+    out, work, bin_dir = tmp_path / "out", tmp_path / "work", tmp_path / "bin"
+    bin_dir.mkdir()
+    clock = tmp_path / "clock"
+    clock.write_text("1000000\n")
+    (bin_dir / "date").write_text(f"""#!/usr/bin/env bash
+if [ "$1" = "+%s" ]; then cat {clock}; else exec /bin/date "$@"; fi
+""")
+    (bin_dir / "timeout").write_text(f"""#!/usr/bin/env bash
+[ "$1" = "-k" ] && shift 2
+echo "limit $1" >> {tmp_path / "limits"}
+echo $(( $(cat {clock}) + $1 )) > {clock}
+exit 124
+""")
+    for f in ("date", "timeout"):
+        (bin_dir / f).chmod(0o755)
+    env = dict(os.environ, PYTHON=str(_fake_python(tmp_path, True, 0)), GPU_CHECK_WORK=str(work),
+               GPU_CHECK_BUDGET_S="570", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env.pop("GPU_CHECK_STEPS", None)
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out)], env=env, cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    limits = {line.split("== ")[1].split(" (timeout ")[0]: int(line.split("(timeout ")[1].split("s)")[0])
+              for line in r.stdout.splitlines() if line.startswith("== ") and "(timeout " in line}
+    assert list(limits) == DEFAULT, (limits, r.stdout[-2000:])
+    assert sum(limits.values()) <= 570 - 15, limits  # the reserve for packing and the summary
+    assert all(t >= 30 for t in limits.values()), limits
+    assert limits["gpu_tests"] >= 100 and limits["bench_ops_ext"] >= 100 and limits["bench"] >= 80, limits
+    assert limits["validate"] >= 45, limits
+    assert r.returncode == 1  # every step timed out
+
+
+def test_summary_shows_the_pretrain_vs_bench_comparison(tmp_path):
+    from benchmarks import gpu_summary
+    from fastmae.pretrain import measure
+
+    bench = {"env": {"card": "Synthetic GPU"}, "results": [
+        {"model": measure.BENCH_MODEL.get("mae_vit_base_patch16", "mae_vit_base_patch16"), "batch_size": 256,
+         "backend": "triton", "mode": "eager", "encoder": "visible", "mask_ratio": 0.75, "status": "ok",
+         "reason": "", "ms_per_step": 100.0}]}
+    step_ms = 100.0 + int.from_bytes(os.urandom(1), "little") / 64  # up to 4% over
+    rows = [{"step_ms": 999.0}] + [{"step_ms": step_ms}] * 3
+    rec = measure.compare(bench, rows, "mae_vit_base_patch16", 256, "triton")
+    (tmp_path / "pretrain-vs-bench.json").write_text(json.dumps(rec))
+    text = gpu_summary.summarize(str(tmp_path))
+    assert "unknown record kind" not in text
+    assert f"{step_ms:.3f} vs 100.000 ms/step" in text
+    assert ("NOT within 3%" in text) == (step_ms > 103.0)
