@@ -7,7 +7,7 @@
 # (GPU_CHECK_BUDGET_S). One such call is what a lease allows, so by default it runs the steps
 # that fit (most wanted first: correctness, then issue 12's open targets, then the model-level
 # benchmark), each given a share of the budget that leaves the later ones theirs:
-#   build_ext        the extension fastmae._C (backend "ext") for this card (CUDA kernels: checked)
+#   build_ext        the extension fastmae._C (backend "ext") for this card, sm_90 (CUDA kernels: checked)
 #   ext_smoke        each of its CUDA kernels once (scripts/ext_sanitize.py), launches synchronised
 #   gpu_tests        pytest -m gpu (the timing-sensitive harness tests apart); with the extension
 #                    loading, FASTMAE_EXT_REQUIRED=1: its tests fail rather than skip
@@ -216,7 +216,7 @@ ext_step() {
 
 # the compiled extension, sm_90 only (TORCH_CUDA_ARCH_LIST above): its CUDA kernels have never run
 # before this call; everything after it covers backend "ext" too
-step build_ext 140 env MAX_JOBS="${MAX_JOBS:-16}" FASTMAE_BUILD_EXT=1 "$PY" setup.py -q build_ext --inplace
+step build_ext 180 env MAX_JOBS="${MAX_JOBS:-16}" FASTMAE_BUILD_EXT=1 "$PY" setup.py -q build_ext --inplace
 wanted build_ext && "$PY" -c 'import fastmae.ext as e; print("ext:", e.build_info(), e.problem())' \
     >>"$WORK/logs/build_ext.log" 2>&1
 # the extension loads with its CUDA kernels (built by this call or an earlier one): its tests must
@@ -230,14 +230,14 @@ if wanted build_ext && ((!EXT_REQUIRED)); then
 fi
 # every kernel of backend ext once, forward and backward, each launch synchronised: a kernel that
 # faults is named here (the log lists each case as it passes), before the tests meet it
-ext_step ext_smoke 35 env CUDA_LAUNCH_BLOCKING=1 "$PY" scripts/ext_sanitize.py
+ext_step ext_smoke 30 env CUDA_LAUNCH_BLOCKING=1 "$PY" scripts/ext_sanitize.py
 SMOKE_RC=$LAST_RC
 
 if ((HAVE_PYTEST)); then
     # -v: each test named as it ends, so a timeout still says which ran; kept to what leaves the
     # later default steps their shares
     # the reserves below leave each later default step its share even when every step runs to its limit
-    T=$(budget 270 150)
+    T=$(budget 245 150)
     step gpu_tests "$T" env FASTMAE_EXT_REQUIRED=$EXT_REQUIRED "${PYTEST[@]}" -v "${PARALLEL[@]}" "${PER_TEST[@]}" \
         -m gpu tests --ignore=tests/test_bench_harness.py --ignore=tests/test_sm90_compile.py
 else
@@ -246,12 +246,12 @@ fi
 
 # backend ext first in each case, with triton and SDPA beside it in the same run (its targets: the
 # data path within 1.3x of the memory floor; attention at least as fast as triton and 2x cuDNN)
-B=$(budget 170 110)
+B=$(budget 150 110)
 ext_step bench_ops_ext $((B + 20)) "$PY" -m benchmarks.bench_ops --quiet --out "$WORK/ops" --time-budget "$B" \
     --sections attention,ops,norms,bias_gelu --models vit_b16 --backends ext,triton,sdpa
 
 # The harnesses stop starting new measurements at their budget and keep what they measured.
-B=$(budget 80 120)
+B=$(budget 70 120)
 # shellcheck disable=SC2086  # word-split on purpose
 step bench $((B + 30)) "$PY" -m fastmae bench --quiet --out "$WORK/bench" --time-budget "$B" $BENCH_ARGS
 
