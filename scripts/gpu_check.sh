@@ -216,7 +216,9 @@ ext_step() {
 
 # the compiled extension, sm_90 only (TORCH_CUDA_ARCH_LIST above): its CUDA kernels have never run
 # before this call; everything after it covers backend "ext" too
-step build_ext 180 env MAX_JOBS="${MAX_JOBS:-16}" FASTMAE_BUILD_EXT=1 "$PY" setup.py -q build_ext --inplace
+# (warnings shown, not errors: CI holds them as errors with its own compilers; this one may be newer)
+step build_ext 180 env MAX_JOBS="${MAX_JOBS:-16}" FASTMAE_BUILD_EXT=1 FASTMAE_WERROR="${FASTMAE_WERROR:-0}" \
+    "$PY" setup.py -q build_ext --inplace
 wanted build_ext && "$PY" -c 'import fastmae.ext as e; print("ext:", e.build_info(), e.problem())' \
     >>"$WORK/logs/build_ext.log" 2>&1
 # the extension loads with its CUDA kernels (built by this call or an earlier one): its tests must
