@@ -188,6 +188,7 @@ HAVE_PYTEST=0
 "$PY" -c 'import pytest' 2>/dev/null && HAVE_PYTEST=1
 # addopts is cleared: it names pytest-benchmark's --benchmark-disable, which may not be installed here
 PYTEST=("$PY" -m pytest -o addopts= -p no:cacheprovider -ra --durations=8 -q)
+PYTEST_VERBOSE=("$PY" -m pytest -o addopts= -p no:cacheprovider -ra --durations=8 -v)  # each test named as it ends
 PARALLEL=()
 "$PY" -c 'import xdist' 2>/dev/null && PARALLEL=(-n "${GPU_CHECK_WORKERS:-8}")
 # a test that hangs is named and failed, not the end of the step (pytest-timeout, when installed)
@@ -240,7 +241,7 @@ if ((HAVE_PYTEST)); then
     # later default steps their shares
     # the reserves below leave each later default step its share even when every step runs to its limit
     T=$(budget 245 150)
-    step gpu_tests "$T" env FASTMAE_EXT_REQUIRED=$EXT_REQUIRED "${PYTEST[@]}" -v "${PARALLEL[@]}" "${PER_TEST[@]}" \
+    step gpu_tests "$T" env FASTMAE_EXT_REQUIRED=$EXT_REQUIRED "${PYTEST_VERBOSE[@]}" "${PARALLEL[@]}" "${PER_TEST[@]}" \
         -m gpu tests --ignore=tests/test_bench_harness.py --ignore=tests/test_sm90_compile.py
 else
     wanted gpu_tests && SUMMARY+=("gpu_tests|skipped (pytest not installed)|0") && FAILED=1
