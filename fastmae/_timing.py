@@ -239,27 +239,32 @@ def _end_failed_capture(pool) -> None:
             pass
 
 
-def _capture(graph, stream, fn, sets, calls: int) -> None:
-    """Capture ``calls`` calls of ``fn`` over ``sets`` into ``graph`` on ``stream``.
+def _capture(graph, stream, fn, sets, calls: int, what: str = "capture"):
+    """Capture ``calls`` calls of ``fn`` over ``sets`` into ``graph`` on ``stream``; returns the
+    last call's output (the graph's static output).
 
     An error raised by ``fn`` itself (e.g. a host synchronisation, not allowed while
-    capturing) is reported rather than the less telling "capture invalidated" error that
-    ending the capture raises after it.
+    capturing) is reported (``"<what> failed: ..."``) rather than the less telling "capture
+    invalidated" error that ending the capture raises after it; a failed capture is undone in
+    the caching allocator (:func:`_end_failed_capture`).
     """
     pool = torch.cuda.graph_pool_handle()  # known to us, so a failed capture can be cleaned up
-    body_error = None
+    body_error, out = None, None
     try:
         with torch.cuda.graph(graph, pool=pool, stream=stream):
             try:
                 for i in range(calls):
-                    fn(*sets[i % len(sets)])  # outputs dropped: their memory is reused by the next call
+                    r = fn(*sets[i % len(sets)])
+                    out = r if i == calls - 1 else None  # earlier outputs dropped: the next call reuses them
+                    del r
             except Exception as e:
                 body_error = _first_line(e)
     except Exception as e:
         _end_failed_capture(pool)
-        raise GraphCaptureError(f"capture failed: {body_error or _first_line(e)}") from None
+        raise GraphCaptureError(f"{what} failed: {body_error or _first_line(e)}") from None
     if body_error is not None:  # the capture itself ended cleanly: the graph owns its pool
-        raise GraphCaptureError(f"capture failed: {body_error}")
+        raise GraphCaptureError(f"{what} failed: {body_error}")
+    return out
 
 
 def time_graph(fn, device, replays: int, args_cycle=None, calls_per_replay: int | None = None,

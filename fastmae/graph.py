@@ -213,23 +213,9 @@ class CUDAGraphStep:
             # grads None: the captured backward allocates them from the graph's pool and
             # every replay overwrites them
             opt.zero_grad(set_to_none=True)
-            # the pool is ours, so that a failed capture can be undone in the allocator (see
-            # _timing._end_failed_capture); the step's own error is the one reported
-            pool, body_error = torch.cuda.graph_pool_handle(), None
-            try:
-                with torch.cuda.graph(self.graph, pool=pool):
-                    try:
-                        loss = self._forward_backward_step()
-                    except Exception as e:
-                        body_error = e
-            except Exception as e:
-                _timing._end_failed_capture(pool)
-                cause = body_error or e
-                raise _timing.GraphCaptureError(
-                    f"capturing the training step failed: {_timing._first_line(cause)}") from cause
-            if body_error is not None:
-                raise _timing.GraphCaptureError(
-                    f"capturing the training step failed: {_timing._first_line(body_error)}") from body_error
+            # a failed capture is undone in the allocator and reports the step's own error
+            loss = _timing._capture(self.graph, None, self._forward_backward_step, [()], 1,
+                                    what="capturing the training step")
             # the capture ran nothing; leaving _undone puts back what the warm-up changed
         torch.cuda.synchronize(self.device)
         return loss

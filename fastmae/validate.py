@@ -649,11 +649,6 @@ def n_checked(checks: list[Check]) -> int:
     return sum(c.oracle not in ("skip", "not run") for c in checks)
 
 
-def _jsonable(d: dict) -> dict:
-    """Infinite errors as strings: strict JSON has no Infinity."""
-    return {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", default=None, help=f"comma-separated, from {', '.join(OPS)} (default: all)")
     p.add_argument("--backends", default=None,
@@ -722,7 +717,7 @@ def run(args: argparse.Namespace, command: str | None = None) -> int:
                       f"{lost_at.op} {lost_at.backend} {lost_at.dtype} {lost_at.shape}: {lost_at.detail}"),
                   "config": {"ops": sel_ops, "backends": sel_b, "dtypes": args.dtypes, "batch": args.batch,
                              "quick": args.quick},
-                  "checks": [_jsonable(asdict(c)) for c in checks]}
+                  "checks": [asdict(c) for c in checks]}  # infinite errors as strings: write_json's strict JSON
         for path in paths:
             _timing.write_json(path, record)
 

@@ -108,6 +108,22 @@ def _shaped(t: torch.Tensor, shape) -> torch.Tensor:
     return t if t.shape == shape else t.view(shape)
 
 
+def _forward_op(x, residual, *args):
+    """``(op inputs, (y, s, mean, rstd))``: the forward op on x, residual as rows; traced when
+    compiling (dynamo has no below-autograd mode), else called below the autograd key."""
+    inputs = (_rows(x), None if residual is None else _rows(residual), *args)
+    if torch.compiler.is_compiling():
+        return inputs, _ops.add_layer_norm_fwd(*inputs)
+    with torch._C._AutoDispatchBelowAutograd():
+        return inputs, _ops.add_layer_norm_fwd(*inputs)
+
+
+def _in_shape(out, shape, has_residual: bool):
+    """The forward op's outputs with y and s in x's ``shape`` (s is empty without a residual)."""
+    y, s, mean, rstd = out
+    return _shaped(y, shape), (_shaped(s, shape) if has_residual else s), mean, rstd
+
+
 class _AddLayerNorm(torch.autograd.Function):
     """The eager path of :func:`add_layer_norm`: the registered autograd formula (``_setup``,
     ``_backward``) with the ops called below the autograd dispatch key, which skips the
@@ -123,17 +139,10 @@ class _AddLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, out_dtype, residual_dtype):
-        shape = x.shape
-        rows = (_rows(x), None if residual is None else _rows(residual))
-        inputs = (*rows, weight, bias, eps, out_dtype, residual_dtype)
-        if torch.compiler.is_compiling():  # traced: the registered op (dynamo has no below-autograd mode)
-            y, s, mean, rstd = _ops.add_layer_norm_fwd(*inputs)
-        else:
-            with torch._C._AutoDispatchBelowAutograd():
-                y, s, mean, rstd = _ops.add_layer_norm_fwd(*inputs)
-        _setup(ctx, inputs, (y, s, mean, rstd))
-        ctx.shape = shape
-        return _shaped(y, shape), (s if residual is None else _shaped(s, shape)), mean, rstd
+        inputs, out = _forward_op(x, residual, weight, bias, eps, out_dtype, residual_dtype)
+        _setup(ctx, inputs, out)
+        ctx.shape = x.shape
+        return _in_shape(out, x.shape, residual is not None)
 
     @staticmethod
     def backward(ctx, dy, ds, dmean, drstd):
@@ -160,14 +169,7 @@ def _fwd(x, residual, *args):
     kernel; when compiling, the registered op on the rows."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, *args[:2])):
         return _AddLayerNorm.apply(x, residual, *args)
-    shape = x.shape
-    rows = (_rows(x), None if residual is None else _rows(residual), *args)
-    if torch.compiler.is_compiling():
-        y, s, mean, rstd = _ops.add_layer_norm_fwd(*rows)
-    else:
-        with torch._C._AutoDispatchBelowAutograd():
-            y, s, mean, rstd = _ops.add_layer_norm_fwd(*rows)
-    return _shaped(y, shape), (s if residual is None else _shaped(s, shape)), mean, rstd
+    return _in_shape(_forward_op(x, residual, *args)[1], x.shape, residual is not None)
 
 
 _OK = frozenset(DTYPES)
